@@ -1,0 +1,165 @@
+"""VLModel: frozen vision encoder -> visual embedding -> T5/BART encoder-decoder, per-row adapters.
+
+Encoder input layout of row i (VL-T5 / VL-BART)::
+
+    [ prefix_i (prompt tuning) ; text_i ; pad ... | visual_i ; pad ... ]
+      \_________ text block, width max_i(P_i+L_i) _/ \__ visual block __/
+
+Text is ``"{task}: {text}"`` tokenized (``caption:`` for captions). T5 applies its relative
+position bias within the text block only; BART adds learned positions to the text and normalises
+the text block with layernorm_embedding, visual tokens skip both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.backbone.cache import DecoderCache
+from adapters.backbone.config import BackboneConfig
+from adapters.backbone.lm import Seq2SeqLM
+from adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens
+from adapters.runtime.context import StepContext
+
+TASK_PREFIX = {"vqa": "vqa", "gqa": "gqa", "nlvr": "nlvr", "caption": "caption",
+               "video_qa": "vqa", "video_caption": "caption"}
+
+
+def prompt_text(task: str, text: str) -> str:
+    """The papers' input text: ``vqa: {question}``, ``nlvr: {statement}``, ``caption:``."""
+    if task not in TASK_PREFIX:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_PREFIX)}")
+    prefix = TASK_PREFIX[task]
+    return f"{prefix}: {text}".strip() if text else f"{prefix}:"
+
+
+@dataclass
+class RowInput:
+    """One request as the model sees it: token ids of the prompt text and its visual tokens."""
+
+    ids: list[int]
+    visual: VisualTokens | None
+
+
+class VLModel(nn.Module):
+    def __init__(self, cfg: BackboneConfig, tokenizer):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.lm = Seq2SeqLM(cfg.lm)
+        self.vision = VisionEncoder(cfg.vision) if cfg.vision.kind == "clip" else None
+        self.visual_embed = VisualEmbedding(cfg.vision.feat_dim, cfg.lm.d_model, cfg.n_images)
+        self.fingerprint = ""          # set by loading.build_backbone
+
+    @property
+    def device(self):
+        return self.lm.tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm.tokens.weight.dtype
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def row_input(self, task: str, text: str, visual: VisualTokens | None) -> RowInput:
+        ids = self.tokenizer(prompt_text(task, text))["input_ids"]
+        return RowInput(list(ids), visual)
+
+    def target_ids(self, target: str) -> list[int]:
+        return list(self.tokenizer(target)["input_ids"])
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # ---- encoder ---------------------------------------------------------------------------
+    def encode(self, rows: list[RowInput], ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output (B, T, d) and its validity mask (B, T); sets ``ctx.meta.enc_valid``."""
+        text, text_valid, text_pos = self._text_block(rows, ctx)
+        vis, vis_valid = self._visual_block(rows, ctx)
+        x = torch.cat([text, vis], 1)
+        valid = torch.cat([text_valid, vis_valid], 1)
+        pos = torch.cat([text_pos, torch.full(vis_valid.shape, -1, dtype=torch.long,
+                                              device=self.device)], 1)
+        ctx.meta.enc_valid = valid
+        return self.lm.encode(x, valid, pos, ctx), valid
+
+    def _text_block(self, rows: list[RowInput], ctx: StepContext):
+        """(B, Lt, d) text embeddings with each row's prompt prefix, validity and positions."""
+        dev, B = self.device, len(rows)
+        L = max(len(r.ids) for r in rows)
+        ids = torch.full((B, L), self.cfg.lm.pad_id, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ids[i, :len(r.ids)] = torch.tensor(r.ids, device=dev)
+        lengths = torch.tensor([len(r.ids) for r in rows], device=dev)
+        pos = torch.arange(L, device=dev).expand(B, L)
+        emb = self.lm.embed_text(ids, torch.where(pos < lengths[:, None], pos, -1))
+        prefix_lens = self._prefix_lengths(ctx)
+        if not any(prefix_lens):
+            valid = pos < lengths[:, None]
+            tpos = torch.where(valid, pos, -1)
+            return self.lm.finish_text(emb, ctx), valid, tpos
+        return self._with_prefix(emb, lengths.tolist(), prefix_lens, ctx)
+
+    def _prefix_lengths(self, ctx: StepContext) -> list[int]:
+        stack = ctx.weights.prefix()
+        if stack is None:
+            return [0] * ctx.meta.batch_size
+        return [stack.lengths_host[s] if s >= 0 else 0 for s in ctx.meta.row_slots.tolist()]
+
+    def _with_prefix(self, emb, lengths, prefix_lens, ctx):
+        """Prepend each row's prompt vectors. T5: the prompt takes text positions 0..P-1;
+        BART: prompt vectors get no position (VL-Adapter)."""
+        stack, slots = ctx.weights.prefix(), ctx.meta.row_slots.tolist()
+        W = max(p + n for p, n in zip(prefix_lens, lengths))
+        B, d = len(lengths), emb.shape[-1]
+        rows, pos = [], torch.full((B, W), -1, dtype=torch.long, device=self.device)
+        for i, (p, n) in enumerate(zip(prefix_lens, lengths)):
+            parts = [stack.vectors[slots[i], :p].to(emb.dtype)] if p else []
+            rows.append(F.pad(torch.cat(parts + [emb[i, :n]]), (0, 0, 0, W - p - n)))
+            start = 0 if self.lm.t5 else p
+            pos[i, start:p + n] = torch.arange(p + n - start, device=self.device)
+        valid = torch.arange(W, device=self.device)[None] < torch.tensor(
+            [p + n for p, n in zip(prefix_lens, lengths)], device=self.device)[:, None]
+        return self.lm.finish_text(torch.stack(rows), ctx), valid, pos
+
+    def _visual_block(self, rows: list[RowInput], ctx: StepContext):
+        B, dev = len(rows), self.device
+        N = max((r.visual.feats.shape[0] for r in rows if r.visual is not None), default=0)
+        f = self.cfg.vision.feat_dim
+        feats = torch.zeros(B, N, f, device=dev, dtype=self.dtype)
+        boxes = torch.zeros(B, N, 4, device=dev, dtype=self.dtype)
+        order = torch.zeros(B, N, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        for i, r in enumerate(rows):
+            if r.visual is None:
+                continue
+            n = r.visual.feats.shape[0]
+            if r.visual.feats.shape[1] != f:
+                raise ValueError(f"visual features have width {r.visual.feats.shape[1]}, "
+                                 f"the backbone expects {f}")
+            feats[i, :n], boxes[i, :n] = r.visual.feats, r.visual.boxes
+            order[i, :n], valid[i, :n] = r.visual.order.clamp(0, self.cfg.n_images - 1), True
+        if N == 0:
+            return feats.new_zeros(B, 0, self.cfg.lm.d_model), valid
+        return self.visual_embed(feats, boxes, order, ctx), valid
+
+    # ---- decoder ---------------------------------------------------------------------------
+    def init_cache(self, enc_out, enc_valid, ctx: StepContext) -> DecoderCache:
+        return self.lm.init_cache(enc_out, enc_valid, ctx)
+
+    def decode(self, ids, pos, cache: DecoderCache, ctx: StepContext) -> torch.Tensor:
+        return self.lm.decode(ids, pos, cache, ctx)
+
+    def loss(self, rows: list[RowInput], targets: list[list[int]], ctx: StepContext) -> torch.Tensor:
+        """Mean token cross-entropy of the targets under teacher forcing."""
+        enc, valid = self.encode(rows, ctx)
+        cache = self.init_cache(enc, valid, ctx)
+        B, L = len(targets), max(len(t) for t in targets)
+        labels = torch.full((B, L), -100, dtype=torch.long, device=self.device)
+        for i, t in enumerate(targets):
+            labels[i, :len(t)] = torch.tensor(t, device=self.device)
+        start = torch.full((B, 1), self.cfg.lm.decoder_start_id, dtype=torch.long, device=self.device)
+        inputs = torch.cat([start, labels[:, :-1].clamp_min(0)], 1)
+        pos = torch.arange(L, device=self.device).expand(B, L)
+        logits = self.decode(inputs, pos, cache, ctx)
+        return F.cross_entropy(logits.float().reshape(B * L, -1), labels.reshape(-1), ignore_index=-100)

@@ -1,0 +1,57 @@
+"""Tokenizers: a local Hugging Face tokenizer directory, or the built-in tiny word-level one.
+
+The tiny tokenizer needs no download: a fixed word list covering the task prefixes, the demo tasks
+(colors, shapes, counts, captions) and common English question words. Unknown words map to <unk>.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIALS = ["<pad>", "</s>", "<unk>", "<s>"]          # ids 0, 1, 2, 3
+_WORDS = """
+vqa gqa nlvr caption : ? . , ! ' - true false yes no
+what which who whose where when why how many much is are was were do does did can could
+the a an of in on at to and or with without there here this that these those it its
+color colour shape shapes kind type size number count left right top bottom middle center
+image picture photo video frame scene object objects thing things
+red green blue yellow orange purple white black gray grey brown pink
+circle square triangle rectangle star
+zero one two three four five six seven eight nine ten
+big small large little
+""".split()
+TINY_VOCAB = SPECIALS + sorted(set(_WORDS) - set(SPECIALS))
+TINY_VOCAB_SIZE = len(TINY_VOCAB)
+
+
+def tiny_tokenizer(family: str = "t5"):
+    """A PreTrainedTokenizerFast over TINY_VOCAB: lowercase, split words and punctuation.
+
+    T5 style appends ``</s>``; BART style wraps the text as ``<s> ... </s>``.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(TINY_VOCAB)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    if family == "t5":
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", special_tokens=[("</s>", 1)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", 3), ("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", bos_token="<s>")
+
+
+def load_tokenizer(directory: Path | None, family: str):
+    """The tokenizer saved in ``directory`` (save_pretrained layout), else the tiny one."""
+    if directory is not None and Path(directory).is_dir() and any(
+            (Path(directory) / f).exists()
+            for f in ("tokenizer.json", "spiece.model", "vocab.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return tiny_tokenizer(family)

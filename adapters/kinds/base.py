@@ -1,0 +1,119 @@
+"""What every adapter kind provides, and the trainable extras the papers share.
+
+A kind is one file: a pydantic config whose defaults are its paper's settings, the names and shapes of
+its tensors (what an adapter file must contain), its paper initialisation, and ``compile`` into the
+canonical runtime forms. Registering it is one line in ``adapters/kinds/__init__.py``.
+
+Tensor names in an adapter file: ``visual.<key>`` (the visual embedding), ``vec.<name>`` (a backbone
+norm weight/bias or linear bias the kind trains), and ``<kind>.<site>.<tensor>`` for its own modules.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from adapters.backbone.model import VLModel
+from adapters.runtime.forms import VISUAL_KEYS, CompiledAdapter
+
+Shapes = dict[str, tuple[int, ...]]
+Params = dict[str, torch.Tensor]
+
+
+class KindConfig(BaseModel):
+    """Options shared by every kind. Unknown options are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    train_visual_embedding: bool = True
+
+
+class AdapterKind(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[KindConfig]]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def resolve(cls, cfg: KindConfig, model: VLModel) -> KindConfig:
+        """Fill defaults that depend on the backbone (e.g. VL-PET's T5 settings)."""
+        return cfg
+
+    @classmethod
+    @abstractmethod
+    def module_shapes(cls, cfg: KindConfig, model: VLModel) -> Shapes:
+        """Shapes of the kind's own tensors (not the visual embedding or backbone vectors)."""
+
+    @classmethod
+    @abstractmethod
+    def trained_vectors(cls, cfg: KindConfig, model: VLModel) -> list[str]:
+        """Names of the backbone vectors (norms, biases) this kind trains."""
+
+    @classmethod
+    @abstractmethod
+    def init_modules(cls, cfg: KindConfig, model: VLModel, gen: torch.Generator) -> Params:
+        """The paper's initialisation of the kind's own tensors."""
+
+    @classmethod
+    @abstractmethod
+    def compile_modules(cls, cfg: KindConfig, params: Params, model: VLModel) -> CompiledAdapter:
+        """Runtime forms of the kind's own tensors (must keep autograd: training calls it)."""
+
+    # ---- shared by all kinds -------------------------------------------------------------
+    @classmethod
+    def param_shapes(cls, cfg: KindConfig, model: VLModel) -> Shapes:
+        """Every tensor an adapter file of this kind and config holds, with its shape."""
+        shapes = dict(cls.module_shapes(cfg, model))
+        vectors = model.lm.vector_params()
+        for name in cls.trained_vectors(cfg, model):
+            shapes[f"vec.{name}"] = tuple(vectors[name].shape)
+        if cfg.train_visual_embedding:
+            ve = model.visual_embed.state_dict()
+            shapes.update({f"visual.{k}": tuple(ve[k].shape) for k in VISUAL_KEYS})
+        return shapes
+
+    @classmethod
+    def init_params(cls, cfg: KindConfig, model: VLModel, seed: int = 0) -> Params:
+        """A freshly initialised adapter: the kind's modules plus copies of the backbone's values
+        for the vectors and visual embedding it trains (so those start where the backbone is)."""
+        gen = torch.Generator().manual_seed(seed)
+        params = {k: v.to(model.dtype) for k, v in cls.init_modules(cfg, model, gen).items()}
+        vectors = model.lm.vector_params()
+        for name in cls.trained_vectors(cfg, model):
+            params[f"vec.{name}"] = vectors[name].detach().clone()
+        if cfg.train_visual_embedding:
+            ve = model.visual_embed.state_dict()
+            params.update({f"visual.{k}": ve[k].detach().clone() for k in VISUAL_KEYS})
+        return {k: v.to(model.device) for k, v in params.items()}
+
+    @classmethod
+    def compile(cls, cfg: KindConfig, params: Params, model: VLModel) -> CompiledAdapter:
+        compiled = cls.compile_modules(cfg, params, model)
+        compiled.vectors.update({k[4:]: v for k, v in params.items() if k.startswith("vec.")})
+        if cfg.train_visual_embedding:
+            compiled.visual = {k: params[f"visual.{k}"] for k in VISUAL_KEYS}
+        return compiled
+
+
+def all_norms(model: VLModel, stream: str | None = None) -> list[str]:
+    """Names of every norm weight/bias (of one stream, "enc" or "dec", if given)."""
+    names = [n for n in model.lm.vector_params() if "norm." in n]
+    return [n for n in names if stream is None or n.startswith(f"{stream}.")]
+
+
+def all_biases(model: VLModel) -> list[str]:
+    return [n for n in model.lm.vector_params() if "norm." not in n and n.endswith(".bias")]
+
+
+def linear_init(gen: torch.Generator, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nn.Linear``'s default initialisation, drawn from ``gen`` (what the papers' code used)."""
+    bound = d_in ** -0.5
+    w = (torch.rand(d_out, d_in, generator=gen) * 2 - 1) * bound
+    b = (torch.rand(d_out, generator=gen) * 2 - 1) * bound
+    return w, b
+
+
+def layer_sites(model: VLModel, stream: str, sublayers: tuple[str, ...]) -> list[str]:
+    """Sublayer sites such as ``enc.0.self`` for every layer of a stream."""
+    n = model.cfg.lm.enc_layers if stream == "enc" else model.cfg.lm.dec_layers
+    return [f"{stream}.{i}.{s}" for i in range(n) for s in sublayers]

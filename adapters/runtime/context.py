@@ -1,0 +1,70 @@
+"""StepContext: how a layer applies whatever adapters the rows of this step use.
+
+Layers never launch kernels or look at slots themselves; they call these four methods with a site
+name, and the context picks the adapter weights (if any) and the grouped ``kernels`` op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adapters.runtime.meta import BatchMeta
+from adapters.runtime.weights import NoAdapters, RuntimeWeights
+from kernels import add_lowrank, bottleneck_residual
+
+
+@dataclass
+class StepContext:
+    weights: RuntimeWeights
+    meta: BatchMeta
+
+    @classmethod
+    def backbone_only(cls, batch_size: int, device) -> "StepContext":
+        return cls(NoAdapters(), BatchMeta.build([-1] * batch_size, 0, device))
+
+    def linear(self, site: str, mod: torch.nn.Linear, x: torch.Tensor, stream: str) -> torch.Tensor:
+        """``mod(x)`` plus each row's adapter on this linear. x: (B, T, d_in) -> (B, T, d_out).
+
+        Per-slot bias (trainable biases), low-rank delta (LoRA) and a bottleneck on the linear's
+        output reading its input (VL-PET's value adapter) are applied when some slot has them.
+        """
+        bias = self.weights.vector(f"{site}.bias") if mod.bias is not None else None
+        y = F.linear(x, mod.weight, mod.bias if bias is None else None)
+        if bias is not None:
+            y = y + bias[self.meta.vector_index()].unsqueeze(1)
+        lowrank = self.weights.lowrank(site)
+        bneck = self.weights.bottleneck(site)
+        if lowrank is None and bneck is None:
+            return y
+        B, T, _ = x.shape
+        seg = self.meta.seg(stream, T)
+        x2, y2 = x.reshape(B * T, -1), y.reshape(B * T, -1)
+        if lowrank is not None:
+            y2 = add_lowrank(y2, x2, lowrank, seg)
+        if bneck is not None:
+            y2 = bottleneck_residual(y2, x2, bneck, seg)
+        return y2.view(B, T, -1)
+
+    def norm(self, site: str, mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``mod(x)`` with each row's own norm weight/bias when some slot trains this norm."""
+        w = self.weights.vector(f"{site}.weight")
+        if w is None:
+            return mod(x)
+        idx = self.meta.vector_index()
+        b = self.weights.vector(f"{site}.bias")
+        return mod.forward_with(x, w[idx].unsqueeze(1), None if b is None else b[idx].unsqueeze(1))
+
+    def sublayer(self, site: str, h: torch.Tensor, x: torch.Tensor, stream: str) -> torch.Tensor:
+        """Bottleneck module on a sublayer: h = F(x) is the sublayer output, x its input."""
+        bneck = self.weights.bottleneck(site)
+        if bneck is None:
+            return h
+        B, T, d = h.shape
+        out = bottleneck_residual(h.reshape(B * T, d), x.reshape(B * T, -1), bneck,
+                                  self.meta.seg(stream, T))
+        return out.view(B, T, d)
+
+    def select(self, rows: torch.Tensor) -> "StepContext":
+        return StepContext(self.weights, self.meta.select(rows))

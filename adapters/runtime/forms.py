@@ -1,0 +1,75 @@
+"""The canonical runtime forms every adapter kind compiles into (see DESIGN.md).
+
+The hot path knows only these: a low-rank delta on a linear, a bottleneck residual (with an optional
+VL-PET gate) on a sublayer or a linear, per-slot vectors that replace backbone norms/biases, a
+per-slot visual embedding, and prefix vectors for the encoder input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+VISUAL_KEYS = ("feat.weight", "feat.bias", "feat_norm.weight", "feat_norm.bias",
+               "box.weight", "box.bias", "box_norm.weight", "box_norm.bias", "img_order.weight")
+
+
+@dataclass
+class LowRankForm:
+    """``y += scale * (x @ A.T) @ B.T``; A: (r, d_in), B: (d_out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+@dataclass
+class BottleneckForm:
+    """``h <- out_scale * G * (h + U act(D src + bd) + bu)``, src = x if from_input else h.
+
+    D: (r, d_src); bd: (r,); U: (d, r); bu: (d,). gate: "none" | "small" | "middleX" | "middleY" |
+    "large" with its tensors (see kernels.BottleneckStack).
+    """
+
+    D: torch.Tensor
+    bd: torch.Tensor
+    U: torch.Tensor
+    bu: torch.Tensor
+    from_input: bool = False
+    gate: str = "none"
+    out_scale: float = 1.0
+    gate_w: torch.Tensor | None = None     # (2d,) small | (d,) middleX
+    gate_b: torch.Tensor | None = None     # () small / middleX
+    gate_vec: torch.Tensor | None = None   # (d,) middleY
+    gate_D: torch.Tensor | None = None     # (rg, d) large
+    gate_bd: torch.Tensor | None = None
+    gate_U: torch.Tensor | None = None     # (d, rg)
+    gate_bu: torch.Tensor | None = None
+
+
+@dataclass
+class CompiledAdapter:
+    """One adapter in runtime form. Site names are the backbone's (``enc.3.self.q``, ``dec.0.ffn``).
+
+    vectors: replacements for backbone vectors (``enc.0.self_norm.weight``, ``enc.0.self.q.bias``).
+    visual: the full visual-embedding parameter set (keys VISUAL_KEYS), or None = backbone's.
+    prefix: (P, d) vectors prepended to the encoder's text, or None.
+    """
+
+    lowrank: dict[str, LowRankForm] = field(default_factory=dict)
+    bottleneck: dict[str, BottleneckForm] = field(default_factory=dict)
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    visual: dict[str, torch.Tensor] | None = None
+    prefix: torch.Tensor | None = None
+
+    def to(self, device=None, dtype=None) -> "CompiledAdapter":
+        def mv(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+        return CompiledAdapter(
+            lowrank={k: LowRankForm(mv(f.A), mv(f.B), f.scale) for k, f in self.lowrank.items()},
+            bottleneck={k: BottleneckForm(**{n: (mv(v) if isinstance(v, torch.Tensor) else v)
+                                             for n, v in vars(f).items()})
+                        for k, f in self.bottleneck.items()},
+            vectors={k: mv(v) for k, v in self.vectors.items()},
+            visual=None if self.visual is None else {k: mv(v) for k, v in self.visual.items()},
+            prefix=mv(self.prefix))

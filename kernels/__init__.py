@@ -1,0 +1,18 @@
+"""Grouped adapter ops. Each op has a torch reference beside it and picks Triton on CUDA tensors.
+
+Dependencies point one way: ``serving -> adapters -> kernels``; this package imports torch (and
+triton, lazily) only.
+"""
+from kernels.bottleneck import act, bottleneck_residual, bottleneck_residual_reference
+from kernels.grouped_linear import grouped_linear
+from kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
+from kernels.segments import SegmentMeta
+from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NAMES, GATE_NONE,
+                            GATE_SMALL, BottleneckStack, LinearStack, LowRankStack)
+
+__all__ = [
+    "SegmentMeta", "LowRankStack", "BottleneckStack", "LinearStack",
+    "GATE_NONE", "GATE_SMALL", "GATE_MIDDLE_X", "GATE_MIDDLE_Y", "GATE_LARGE", "GATE_NAMES",
+    "add_lowrank", "add_lowrank_reference", "add_lowrank_loop",
+    "bottleneck_residual", "bottleneck_residual_reference", "grouped_linear", "act",
+]

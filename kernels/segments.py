@@ -1,0 +1,80 @@
+"""Token -> slot metadata shared by every grouped op of one forward step.
+
+A step's tokens are flattened to ``(N, d)``. Each token names the slot whose adapter weights it uses
+(``-1`` = none). Grouped ops need the tokens of each slot together, so :class:`SegmentMeta` sorts them
+once; every layer of the step reuses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SegmentMeta:
+    """Tokens grouped by slot.
+
+    token_slots: (N,) int64, slot of each token, -1 = no adapter.
+    order:       (N,) int64, token indices sorted by slot (stable), tokens with slot -1 first.
+    slots / starts / counts: host lists, one entry per distinct slot >= 0 present; the tokens of
+                 ``slots[i]`` are ``order[starts[i] : starts[i] + counts[i]]``.
+    token_rows:  (N,) int64, the batch row of each token (for per-example gates), or None.
+    token_valid: (N,) bool, False on padding tokens, or None (= all valid).
+    num_rows:    number of batch rows the tokens come from.
+    """
+
+    token_slots: torch.Tensor
+    order: torch.Tensor
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+    token_rows: torch.Tensor | None = None
+    token_valid: torch.Tensor | None = None
+    num_rows: int = 0
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_slots(cls, token_slots: torch.Tensor, token_rows: torch.Tensor | None = None,
+                   token_valid: torch.Tensor | None = None, num_rows: int = 0) -> "SegmentMeta":
+        token_slots = token_slots.to(torch.int64)
+        host = token_slots.cpu()
+        order = torch.argsort(host, stable=True)
+        uniq, counts = torch.unique_consecutive(host[order], return_counts=True)
+        slots, starts, cnts, pos = [], [], [], 0
+        for s, c in zip(uniq.tolist(), counts.tolist()):
+            if s >= 0:
+                slots.append(s)
+                starts.append(pos)
+                cnts.append(c)
+            pos += c
+        return cls(token_slots, order.to(token_slots.device), slots, starts, cnts,
+                   token_rows, token_valid, num_rows)
+
+    @classmethod
+    def from_rows(cls, row_slots: torch.Tensor, tokens_per_row: int,
+                  valid: torch.Tensor | None = None) -> "SegmentMeta":
+        """Meta for a (B, T) block of tokens flattened row-major; row b uses ``row_slots[b]``."""
+        num_rows = row_slots.shape[0]
+        token_slots = row_slots.repeat_interleave(tokens_per_row)
+        rows = torch.arange(num_rows, device=row_slots.device).repeat_interleave(tokens_per_row)
+        flat_valid = None if valid is None else valid.reshape(-1)
+        return cls.from_slots(token_slots, rows, flat_valid, num_rows)
+
+    def segments(self):
+        """Yield ``(slot, token_index_tensor)`` for every slot present (host loop: reference path)."""
+        for s, start, count in zip(self.slots, self.starts, self.counts):
+            yield s, self.order[start:start + count]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slots.shape[0]
+
+    def device_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, starts, counts) as int32 tensors on the tokens' device, for kernels."""
+        if "arrays" not in self._device_cache:
+            dev = self.token_slots.device
+            self._device_cache["arrays"] = tuple(
+                torch.tensor(v, dtype=torch.int32, device=dev)
+                for v in (self.slots, self.starts, self.counts))
+        return self._device_cache["arrays"]

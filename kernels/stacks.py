@@ -1,0 +1,71 @@
+"""Slot-stacked weight containers: the arguments of the grouped ops.
+
+Every tensor has a leading slot axis ``S``. A slot that holds no adapter for a given site has rank 0
+and is skipped. Host-side copies of the small per-slot integers (ranks, flags) let the reference path
+branch without device synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GATE_NONE, GATE_SMALL, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_LARGE = range(5)
+GATE_NAMES = {"none": GATE_NONE, "small": GATE_SMALL, "middleX": GATE_MIDDLE_X,
+              "middleY": GATE_MIDDLE_Y, "large": GATE_LARGE}
+
+
+@dataclass
+class LowRankStack:
+    """``y += scale[s] * (x @ A[s, :r_s].T) @ B[s, :, :r_s].T`` for tokens of slot s.
+
+    A: (S, R, d_in); B: (S, d_out, R); scale: (S,); ranks: (S,) int32; ranks_host: list of S ints.
+    Rows ``r_s..R`` of A and columns of B are never read.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor
+    ranks: torch.Tensor
+    ranks_host: list[int]
+
+
+@dataclass
+class BottleneckStack:
+    """Bottleneck residual with optional VL-PET gate, per slot s (see ``bottleneck_residual``).
+
+    D: (S, R, d_src); bd: (S, R); U: (S, d, R); bu: (S, d); ranks / ranks_host as in LowRankStack.
+    from_input_host: per slot, True = the adapter reads the sublayer input x (parallel), False = it
+        reads the sublayer output h (sequential).
+    gate_host: per slot, one of GATE_NONE.. GATE_LARGE. out_scale: (S,) factor on the gated output.
+    gate_w: (S, 2 d) (small: w . [x ; h'], middleX: w[:d] . (x + h')); gate_b: (S,);
+    gate_vec: (S, d) (middleY: G = 1 + g); gate_D: (S, Rg, d); gate_bd: (S, Rg); gate_U: (S, d, Rg);
+    gate_bu: (S, d) (large: G = sigmoid(U_g act(D_g x + b_d) + b_u)); gate_ranks_host: list of S ints.
+    Gate tensors may be None when no slot uses that gate.
+    """
+
+    D: torch.Tensor
+    bd: torch.Tensor
+    U: torch.Tensor
+    bu: torch.Tensor
+    ranks: torch.Tensor
+    ranks_host: list[int]
+    from_input_host: list[bool]
+    gate_host: list[int]
+    out_scale: torch.Tensor
+    gate_w: torch.Tensor | None = None
+    gate_b: torch.Tensor | None = None
+    gate_vec: torch.Tensor | None = None
+    gate_D: torch.Tensor | None = None
+    gate_bd: torch.Tensor | None = None
+    gate_U: torch.Tensor | None = None
+    gate_bu: torch.Tensor | None = None
+    gate_ranks_host: list[int] | None = None
+
+
+@dataclass
+class LinearStack:
+    """``y = x @ W[s].T + b[s]`` per slot. W: (S, d_out, d_in); b: (S, d_out)."""
+
+    W: torch.Tensor
+    b: torch.Tensor
