@@ -63,8 +63,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 def row_groups(seg: SegmentMeta):
     """Per-example groups for the small gate: ``(group, weight, count, num_groups)``.
 
-    group:  (N,) int32, one id per (slot segment, batch row) pair; tokens of slot -1 get 0.
-    weight: (N,) fp32, 1 on tokens that count toward their group's mean (valid ones), else 0.
+    group:  (N,) int32, one id per (slot segment, batch row) pair; tokens of slot -1 share
+            segment 0's ids, with weight 0.
+    weight: (N,) fp32, 1 on tokens that count toward their group's mean (valid tokens of a
+            slot), else 0.
     count:  (num_groups,) fp32, sum of weight per group.
     Matches the reference's ``_row_mean``: it averages per slot segment and row; without
     ``token_rows`` the whole segment is one group and ``token_valid`` is ignored.
@@ -73,15 +75,17 @@ def row_groups(seg: SegmentMeta):
         n = seg.num_tokens
         order = seg.order.cpu()
         seg_index = torch.zeros(n, dtype=torch.int64)
+        assigned = torch.zeros(n)
         for i, (start, count) in enumerate(zip(seg.starts, seg.counts)):
             seg_index[order[start:start + count]] = i
-        weight = torch.ones(n)
+            assigned[order[start:start + count]] = 1.0
+        weight = assigned  # slot -1 tokens share group ids with segment 0: they must weigh 0
         key = seg_index
         if seg.token_rows is not None:
             rows = seg.token_rows.cpu().to(torch.int64)
             key = seg_index * (int(rows.max()) + 1 if n else 1) + rows
             if seg.token_valid is not None:
-                weight = seg.token_valid.cpu().to(torch.float32)
+                weight = assigned * seg.token_valid.cpu().to(torch.float32)
         uniq, group = torch.unique(key, return_inverse=True)
         count = torch.zeros(uniq.numel()).index_add_(0, group, weight)
         dev = seg.token_slots.device

@@ -1,0 +1,185 @@
+"""Generation with per-row adapters: greedy and beam search, split into prefill / decode_step.
+
+Each request owns a searcher (``width`` rows of the batch: 1 for greedy, K for beams). Every step the
+driver runs one decoder step for all live rows, hands each searcher its rows' log-probabilities and
+gathers the cache rows the searchers keep. The serving engine drives the same searchers, admitting
+new requests between steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.backbone.cache import DecoderCache
+from adapters.backbone.model import RowInput, VLModel
+from adapters.runtime.context import StepContext
+from adapters.runtime.meta import BatchMeta
+from adapters.runtime.weights import RuntimeWeights
+
+
+@dataclass
+class GenerationRequest:
+    row: RowInput
+    slot: int = -1                  # -1 = backbone only
+    max_new_tokens: int = 20
+    num_beams: int = 1
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]               # generated ids, end-of-sequence excluded
+    logprob: float                  # sum of the chosen tokens' log-probabilities (eos included)
+    text: str = ""
+
+
+class GreedySearch:
+    width = 1
+
+    def __init__(self, max_new_tokens: int, eos_id: int):
+        self.max_new, self.eos = max_new_tokens, eos_id
+        self.tokens: list[int] = []
+        self.logprob, self.done = 0.0, False
+
+    def step(self, logprobs: torch.Tensor) -> tuple[list[int], list[int]]:
+        """logprobs (1, V) -> (parent rows, next tokens) of the rows that go on."""
+        lp, tok = logprobs[0].max(-1)
+        self.logprob += float(lp)
+        tok = int(tok)
+        if tok == self.eos:
+            self.done = True
+            return [], []
+        self.tokens.append(tok)
+        self.done = len(self.tokens) >= self.max_new
+        return ([], []) if self.done else ([0], [tok])
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.tokens, self.logprob)
+
+
+@dataclass(order=True)
+class _Hyp:
+    score: float                                     # length-normalised, for ranking
+    logprob: float = field(compare=False)
+    tokens: list[int] = field(compare=False)
+
+
+class BeamSearch:
+    """K beams with length penalty (score / length**penalty) and HF's "heuristic" stopping."""
+
+    def __init__(self, num_beams: int, max_new_tokens: int, eos_id: int, length_penalty: float = 1.0):
+        self.width, self.max_new, self.eos, self.lp = num_beams, max_new_tokens, eos_id, length_penalty
+        self.scores = [0.0] + [-math.inf] * (num_beams - 1)   # one live beam until the first step
+        self.seqs: list[list[int]] = [[] for _ in range(num_beams)]
+        self.finished: list[_Hyp] = []
+        self.done = False
+
+    def _add(self, logprob: float, tokens: list[int], length: int) -> None:
+        self.finished.append(_Hyp(logprob / length ** self.lp, logprob, tokens))
+        self.finished = sorted(self.finished, reverse=True)[:self.width]
+
+    def step(self, logprobs: torch.Tensor) -> tuple[list[int], list[int]]:
+        """logprobs (K, V) -> (parent beams, next tokens), K of each unless done."""
+        K, V = logprobs.shape
+        cand = (torch.tensor(self.scores, dtype=logprobs.dtype).unsqueeze(1) + logprobs).view(-1)
+        values, indices = cand.topk(2 * K)
+        parents, toks, scores, seqs = [], [], [], []
+        for rank, (score, flat) in enumerate(zip(values.tolist(), indices.tolist())):
+            beam, tok = divmod(flat, V)
+            if score == -math.inf:
+                break
+            if tok == self.eos:
+                if rank < K:
+                    self._add(score, list(self.seqs[beam]), len(self.seqs[beam]) + 1)
+                continue
+            parents.append(beam), toks.append(tok), scores.append(score)
+            seqs.append(self.seqs[beam] + [tok])
+            if len(parents) == K:
+                break
+        self.scores, self.seqs = scores, seqs
+        length = len(seqs[0]) if seqs else 0
+        if not seqs or length >= self.max_new:
+            for s, q in zip(scores, seqs):
+                self._add(s, q, len(q))
+            self.done = True
+        elif len(self.finished) >= K and self.finished[-1].score >= max(scores) / length ** self.lp:
+            self.done = True
+        return ([], []) if self.done else (parents, toks)
+
+    def result(self) -> GenerationResult:
+        best = self.finished[0]
+        return GenerationResult(best.tokens, best.logprob)
+
+
+def make_searcher(req: GenerationRequest, eos_id: int):
+    if req.num_beams > 1:
+        return BeamSearch(req.num_beams, req.max_new_tokens, eos_id)
+    return GreedySearch(req.max_new_tokens, eos_id)
+
+
+@dataclass
+class DecodeState:
+    """Live rows of a decoding batch: their cache, context, last token and position."""
+
+    cache: DecoderCache
+    ctx: StepContext
+    tokens: torch.Tensor            # (R,) last token of each row
+    pos: torch.Tensor               # (R,) position of that token
+
+
+def prefill(model: VLModel, weights: RuntimeWeights, requests: list[GenerationRequest],
+            searchers: list) -> DecodeState:
+    """Encode the requests together and lay out ``searcher.width`` decoder rows per request."""
+    meta = BatchMeta.build([r.slot for r in requests], weights.num_slots, model.device)
+    ctx = StepContext(weights, meta)
+    enc, valid = model.encode([r.row for r in requests], ctx)
+    cache = model.init_cache(enc, valid, ctx)
+    expand = torch.tensor([i for i, s in enumerate(searchers) for _ in range(s.width)],
+                          device=model.device)
+    n = expand.shape[0]
+    start = torch.full((n,), model.cfg.lm.decoder_start_id, dtype=torch.long, device=model.device)
+    return DecodeState(cache.select(expand), ctx.select(expand), start,
+                       torch.zeros(n, dtype=torch.long, device=model.device))
+
+
+def decode_step(model: VLModel, state: DecodeState) -> torch.Tensor:
+    """One decoder step for every live row: (R, V) log-probabilities (fp32)."""
+    logits = model.decode(state.tokens.unsqueeze(1), state.pos.unsqueeze(1), state.cache, state.ctx)
+    return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+
+def advance(state: DecodeState, searchers: list, logprobs: torch.Tensor):
+    """Let each searcher pick its rows' continuations; return the next state (None when no row is
+    left) and the searchers still running."""
+    rows, toks, live, offset = [], [], [], 0
+    for s in searchers:
+        parents, nxt = s.step(logprobs[offset:offset + s.width])
+        rows += [offset + p for p in parents]
+        toks += nxt
+        if not s.done:
+            live.append(s)
+        offset += s.width
+    if not rows:
+        return None, live
+    dev = state.tokens.device
+    idx = torch.tensor(rows, device=dev)
+    nxt = DecodeState(state.cache.select(idx), state.ctx.select(idx),
+                      torch.tensor(toks, dtype=torch.long, device=dev), state.pos.index_select(0, idx) + 1)
+    return nxt, live
+
+
+@torch.no_grad()
+def generate(model: VLModel, weights: RuntimeWeights,
+             requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """Generate for a batch of requests that may each use a different adapter slot."""
+    eos = model.cfg.lm.eos_id
+    searchers = [make_searcher(r, eos) for r in requests]
+    state = prefill(model, weights, requests, searchers)
+    live = searchers
+    while state is not None:
+        state, live = advance(state, live, decode_step(model, state))
+    results = [s.result() for s in searchers]
+    for r in results:
+        r.text = model.decode_text(r.tokens)
+    return results

@@ -1,0 +1,37 @@
+"""Parameter counting as the papers report it (``petserve params``).
+
+percent = trainable / (language model + visual embedding + adapter modules), CLIP excluded. The
+language model is counted with its vocabulary as VL-T5 / VL-BART used it: the checkpoint's tokens
+plus 100 added ``<vis_extra_id_k>`` tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from adapters.backbone.config import preset
+from adapters.backbone.model import VLModel
+from adapters.kinds import get_kind
+
+
+def shape_model(backbone: str) -> VLModel:
+    """A backbone with every weight on the meta device: shapes only, no memory, no download."""
+    cfg = preset(backbone)
+    with torch.device("meta"):
+        return VLModel(cfg, tokenizer=None)
+
+
+def count(backbone: str, kind: str, options: dict | None = None) -> dict:
+    """``{"trainable": N, "total": M, "percent": P}`` for one kind and config on a preset backbone."""
+    model = shape_model(backbone)
+    kind_cls = get_kind(kind)
+    cfg = kind_cls.resolve(kind_cls.Config(**(options or {})), model)
+    shapes = kind_cls.param_shapes(cfg, model)
+    trainable = sum(math.prod(s) for s in shapes.values())
+    modules = sum(math.prod(s) for k, s in shapes.items() if not k.startswith(("vec.", "visual.")))
+    lm = sum(p.numel() for p in model.lm.parameters())
+    lm += model.cfg.extra_vis_tokens * model.cfg.lm.d_model
+    visual = sum(p.numel() for p in model.visual_embed.parameters())
+    total = lm + visual + modules
+    return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / total, 2)}
