@@ -24,6 +24,7 @@ class LoRAConfig(KindConfig):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA input (training only)")
     targets: tuple[str, ...] = Field(DEFAULT_TARGETS, description="stream.sublayer.linear patterns")
     train_biases: bool = True
+    rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r) (PEFT use_rslora)")
 
     @field_validator("targets")
     @classmethod
@@ -77,7 +78,7 @@ class LoRA(AdapterKind):
 
     @classmethod
     def compile_modules(cls, cfg, params, model):
-        scale = cfg.alpha / cfg.r
+        scale = cfg.alpha / (cfg.r ** 0.5 if cfg.rslora else cfg.r)
         return CompiledAdapter(lowrank={
             site: LowRankForm(params[f"lora.{site}.A"], params[f"lora.{site}.B"], scale)
             for site in cls.sites(cfg, model)})

@@ -5,8 +5,13 @@ TRITON_INTERPRET.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
+import pytest
 import torch
 
 from kernels.stacks import BottleneckStack, LowRankStack
@@ -109,3 +114,75 @@ def bottleneck_stack(ranks: list[int], gates: list[int], from_input: list[bool],
         gate_D=t(size, gate_rank, d, std=d ** -0.5), gate_bd=t(size, gate_rank, std=0.3),
         gate_U=t(size, d, gate_rank, std=gate_rank ** -0.5), gate_bu=t(size, d, std=0.3),
         gate_ranks_host=gate_ranks)
+
+
+def aot_compile_check(op: str, arch: int = 90) -> int:
+    """Compile every kernel launch the ``op`` wrapper makes (all dtypes, tile heights, gate mixes)
+    to a cubin for ``sm_<arch>`` without a GPU; return the number of distinct compilations.
+
+    The interpreter accepts code the GPU compiler rejects (types merged across branches,
+    constexpr specialisation), so CPU-only CI runs this in a subprocess without TRITON_INTERPRET:
+    the wrappers run on CPU tensors and each ``kernel[grid](...)`` is compiled instead of launched.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import triton_bottleneck, triton_lowrank
+    from kernels.segments import SegmentMeta
+    from kernels.stacks import GATE_NAMES
+
+    mod = triton_lowrank if op == "add_lowrank" else triton_bottleneck
+    types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+             torch.int32: "i32", torch.int64: "i64"}
+    done = set()
+
+    def compiler(kernel):
+        def launch(*args, **constexprs):
+            sig = {n: "*" + types[a.dtype] if isinstance(a, torch.Tensor) else "i32"
+                   for n, a in zip(kernel.arg_names, args)}
+            sig.update({n: "constexpr" for n in constexprs})
+            key = (kernel.__name__, tuple(sig.values()), tuple(constexprs.items()))
+            if key not in done:
+                triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32))
+                done.add(key)
+        return lambda grid: launch
+
+    for name in [n for n in dir(mod) if n.endswith("_kernel")]:
+        setattr(mod, name, type("Launcher", (), {"__getitem__": staticmethod(
+            compiler(getattr(mod, name)))})())
+    every_gate = list(GATE_NAMES.values())
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        gen = generator("aot", op, str(dtype))
+        slots, size = token_slots(130, 17, "uniform", gen)
+        seg = SegmentMeta.from_slots(slots, torch.arange(130) // 13,
+                                     torch.ones(130, dtype=torch.bool), 10)
+        ranks = slot_ranks(size, "mixed", gen)
+        # Tile heights and gate mixes only change constexprs; the extremes cover the code paths.
+        cases = [(16, [GATE_NAMES["none"]]), (64, every_gate)]
+        for block_m, mix in cases if dtype == torch.float16 else cases[1:]:
+            if op == "add_lowrank":
+                w = lowrank_stack(ranks, 48, 80, dtype, gen)
+                mod.add_lowrank_triton(torch.zeros(130, 80, dtype=dtype),
+                                       torch.zeros(130, 48, dtype=dtype), w, seg, block_m)
+                continue
+            w = bottleneck_stack(ranks, [mix[i % len(mix)] for i in range(size)],
+                                 [i % 2 == 0 for i in range(size)], 72, dtype, gen)
+            h = torch.zeros(130, 72, dtype=dtype)
+            mod.bottleneck_residual_triton(h, h, w, seg, block_m)
+    return len(done)
+
+
+def aot_compile_in_subprocess(op: str) -> None:
+    """Run :func:`aot_compile_check` for ``op`` in a fresh interpreter-free process; fail the test
+    with the compiler's message if a launch does not compile; skip without triton's CUDA backend."""
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("triton has no CUDA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"from tests.kernels import aot_compile_check; print(aot_compile_check({op!r}))"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert int(done.stdout.split()[-1]) > 0

@@ -9,8 +9,9 @@ pytest.importorskip("triton")
 from kernels.lowrank import add_lowrank_reference  # noqa: E402
 from kernels.segments import SegmentMeta  # noqa: E402
 from kernels.triton_lowrank import add_lowrank_triton  # noqa: E402
-from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS, TOKENS, device, generator,  # noqa: E402
-                           lowrank_stack, slot_ranks, token_slots, tolerance)
+from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS, TOKENS,  # noqa: E402
+                           aot_compile_in_subprocess, device, generator, lowrank_stack,
+                           slot_ranks, token_slots, tolerance)
 
 D_IN, D_OUT = 48, 80  # not multiples of the 64-wide tiles: every column mask is exercised
 
@@ -113,6 +114,12 @@ def test_strided_inputs():
     ref = add_lowrank_reference(ybuf[:, D_OUT:2 * D_OUT].clone(), x, w, seg)
     add_lowrank_triton(ybuf[:, D_OUT:2 * D_OUT], x, w, seg)
     torch.testing.assert_close(ybuf[:, D_OUT:2 * D_OUT], ref, **tolerance(torch.float32))
+
+
+@pytest.mark.slow
+def test_every_launch_compiles_for_sm90():
+    """The interpreter is lenient; the GPU compiler (run here without a GPU, to a cubin) is not."""
+    aot_compile_in_subprocess('add_lowrank')
 
 
 @pytest.mark.gpu

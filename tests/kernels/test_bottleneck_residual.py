@@ -11,8 +11,9 @@ from kernels.segments import SegmentMeta  # noqa: E402
 from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NAMES,  # noqa: E402
                             GATE_NONE, GATE_SMALL)
 from kernels.triton_bottleneck import bottleneck_residual_triton  # noqa: E402
-from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS, assign, bottleneck_stack,  # noqa: E402
-                           device, generator, slot_ranks, tolerance)
+from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS,  # noqa: E402
+                           aot_compile_in_subprocess, assign, bottleneck_stack, device, generator,
+                           slot_ranks, tolerance)
 
 D = 72  # not a multiple of the 64-wide tiles
 ROWS_BY_TOKENS = {1: (1, 1), 7: (1, 7), 64: (8, 8), 130: (10, 13)}  # tokens -> (rows, row length)
@@ -164,6 +165,12 @@ def test_gate_tensors_absent_when_unused():
     torch.testing.assert_close(bottleneck_residual_triton(h, x, w, seg),
                                bottleneck_residual_reference(h, x, w, seg),
                                **tolerance(torch.float32))
+
+
+@pytest.mark.slow
+def test_every_launch_compiles_for_sm90():
+    """The interpreter is lenient; the GPU compiler (run here without a GPU, to a cubin) is not."""
+    aot_compile_in_subprocess('bottleneck_residual')
 
 
 @pytest.mark.gpu

@@ -1,0 +1,227 @@
+"""The adapter file: one ``.safetensors`` whose metadata holds the JSON description.
+
+Metadata key ``petserve`` -> JSON ``{format_version, kind, config, backbone: {fingerprint, name},
+task, created, trainable_parameters, name?}``. Tensors are named as the kind declares
+(``adapters.kinds.base``). Only safetensors is ever parsed (never pickle). Every way a file can be
+broken raises :class:`AdapterFileError` with its own ``code`` and a message that says what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.backbone.model import TASK_PREFIX, VLModel
+from adapters.kinds import KINDS, get_kind
+from adapters.kinds.base import KindConfig
+from adapters.runtime.forms import CompiledAdapter
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_BYTES = 512 * 2**20
+_MAX_HEADER = 64 * 2**20
+DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
+
+
+class AdapterFileError(ValueError):
+    """A broken adapter file. ``code`` is machine-readable; ``status`` the HTTP status it maps to."""
+
+    def __init__(self, code: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+class BackboneRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fingerprint: str
+    name: str = ""
+
+
+class AdapterMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int
+    kind: str
+    config: dict
+    backbone: BackboneRef
+    task: str
+    created: float = Field(default_factory=time.time)
+    trainable_parameters: int = 0
+    name: str = ""
+
+
+@dataclass
+class AdapterFile:
+    meta: AdapterMeta
+    config: KindConfig
+    params: dict[str, torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    def compile(self, model: VLModel) -> CompiledAdapter:
+        params = {k: v.to(device=model.device, dtype=model.dtype) for k, v in self.params.items()}
+        return get_kind(self.meta.kind).compile(self.config, params, model)
+
+
+# ---- writing -------------------------------------------------------------------------------
+def adapter_bytes(kind: str, config: KindConfig, params: dict[str, torch.Tensor], model: VLModel,
+                  task: str, name: str = "", dtype: torch.dtype = torch.float32) -> bytes:
+    """Serialise an adapter (checked against the kind's declared tensors first)."""
+    from safetensors.torch import save
+    kind_cls = get_kind(kind)
+    _check_tensors(kind_cls.param_shapes(config, model), {k: tuple(v.shape) for k, v in params.items()})
+    meta = AdapterMeta(format_version=FORMAT_VERSION, kind=kind, config=config.model_dump(mode="json"),
+                       backbone=BackboneRef(fingerprint=model.fingerprint, name=model.cfg.name),
+                       task=task, name=name,
+                       trainable_parameters=sum(v.numel() for v in params.values()))
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in params.items()}
+    return save(tensors, metadata={"petserve": meta.model_dump_json()})
+
+
+def save_adapter(path: Path, *args, **kwargs) -> Path:
+    """Write :func:`adapter_bytes` to ``path`` atomically (temp file, fsync, rename)."""
+    data = adapter_bytes(*args, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- reading -------------------------------------------------------------------------------
+def load_adapter(source: bytes | Path, model: VLModel, max_bytes: int = DEFAULT_MAX_BYTES,
+                 check_backbone: bool = True) -> AdapterFile:
+    """Parse and fully validate an adapter file against ``model``; raises AdapterFileError."""
+    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+    if len(data) > max_bytes:
+        raise AdapterFileError("adapter_too_large", f"adapter file is {len(data)} bytes, over the "
+                               f"limit of {max_bytes} bytes", status=413)
+    header, body = parse_header(data)
+    meta = _parse_meta(header.pop("__metadata__", None))
+    kind_cls = KINDS.get(meta.kind)
+    if kind_cls is None:
+        raise AdapterFileError("unknown_kind", f"unknown adapter kind {meta.kind!r}; "
+                               f"this server knows {sorted(KINDS)}")
+    try:
+        config = kind_cls.resolve(kind_cls.Config(**meta.config), model)
+        expected = kind_cls.param_shapes(config, model)
+    except (ValidationError, ValueError) as e:
+        raise AdapterFileError("invalid_config", f"invalid {meta.kind} config: {_short(e)}") from e
+    if check_backbone and meta.backbone.fingerprint != model.fingerprint:
+        raise AdapterFileError("wrong_backbone", f"adapter was trained for backbone "
+                               f"{meta.backbone.name or '?'} ({meta.backbone.fingerprint}); this server "
+                               f"runs {model.cfg.name} ({model.fingerprint})")
+    _check_tensors(expected, {k: tuple(v["shape"]) for k, v in header.items()})
+    params = _read_tensors(header, body)
+    return AdapterFile(meta, config, params)
+
+
+def parse_header(data: bytes) -> tuple[dict, memoryview]:
+    """The safetensors header (validated tensor table) and the data buffer after it."""
+    if len(data) < 8:
+        raise AdapterFileError("not_safetensors", "not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER or 8 + n > len(data):
+        raise AdapterFileError("not_safetensors", f"not a safetensors file (header length {n} does "
+                               f"not fit in a {len(data)}-byte file)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError("not_safetensors", f"not a safetensors file (header is not JSON: {e})")
+    if not isinstance(header, dict):
+        raise AdapterFileError("not_safetensors", "not a safetensors file (header is not an object)")
+    body = memoryview(data)[8 + n:]
+    _check_table(header, len(body))
+    return header, body
+
+
+def _check_table(header: dict, body_len: int) -> None:
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise AdapterFileError("corrupt_tensor_table", f"tensor {name!r}: malformed entry")
+        if entry["dtype"] not in DTYPES:
+            raise AdapterFileError("bad_dtype", f"tensor {name!r} has dtype {entry['dtype']}; adapter "
+                                   f"tensors must be one of {sorted(DTYPES)}")
+        shape, offs = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+                and isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise AdapterFileError("corrupt_tensor_table", f"tensor {name!r}: bad shape or offsets")
+        begin, end = offs
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * DTYPES[entry["dtype"]][1]:
+            raise AdapterFileError("corrupt_tensor_table", f"tensor {name!r}: offsets {offs} do not "
+                                   f"match shape {shape}")
+        if end > body_len:
+            raise AdapterFileError("truncated", f"file is truncated: tensor {name!r} needs bytes up to "
+                                   f"{end}, only {body_len} present")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, e1, a), (b2, _, b) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise AdapterFileError("corrupt_tensor_table", f"tensors {a!r} and {b!r} overlap")
+
+
+def _parse_meta(raw) -> AdapterMeta:
+    if not isinstance(raw, dict) or "petserve" not in raw:
+        raise AdapterFileError("missing_metadata", "safetensors file has no 'petserve' metadata: not a "
+                               "petserve adapter (PEFT LoRA directories are uploaded as a zip)")
+    try:
+        meta = AdapterMeta.model_validate_json(raw["petserve"])
+    except ValidationError as e:
+        raise AdapterFileError("bad_metadata", f"adapter metadata is invalid: {_short(e)}") from e
+    if meta.format_version != FORMAT_VERSION:
+        raise AdapterFileError("unsupported_format_version", f"adapter format version "
+                               f"{meta.format_version} is not supported (this server reads {FORMAT_VERSION})")
+    if meta.task not in TASK_PREFIX:
+        raise AdapterFileError("invalid_task", f"adapter task {meta.task!r} is not one of {sorted(TASK_PREFIX)}")
+    return meta
+
+
+def _check_tensors(expected: dict, got: dict) -> None:
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise AdapterFileError("missing_tensors", f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise AdapterFileError("unexpected_tensors", f"{len(extra)} unexpected tensor(s), e.g. {extra[:3]}")
+    for k, shape in expected.items():
+        if tuple(got[k]) != tuple(shape):
+            raise AdapterFileError("shape_mismatch", f"tensor {k!r} has shape {list(got[k])}, "
+                                   f"expected {list(shape)}")
+
+
+def _read_tensors(header: dict, body: memoryview) -> dict[str, torch.Tensor]:
+    params = {}
+    for name, e in header.items():
+        dtype = DTYPES[e["dtype"]][0]
+        begin, end = e["data_offsets"]
+        raw = bytearray(body[begin:end])
+        t = (torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)).reshape(e["shape"])
+        if not torch.isfinite(t).all():
+            raise AdapterFileError("non_finite", f"tensor {name!r} contains NaN or infinite values")
+        params[name] = t
+    return params
+
+
+def _short(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}" for x in e.errors()[:3])
+    return str(e)

@@ -1,0 +1,43 @@
+"""Turn ``--name value`` command-line pairs into a validated kind config."""
+from __future__ import annotations
+
+import typing
+
+from pydantic import ValidationError
+
+from serving.cli import CliError
+
+
+def parse_kind_options(kind_cls, extra: list[str]) -> dict:
+    """``["--r", "8", "--targets", "enc.self.q,enc.self.v"]`` -> {"r": "8", "targets": (...)}.
+
+    Values stay strings (pydantic coerces them); tuple-typed options split on commas. Unknown
+    names are reported with the kind's known options."""
+    fields = kind_cls.Config.model_fields
+    options, i = {}, 0
+    while i < len(extra):
+        flag = extra[i]
+        if not flag.startswith("--"):
+            raise CliError(f"unexpected argument {flag!r} (kind options are --name value)")
+        name, _, value = flag[2:].partition("=")
+        name = name.replace("-", "_")
+        if not value:
+            if i + 1 >= len(extra):
+                raise CliError(f"option --{name} needs a value")
+            value, i = extra[i + 1], i + 1
+        if name not in fields:
+            raise CliError(f"{kind_cls.name} has no option --{name}; options: "
+                           + ", ".join(f"--{f}" for f in fields))
+        if typing.get_origin(fields[name].annotation) is tuple:
+            value = tuple(v for v in value.split(",") if v)
+        options[name] = value
+        i += 1
+    return options
+
+
+def make_config(kind_cls, options: dict):
+    try:
+        return kind_cls.Config(**options)
+    except ValidationError as e:
+        msg = "; ".join(f"{'--' + '.'.join(map(str, x['loc'])) if x['loc'] else 'options'}: {x['msg']}" for x in e.errors())
+        raise CliError(f"invalid {kind_cls.name} options: {msg}") from None
