@@ -66,9 +66,11 @@ class AdapterFile:
     def kind(self) -> str:
         return self.meta.kind
 
-    def compile(self, model: VLModel) -> CompiledAdapter:
+    def compile(self, model: VLModel, task: str | None = None) -> CompiledAdapter:
+        """Runtime forms on the model's device/dtype; ``task`` (default: the file's task) matters
+        only for task-conditioned kinds."""
         params = {k: v.to(device=model.device, dtype=model.dtype) for k, v in self.params.items()}
-        return get_kind(self.meta.kind).compile(self.config, params, model)
+        return get_kind(self.meta.kind).compile(self.config, params, model, task or self.meta.task)
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class AdapterKind(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[KindConfig]]
     description: ClassVar[str] = ""
+    # True when the runtime forms depend on the task (Hyperformer, task-shared adapters): the
+    # serving slot pool then keys a slot by (adapter, version, task).
+    task_conditioned: ClassVar[bool] = False
 
     @classmethod
     def resolve(cls, cfg: KindConfig, model: VLModel) -> KindConfig:
@@ -56,8 +59,10 @@ class AdapterKind(ABC):
 
     @classmethod
     @abstractmethod
-    def compile_modules(cls, cfg: KindConfig, params: Params, model: VLModel) -> CompiledAdapter:
-        """Runtime forms of the kind's own tensors (must keep autograd: training calls it)."""
+    def compile_modules(cls, cfg: KindConfig, params: Params, model: VLModel,
+                        task: str | None = None) -> CompiledAdapter:
+        """Runtime forms of the kind's own tensors (must keep autograd: training calls it).
+        ``task`` selects the task of task-conditioned kinds; others ignore it."""
 
     # ---- shared by all kinds -------------------------------------------------------------
     @classmethod
@@ -87,8 +92,10 @@ class AdapterKind(ABC):
         return {k: v.to(model.device) for k, v in params.items()}
 
     @classmethod
-    def compile(cls, cfg: KindConfig, params: Params, model: VLModel) -> CompiledAdapter:
-        compiled = cls.compile_modules(cfg, params, model)
+    def compile(cls, cfg: KindConfig, params: Params, model: VLModel,
+                task: str | None = None) -> CompiledAdapter:
+        """All runtime forms of one adapter (for ``task`` if the kind is task-conditioned)."""
+        compiled = cls.compile_modules(cfg, params, model, task)
         compiled.vectors.update({k[4:]: v for k, v in params.items() if k.startswith("vec.")})
         if cfg.train_visual_embedding:
             compiled.visual = {k: params[f"visual.{k}"] for k in VISUAL_KEYS}

@@ -72,7 +72,7 @@ class Bottleneck(AdapterKind):
         return params
 
     @classmethod
-    def compile_modules(cls, cfg, params, model):
+    def compile_modules(cls, cfg, params, model, task=None):
         forms = {}
         for site in cls.sites(cfg, model):
             p = lambda n: params[f"adapter.{site}.{n}"]  # noqa: E731

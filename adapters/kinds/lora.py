@@ -77,7 +77,7 @@ class LoRA(AdapterKind):
         return params
 
     @classmethod
-    def compile_modules(cls, cfg, params, model):
+    def compile_modules(cls, cfg, params, model, task=None):
         scale = cfg.alpha / (cfg.r ** 0.5 if cfg.rslora else cfg.r)
         return CompiledAdapter(lowrank={
             site: LowRankForm(params[f"lora.{site}.A"], params[f"lora.{site}.B"], scale)

@@ -92,7 +92,7 @@ class VLPET(AdapterKind):
         return params
 
     @classmethod
-    def compile_modules(cls, cfg, params, model):
+    def compile_modules(cls, cfg, params, model, task=None):
         forms = {}
         for site in layer_sites(model, "enc", ("self", "ffn")):
             p = lambda n: params.get(f"vlpet.{site}.{n}")  # noqa: E731
