@@ -89,12 +89,14 @@ def build_case(setup: Setup, device: str) -> dict:
         return (torch.randn(*shape, generator=gen) * std).to(device, dtype)
 
     if setup.op == "add_lowrank":
-        w = LowRankStack(t(s, big, setup.d_in, std=setup.d_in ** -0.5), t(s, setup.d_out, big),
+        w = LowRankStack(t(s, big, setup.d_in, std=setup.d_in ** -0.5),
+                         t(s, setup.d_out, big, std=big ** -0.5),
                          t(s), torch.tensor(ranks, dtype=torch.int32, device=device), ranks)
         return {"seg": seg, "w": w, "x": t(setup.tokens, setup.d_in),
                 "y": t(setup.tokens, setup.d_out)}
     d, kind = setup.d_in, GATE_NAMES[setup.gate]
-    w = BottleneckStack(t(s, big, d, std=d ** -0.5), t(s, big), t(s, d, big, std=big ** -0.5), t(s, d),
+    w = BottleneckStack(t(s, big, d, std=d ** -0.5), t(s, big), t(s, d, big, std=big ** -0.5),
+                        t(s, d),
                         torch.tensor(ranks, dtype=torch.int32, device=device), ranks,
                         [i % 2 == 0 for i in range(s)], [kind] * s, t(s),
                         gate_w=t(s, 2 * d, std=d ** -0.5), gate_b=t(s), gate_vec=t(s, d),
@@ -205,7 +207,10 @@ def bytes_moved(setup: Setup, case: dict) -> int:
     d = setup.d_in
     needs_x = setup.gate != "none" or any(w.from_input_host[s] for s in used)
     acts = n * d * (3 if needs_x else 2)  # h (and x) read, out written
-    weights = sum(w.ranks_host[s] * (2 * d + 1) + d for s in used)
+    gate = {"none": 0, "small": 2 * d + 1, "middleX": d + 1, "middleY": d}.get(setup.gate)
+    weights = sum(w.ranks_host[s] * (2 * d + 1) + d + 1  # D, bd, U, bu, out_scale
+                  + (gate if gate is not None else w.gate_ranks_host[s] * (2 * d + 1) + d)
+                  for s in used)
     return el * (acts + weights)
 
 
@@ -343,6 +348,9 @@ def main(argv=None) -> int:
               "`TRITON_INTERPRET=1 python -m benchmarks.bench_kernels --smoke`.", file=sys.stderr)
         return 2
     with_triton = cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if not with_triton:
+        print("bench_kernels: Triton path skipped (on CPU it needs TRITON_INTERPRET=1)",
+              file=sys.stderr)
     setups = smoke_grid() if args.smoke else target_setups() + full_grid()
     samples = args.samples or (2 if args.smoke else 5)
     dev, name, commit = ("cuda" if cuda else "cpu"), device_name(), git_commit()

@@ -37,7 +37,8 @@ def series(rows: list[dict]) -> dict:
         s, m = r["setup"], r["metrics"]
         for key, (label, _) in IMPLS.items():
             if m.get(key) is not None:
-                out[(s["op"], s["popularity"])][(label, s["tokens"])].append((s["adapters"], m[key]))
+                line = out[(s["op"], s["popularity"])][(label, s["tokens"])]
+                line.append((s["adapters"], m[key]))
     return {panel: {k: sorted(v) for k, v in lines.items()} for panel, lines in out.items()}
 
 

@@ -4,7 +4,7 @@ Dependencies point one way: ``serving -> adapters -> kernels``; this package imp
 triton, lazily) only.
 """
 from kernels.bottleneck import act, bottleneck_residual, bottleneck_residual_reference
-from kernels.grouped_linear import grouped_linear
+from kernels.grouped_linear import grouped_linear, grouped_linear_reference
 from kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
 from kernels.segments import SegmentMeta
 from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NAMES, GATE_NONE,
@@ -14,5 +14,6 @@ __all__ = [
     "SegmentMeta", "LowRankStack", "BottleneckStack", "LinearStack",
     "GATE_NONE", "GATE_SMALL", "GATE_MIDDLE_X", "GATE_MIDDLE_Y", "GATE_LARGE", "GATE_NAMES",
     "add_lowrank", "add_lowrank_reference", "add_lowrank_loop",
-    "bottleneck_residual", "bottleneck_residual_reference", "grouped_linear", "act",
+    "bottleneck_residual", "bottleneck_residual_reference", "grouped_linear",
+    "grouped_linear_reference", "act",
 ]

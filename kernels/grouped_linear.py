@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import use_triton
 from kernels.segments import SegmentMeta
 from kernels.stacks import LinearStack
 
@@ -11,9 +12,19 @@ def grouped_linear(x: torch.Tensor, w: LinearStack, seg: SegmentMeta) -> torch.T
     """Return ``y`` with ``y[t] = x[t] @ w.W[s].T + w.b[s]`` (s = seg.token_slots[t]).
 
     x: (N, d_in) -> y: (N, d_out), a new tensor. Tokens with slot -1 get zeros.
-    The reference runs one GEMM per slot present; it is also the CUDA path (cuBLAS GEMMs of whole
-    segments are near peak for the few distinct visual embeddings a batch holds).
+    CUDA tensors take one Triton launch for every slot (no Python loop over slots), unless autograd
+    must record the op (training), which takes the differentiable reference.
     """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.W.requires_grad
+                                              or w.b.requires_grad)
+    if use_triton(x) and not needs_grad:
+        from kernels.triton_grouped_linear import grouped_linear_triton
+        return grouped_linear_triton(x, w, seg)
+    return grouped_linear_reference(x, w, seg)
+
+
+def grouped_linear_reference(x: torch.Tensor, w: LinearStack, seg: SegmentMeta) -> torch.Tensor:
+    """Torch reference of :func:`grouped_linear`: one GEMM per slot present."""
     y = x.new_zeros(x.shape[0], w.W.shape[1])
     for s, idx in seg.segments():
         ys = torch.nn.functional.linear(x.index_select(0, idx), w.W[s], w.b[s])

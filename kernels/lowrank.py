@@ -37,7 +37,9 @@ def add_lowrank_reference(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
             continue
         xs = x.index_select(0, idx)
         delta = (xs @ w.A[s, :r].T) @ w.B[s, :, :r].T
-        y.index_add_(0, idx, delta * w.scale[s].to(delta.dtype))
+        # A slot's token indices are unique, so gather-add-copy equals index_add_ and avoids its
+        # multi-threaded CPU kernel, which stalls on busy machines.
+        y.index_copy_(0, idx, y.index_select(0, idx) + delta * w.scale[s].to(delta.dtype))
     return y
 
 

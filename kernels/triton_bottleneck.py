@@ -2,8 +2,9 @@
 
 Launches per call (grids are ``(column tiles, segment tiles)`` unless noted):
 
-1. ``_down_kernel``: ``Z[p, :r] = act(src @ D[s, :r].T + bd[s, :r])`` into an fp32 ``(N, R)``
-   intermediate in sorted-token order; the rank tiles past R of the grid compute the large gate's
+1. ``_down_kernel``, grid ``(rank tiles of R + rank tiles of Rg, segment tiles)``:
+   ``Z[p, :r] = act(src @ D[s, :r].T + bd[s, :r])`` into an fp32 ``(N, R)`` intermediate in
+   sorted-token order; the trailing rank tiles compute the large gate's
    ``ZG[p, :rg] = act(x @ gate_D[s, :rg].T + gate_bd[s, :rg])`` in the same launch.
 2. ``_up_kernel``: ``hp = h + Z @ U[s, :, :r].T + bu[s]``, then the per-channel gates (none,
    middleY, large) and ``out_scale``: final. Tokens of slot -1 / rank 0 copy ``h``. For the
@@ -14,7 +15,14 @@ Launches per call (grids are ``(column tiles, segment tiles)`` unless noted):
 4. only if a slot uses middleX or small: ``_row_gate_kernel`` scales ``out`` in place by
    ``G * out_scale``.
 
+Plus a memset of ``logit`` (and of the group sums) when a row gate is present: 2 launches for
+none / middleY / large, 4 for middleX, 6 for small. Every token is written by launch 2, so
+``out`` needs no clone of ``h``.
+
 Ranks: the down rank tiles past ``r_s`` (``rg_s``) exit at once, the up K-loops stop at ``r_s``.
+Why not one kernel: the up projection needs all of ``Z[p, :r]`` (a grid-wide dependency on the
+down projection's rank tiles), and the row gates need the whole row of ``hp`` across the column
+tiles; both would otherwise force one program per token tile over the whole width.
 """
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ def _slot_info(info_ptr, slot):
 def _down_act_store(src_ptr, stride_sm, stride_sk, w_ptr, stride_wr, stride_wk, b_ptr, tok, pos,
                     m_mask, r0, rank, dim, z_ptr, stride_zm, BLOCK_M: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Z[pos, r0:r0+BLOCK_R] = act(src[tok] @ w[r0:r0+BLOCK_R].T + b[r0:r0+BLOCK_R]), cols < rank."""
+    """Z[pos, j] = act(src[tok] @ w[j].T + b[j]) for j in r0..r0+BLOCK_R, j < rank."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     acc = gathered_matmul_t(src_ptr, tok, m_mask, stride_sm, stride_sk, w_ptr, stride_wr,
@@ -91,6 +99,16 @@ def _down_kernel(x_ptr, h_ptr, d_ptr, bd_ptr, gd_ptr, gbd_ptr, info_ptr, order_p
 
 
 @triton.jit
+def _add_logit_share(x_ptrs, mask, hp, gw_row, n_mask, is_small, dim, logit_ptr, pos, m_mask):
+    """logit[pos] += this column tile's share of the row gate's dot product; atomic, as the
+    row's other column tiles add theirs. small: w[:d].x + w[d:].hp; middleX: w[:d].(x + hp)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    wx = tl.load(gw_row, mask=n_mask, other=0.0).to(tl.float32)
+    wh = tl.load(gw_row + tl.where(is_small, dim, 0), mask=n_mask, other=0.0).to(tl.float32)
+    tl.atomic_add(logit_ptr + pos, tl.sum(wx[None, :] * x + wh[None, :] * hp, axis=1), mask=m_mask)
+
+
+@triton.jit
 def _up_kernel(h_ptr, x_ptr, out_ptr, z_ptr, zg_ptr, u_ptr, bu_ptr, gu_ptr, gbu_ptr, gvec_ptr,
                gw_ptr, scale_ptr, info_ptr, logit_ptr, order_ptr, tile_slot_ptr, tile_start_ptr,
                tile_end_ptr, dim, stride_m, stride_zm, stride_zgm,
@@ -121,25 +139,20 @@ def _up_kernel(h_ptr, x_ptr, out_ptr, z_ptr, zg_ptr, u_ptr, bu_ptr, gu_ptr, gbu_
     if HAS_MIDDLE_Y:
         if gate == _MIDDLE_Y:  # G = 1 + g, per channel
             g = tl.load(gvec_ptr + s64 * stride_gvs + offs_n, mask=n_mask, other=0.0)
-            res = res * (1.0 + g.to(tl.float32))[None, :]
+            res *= (1.0 + g.to(tl.float32))[None, :]
     if HAS_LARGE:
         if gate == _LARGE:  # G = sigmoid(U_g ZG + b_u), per token and channel
             logit = rank_loop_matmul_t(zg_ptr, pos, m_mask, stride_zgm, gu_ptr + s64 * stride_gus,
                                        stride_gun, stride_gur, offs_n, n_mask, gate_rank, BLOCK_M,
                                        BLOCK_N, BLOCK_R, DOT_PRECISION)
             gb = tl.load(gbu_ptr + s64 * stride_gbus + offs_n, mask=n_mask, other=0.0)
-            res = res * tl.sigmoid(logit + gb.to(tl.float32)[None, :])
+            res *= tl.sigmoid(logit + gb.to(tl.float32)[None, :])
     if HAS_ROW_GATE:
         if (gate == _SMALL) | (gate == _MIDDLE_X):  # G needs the whole row of hp
             res = hp  # gated and scaled later by _row_gate_kernel
-            x = tl.load(x_ptr + tok[:, None] * stride_m + offs_n[None, :], mask=mask, other=0.0)
-            # small: w[:d].x + w[d:].hp; middleX: w[:d].(x + hp)
-            hp_off = tl.where(gate == _SMALL, dim, 0)
-            gw_row = gw_ptr + s64 * stride_gws + offs_n
-            wx = tl.load(gw_row, mask=n_mask, other=0.0).to(tl.float32)
-            wh = tl.load(gw_row + hp_off, mask=n_mask, other=0.0).to(tl.float32)
-            part = tl.sum(wx[None, :] * x.to(tl.float32) + wh[None, :] * hp, axis=1)
-            tl.atomic_add(logit_ptr + pos, part, mask=m_mask)
+            _add_logit_share(x_ptr + tok[:, None] * stride_m + offs_n[None, :], mask, hp,
+                             gw_ptr + s64 * stride_gws + offs_n, n_mask, gate == _SMALL, dim,
+                             logit_ptr, pos, m_mask)
     tl.store(out_ptrs, res.to(h.dtype), mask=mask)
 
 
@@ -233,18 +246,19 @@ def _launch_down(h, x, w, info, tiles, kinds, cfg):
     present = cfg["present"]
     z = torch.empty(n, w.D.shape[1], dtype=torch.float32, device=h.device)
     main_tiles = triton.cdiv(max(w.ranks_host[s] for s in present), BLOCK_R)
-    has_large = GATE_LARGE in kinds
-    zg, gd, gbd, gate_tiles = z, w.D, _vec(w.bd, w.bd), 0
-    if has_large:
+    bd = _vec(w.bd, w.bd)
+    zg, gd, gbd, gate_tiles = z, w.D, bd, 0  # dummies unless a large gate is present
+    if GATE_LARGE in kinds:
         gd, gbd = w.gate_D, _vec(w.gate_bd, w.bd)
         zg = torch.empty(n, gd.shape[1], dtype=torch.float32, device=h.device)
-        gate_tiles = triton.cdiv(gd.shape[1], BLOCK_R)
-    bd = _vec(w.bd, w.bd)
+        large = [s for s in present if w.gate_host[s] == GATE_LARGE]
+        top = max(w.gate_ranks_host[s] for s in large) if w.gate_ranks_host else gd.shape[1]
+        gate_tiles = triton.cdiv(top, BLOCK_R)
     _down_kernel[(main_tiles + gate_tiles, tiles[0].numel())](
         x, h, w.D, bd, gd, gbd, info, cfg["order"], *tiles, z, zg, d, main_tiles, h.stride(0),
         *w.D.stride(), bd.stride(0), *gd.stride(), gbd.stride(0), z.stride(0), zg.stride(0),
-        BLOCK_M=cfg["block_m"], BLOCK_R=BLOCK_R, BLOCK_K=col_block(d), HAS_LARGE=has_large,
-        DOT_PRECISION=cfg["prec"])
+        BLOCK_M=cfg["block_m"], BLOCK_R=BLOCK_R, BLOCK_K=col_block(d),
+        HAS_LARGE=GATE_LARGE in kinds, DOT_PRECISION=cfg["prec"])
     return z, zg
 
 
@@ -257,7 +271,7 @@ def _launch_up(h, x, out, z, zg, logit, w, info, tiles, kinds, cfg):
     gw, bu = _vec(w.gate_w, w.bu), _vec(w.bu, w.bu)
     block_n = col_block(d)
     _up_kernel[(triton.cdiv(d, block_n), tiles[0].numel())](
-        h, x, out, z, zg, w.U, bu, gu, gbu, gvec, gw, w.out_scale, info, logit, cfg["order"],
+        h, x, out, z, zg, w.U, bu, gu, gbu, gvec, gw, cfg["out_scale"], info, logit, cfg["order"],
         *tiles, d, h.stride(0), z.stride(0), zg.stride(0), *w.U.stride(), bu.stride(0),
         *gu.stride(), gbu.stride(0), gvec.stride(0), gw.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_R=BLOCK_R,
@@ -279,8 +293,8 @@ def _launch_row_gate(out, logit, w, seg, info, tiles, kinds, cfg):
             BLOCK_M=cfg["block_m"])
     block_n = col_block(d)
     _row_gate_kernel[(triton.cdiv(d, block_n), tiles[0].numel())](
-        out, logit, gate_b, group, group_sum, group_cnt, w.out_scale, info, cfg["order"], *tiles,
-        d, out.stride(0), BLOCK_M=cfg["block_m"], BLOCK_N=block_n, HAS_SMALL=has_small)
+        out, logit, gate_b, group, group_sum, group_cnt, cfg["out_scale"], info, cfg["order"],
+        *tiles, d, out.stride(0), BLOCK_M=cfg["block_m"], BLOCK_N=block_n, HAS_SMALL=has_small)
 
 
 def bottleneck_residual_triton(h: torch.Tensor, x: torch.Tensor, w: BottleneckStack,
@@ -306,12 +320,12 @@ def bottleneck_residual_triton(h: torch.Tensor, x: torch.Tensor, w: BottleneckSt
         return h.clone()
     kinds = {w.gate_host[s] for s in present}
     cfg = {"present": present, "block_m": block_m or pick_block_m(seg), "order": seg.order,
-           "prec": dot_precision(h.dtype)}
+           "prec": dot_precision(h.dtype), "out_scale": w.out_scale.contiguous()}
     tiles = tile_table(seg, cfg["block_m"], with_unassigned=True)
     info = _slot_table(w)
     z, zg = _launch_down(h, x, w, info, tiles, kinds, cfg)
     row_gated = bool(kinds & {GATE_SMALL, GATE_MIDDLE_X})
-    logit = torch.zeros(h.shape[0] if row_gated else 1, dtype=torch.float32, device=h.device)
+    logit = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device) if row_gated else z
     out = torch.empty_like(h)
     _launch_up(h, x, out, z, zg, logit, w, info, tiles, kinds, cfg)
     if row_gated:

@@ -4,7 +4,8 @@ Two launches per call:
 
 * shrink, grid ``(rank tiles, segment tiles)``: ``T[p, :r_s] = x[order[p]] @ A[s, :r_s].T`` into an
   fp32 ``(N, R)`` intermediate kept in sorted-token order (rows of slot -1 are never written);
-* expand, grid ``(d_out tiles, segment tiles)``: ``y[order[p]] += scale[s] * T[p, :r_s] @ B[s, :, :r_s].T``.
+* expand, grid ``(d_out tiles, segment tiles)``:
+  ``y[order[p]] += scale[s] * T[p, :r_s] @ B[s, :, :r_s].T``.
 
 Heterogeneous ranks: shrink programs whose rank tile starts at or past ``r_s`` exit at once, and
 the expand K-loop stops at ``r_s``; a slot's cost is its own rank rounded up to 16.
@@ -113,12 +114,13 @@ def add_lowrank_triton(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, seg: S
     block_k, block_n = col_block(d_in), col_block(d_out)
     prec = dot_precision(x.dtype)
     num_tiles = tile_slot.numel()
+    ranks, scale = w.ranks.contiguous(), w.scale.contiguous()  # indexed by slot, unstrided
     _shrink_kernel[(triton.cdiv(max(used), BLOCK_R), num_tiles)](
-        x, w.A, w.ranks, seg.order, tile_slot, tile_start, tile_end, t, d_in,
+        x, w.A, ranks, seg.order, tile_slot, tile_start, tile_end, t, d_in,
         x.stride(0), x.stride(1), *w.A.stride(), t.stride(0),
         BLOCK_M=block_m, BLOCK_R=BLOCK_R, BLOCK_K=block_k, DOT_PRECISION=prec)
     _expand_kernel[(triton.cdiv(d_out, block_n), num_tiles)](
-        y, t, w.B, w.scale, w.ranks, seg.order, tile_slot, tile_start, tile_end, d_out,
+        y, t, w.B, scale, ranks, seg.order, tile_slot, tile_start, tile_end, d_out,
         y.stride(0), y.stride(1), t.stride(0), *w.B.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=BLOCK_R, DOT_PRECISION=prec)
     return y

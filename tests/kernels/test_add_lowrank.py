@@ -10,8 +10,8 @@ from kernels.lowrank import add_lowrank_reference  # noqa: E402
 from kernels.segments import SegmentMeta  # noqa: E402
 from kernels.triton_lowrank import add_lowrank_triton  # noqa: E402
 from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS, TOKENS,  # noqa: E402
-                           aot_compile_in_subprocess, device, generator, lowrank_stack,
-                           slot_ranks, token_slots, tolerance)
+                           aot_compile_in_subprocess, compiled_gpu_only, device, generator,
+                           lowrank_stack, slot_ranks, token_slots, tolerance)
 
 D_IN, D_OUT = 48, 80  # not multiples of the 64-wide tiles: every column mask is exercised
 
@@ -44,11 +44,12 @@ def test_matches_reference(n, popularity, dtype, rank, num_slots):
     torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("num_slots", NUM_SLOTS)
-def test_rank_by_slots(rank, num_slots):
-    _, out, ref, _ = run_case(130, num_slots, "zipf", rank, torch.float32)
-    torch.testing.assert_close(out, ref, **tolerance(torch.float32))
+def test_rank_by_slots(rank, num_slots, dtype):
+    _, out, ref, _ = run_case(130, num_slots, "zipf", rank, dtype)
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("block_m", [16, 32, 64])
@@ -116,6 +117,22 @@ def test_strided_inputs():
     torch.testing.assert_close(ybuf[:, D_OUT:2 * D_OUT], ref, **tolerance(torch.float32))
 
 
+def test_rows_past_each_rank_are_never_read():
+    """A[s, r_s:] and B[s, :, r_s:] hold NaN: any read past a slot's own rank would show."""
+    gen = generator("past-rank")
+    slots, size = token_slots(130, 17, "uniform", gen)
+    w = lowrank_stack(slot_ranks(size, "mixed", gen), D_IN, D_OUT, torch.float32, gen)
+    for s, r in enumerate(w.ranks_host):
+        w.A[s, r:] = float("nan")
+        w.B[s, :, r:] = float("nan")
+    seg = SegmentMeta.from_slots(slots.to(device()))
+    x = torch.randn(130, D_IN, generator=gen).to(device())
+    y = torch.randn(130, D_OUT, generator=gen).to(device())
+    out = add_lowrank_triton(y.clone(), x, w, seg)
+    torch.testing.assert_close(out, add_lowrank_reference(y.clone(), x, w, seg),
+                               **tolerance(torch.float32))
+
+
 @pytest.mark.slow
 def test_every_launch_compiles_for_sm90():
     """The interpreter is lenient; the GPU compiler (run here without a GPU, to a cubin) is not."""
@@ -123,7 +140,7 @@ def test_every_launch_compiles_for_sm90():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is only exact on a GPU")
+@compiled_gpu_only
 @pytest.mark.parametrize("n,popularity", [(7, "distinct"), (130, "zipf"), (130, "skewed")])
 def test_bf16_gpu(n, popularity):
     _, out, ref, _ = run_case(n, 17, popularity, "mixed", torch.bfloat16)

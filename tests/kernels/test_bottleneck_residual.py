@@ -12,8 +12,8 @@ from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NAMES
                             GATE_NONE, GATE_SMALL)
 from kernels.triton_bottleneck import bottleneck_residual_triton  # noqa: E402
 from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS,  # noqa: E402
-                           aot_compile_in_subprocess, assign, bottleneck_stack, device, generator,
-                           slot_ranks, tolerance)
+                           aot_compile_in_subprocess, assign, bottleneck_stack,
+                           compiled_gpu_only, device, generator, slot_ranks, tolerance)
 
 D = 72  # not a multiple of the 64-wide tiles
 ROWS_BY_TOKENS = {1: (1, 1), 7: (1, 7), 64: (8, 8), 130: (10, 13)}  # tokens -> (rows, row length)
@@ -43,7 +43,8 @@ def batch_meta(n, num_slots, popularity, gen, with_rows=True):
 
 def run_case(n, num_slots, popularity, rank, dtype, gates, sources, block_m=None, with_rows=True):
     """gates / sources: per-slot callables ``i -> kind`` and ``i -> from_input``."""
-    gen = generator(n, num_slots, popularity, rank, str(dtype), repr(gates), repr(sources))
+    pattern = [(gates(i), sources(i)) for i in range(10)]  # callables' reprs are not stable
+    gen = generator(n, num_slots, popularity, rank, str(dtype), pattern, with_rows)
     seg, slots, size = batch_meta(n, num_slots, popularity, gen, with_rows)
     w = bottleneck_stack(slot_ranks(size, rank, gen), [gates(i) for i in range(size)],
                          [sources(i) for i in range(size)], D, dtype, gen)
@@ -80,12 +81,12 @@ def test_each_gate(gate, parallel, dtype, n, popularity, rank):
 
 
 # Every gate kind and both sources side by side in one stack: tokens x popularity in full.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("n", list(ROWS_BY_TOKENS))
-def test_mixed_gates(n, popularity):
-    _, out, ref, _ = run_case(n, 17, popularity, "mixed", torch.float32, every_gate,
-                              alternate_source)
-    torch.testing.assert_close(out, ref, **tolerance(torch.float32))
+def test_mixed_gates(n, popularity, dtype):
+    _, out, ref, _ = run_case(n, 17, popularity, "mixed", dtype, every_gate, alternate_source)
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -167,6 +168,21 @@ def test_gate_tensors_absent_when_unused():
                                **tolerance(torch.float32))
 
 
+def test_rows_past_each_rank_are_never_read():
+    """D, U (and the large gate's) entries past each slot's own rank hold NaN."""
+    gen = generator("past-rank")
+    seg, _, size = batch_meta(130, 17, "uniform", gen)
+    w = bottleneck_stack(slot_ranks(size, "mixed", gen), [every_gate(i) for i in range(size)],
+                         [alternate_source(i) for i in range(size)], D, torch.float32, gen)
+    for s, (r, rg) in enumerate(zip(w.ranks_host, w.gate_ranks_host)):
+        w.D[s, r:], w.bd[s, r:], w.U[s, :, r:] = float("nan"), float("nan"), float("nan")
+        w.gate_D[s, rg:], w.gate_bd[s, rg:], w.gate_U[s, :, rg:] = (float("nan"),) * 3
+    h, x = (torch.randn(130, D, generator=gen).to(device()) for _ in range(2))
+    torch.testing.assert_close(bottleneck_residual_triton(h, x, w, seg),
+                               bottleneck_residual_reference(h, x, w, seg),
+                               **tolerance(torch.float32))
+
+
 @pytest.mark.slow
 def test_every_launch_compiles_for_sm90():
     """The interpreter is lenient; the GPU compiler (run here without a GPU, to a cubin) is not."""
@@ -174,7 +190,7 @@ def test_every_launch_compiles_for_sm90():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is only exact on a GPU")
+@compiled_gpu_only
 @pytest.mark.parametrize("n,popularity", [(7, "identical"), (64, "distinct"), (130, "zipf")])
 def test_bf16_gpu(n, popularity):
     _, out, ref, _ = run_case(n, 17, popularity, "mixed", torch.bfloat16, every_gate,
