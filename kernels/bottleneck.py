@@ -32,12 +32,13 @@ def bottleneck_residual(h: torch.Tensor, x: torch.Tensor, w: BottleneckStack,
                                                            # GATE_LARGE: per token and channel
         out[t] = w.out_scale[s] * G * hp
 
-    h, x: (N, d); returns a new (N, d) tensor. GATE_SMALL averages over the valid tokens of a row
+    h, x: (N, d); returns a new (N, d) tensor (``h`` itself when no token has a slot: callers never
+    write into the result). GATE_SMALL averages over the valid tokens of a row
     (seg.token_rows / seg.token_valid), so padding never changes a row's result.
     """
     if not seg.slots:
         return h
-    if use_triton(h):
+    if use_triton(h, h, x, w.D, w.U, w.bd, w.bu, w.gate_w, w.gate_vec, w.gate_D, w.gate_U):
         from kernels.triton_bottleneck import bottleneck_residual_triton
         return bottleneck_residual_triton(h, x, w, seg)
     return bottleneck_residual_reference(h, x, w, seg)

@@ -20,7 +20,16 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def records_grad(*tensors) -> bool:
+    """True when autograd must record an op on these tensors (training): the Triton kernels have no
+    backward, so such calls take the differentiable torch reference."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def use_triton(t: torch.Tensor, *grad_inputs) -> bool:
+    """Triton for ``t`` (see module doc), unless autograd records the op on ``grad_inputs``."""
+    if grad_inputs and records_grad(*grad_inputs):
+        return False
     mode = os.environ.get("PETSERVE_KERNELS", "auto")
     if mode == "reference":
         return False

@@ -15,9 +15,7 @@ def grouped_linear(x: torch.Tensor, w: LinearStack, seg: SegmentMeta) -> torch.T
     CUDA tensors take one Triton launch for every slot (no Python loop over slots), unless autograd
     must record the op (training), which takes the differentiable reference.
     """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.W.requires_grad
-                                              or w.b.requires_grad)
-    if use_triton(x) and not needs_grad:
+    if use_triton(x, x, w.W, w.b):
         from kernels.triton_grouped_linear import grouped_linear_triton
         return grouped_linear_triton(x, w, seg)
     return grouped_linear_reference(x, w, seg)

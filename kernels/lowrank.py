@@ -19,10 +19,11 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, seg: SegmentM
 
     x: (N, d_in); y: (N, d_out), written in place. Tokens with slot -1, and slots of rank 0, are
     left untouched. Compute is proportional to each slot's own rank, not the largest in the stack.
+    CUDA tensors take the Triton kernels unless autograd records the op (training).
     """
     if not seg.slots:
         return y
-    if use_triton(x):
+    if use_triton(x, x, y, w.A, w.B, w.scale):
         from kernels.triton_lowrank import add_lowrank_triton
         return add_lowrank_triton(y, x, w, seg)
     return add_lowrank_reference(y, x, w, seg)
