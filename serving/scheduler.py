@@ -1,0 +1,398 @@
+"""Scheduler: continuous batching of mixed-adapter requests on one backbone replica (one thread).
+
+Each iteration:
+
+1. admit waiting jobs, FIFO, while decoder rows (``max_batch_rows``, a beam request takes
+   ``num_beams``), the prefill token budget and adapter slots allow; a job blocked by a busy slot may
+   be passed only by jobs that share a slot already in use (so idle slots drain towards it), and at
+   most ``max_batch_rows`` times before admission turns strictly FIFO (no starvation);
+2. prefill every admitted job together (one encoder pass, rows on different adapters and kinds),
+   then append their rows to the running decode state (DecoderCache.concat / BatchMeta.concat);
+3. one decode_step for every running row;
+4. advance each job's searcher; finished jobs complete their futures at once and release their slot.
+
+A failure fails only the jobs it touched (a job's vision or adapter load: that job; a prefill: the
+jobs admitted with it; a decode step: the running jobs) and the thread goes on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.backbone.cache import DecoderCache
+from adapters.backbone.model import RowInput
+from adapters.backbone.visual import VisualTokens
+from adapters.generation import (BeamSearch, DecodeState, GenerationRequest, GenerationResult,
+                                 GreedySearch, decode_step, prefill)
+from adapters.runtime.context import StepContext
+from adapters.runtime.meta import BatchMeta
+from serving.errors import ApiError
+from serving.feature_cache import FeatureCache
+from serving.slot_pool import SlotPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One validated request inside the engine. ``encode_visual`` computes its visual tokens (keyed
+    in the feature cache by ``visual_key``); ``n_tokens`` is its encoder length without prefixes."""
+
+    adapter: str | None
+    task: str
+    ids: list[int]
+    visual_key: str | None
+    encode_visual: Callable[[], VisualTokens | None]
+    n_tokens: int
+    max_new_tokens: int
+    num_beams: int
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+    # set by the scheduler
+    slot: int = -1
+    version: int | None = None
+    searcher: object = None
+    visual: VisualTokens | None = None
+    bypassed: int = 0
+    started: float = 0.0                 # end of its prefill: decoding starts
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class RowGreedy(GreedySearch):
+    """GreedySearch fed from one batched max over all rows (one device sync per step, not one per
+    row). ``take`` is GreedySearch.step given the row's (max log-prob, argmax)."""
+
+    def take(self, logprob: float, tok: int) -> tuple[list[int], list[int]]:
+        self.logprob += logprob
+        if tok == self.eos:
+            self.done = True
+            return [], []
+        self.tokens.append(tok)
+        self.done = len(self.tokens) >= self.max_new
+        return ([], []) if self.done else ([0], [tok])
+
+
+class Histogram:
+    """Prometheus-style histogram: cumulative counts per upper bound ``le``."""
+
+    def __init__(self, bounds: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)):
+        self.bounds, self.counts = bounds, [0] * (len(bounds) + 1)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> dict:
+        cum, acc = {}, 0
+        for b, c in zip([*map(str, self.bounds), "+Inf"], self.counts):
+            acc += c
+            cum[b] = acc
+        return {"buckets": cum, "sum": self.sum, "count": self.count}
+
+
+@dataclass
+class StepCounters:
+    """What the scheduler counts (guarded by ``lock``; the engine snapshots it)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    steps: int = 0
+    prefills: int = 0
+    prefills_joining: int = 0    # prefills merged into rows that were already decoding
+    batch_rows: Histogram = field(default_factory=Histogram)
+    adapters_per_step: Histogram = field(default_factory=Histogram)
+    prefill_batch: Histogram = field(default_factory=Histogram)
+    failed: dict[str, int] = field(default_factory=dict)          # error code -> jobs
+
+
+class Scheduler:
+    def __init__(self, model, pool: SlotPool, features: FeatureCache, max_batch_rows: int,
+                 max_prefill_tokens: int, on_done: Callable[[Job, GenerationResult], None]):
+        self.model, self.pool, self.features = model, pool, features
+        self.max_rows, self.max_tokens, self.on_done = max_batch_rows, max_prefill_tokens, on_done
+        self.counters = StepCounters()
+        self._cv = threading.Condition()
+        self._inbox: deque[Job] = deque()
+        self._stopping, self._thread = False, None
+        # owned by the scheduler thread; the two ints are published for stats / queue limits
+        self._pending: list[Job] = []
+        self._running: list[Job] = []                 # in row order of _state
+        self._state: DecodeState | None = None
+        self.pending_count, self.running_rows = 0, 0
+
+    # ---- any thread ----------------------------------------------------------------------
+    def enqueue(self, job: Job, max_queue: int, retry_after_s: float) -> None:
+        with self._cv:
+            if self._stopping:
+                raise ApiError(503, "shutting_down", "the replica is shutting down; retry on another")
+            if len(self._inbox) + self.pending_count >= max_queue:
+                raise ApiError.overloaded(retry_after_s, f"{max_queue} requests are already "
+                                          "waiting on this replica; retry later")
+            self._inbox.append(job)
+            self._cv.notify()
+
+    def queue_length(self) -> int:
+        return len(self._inbox) + self.pending_count
+
+    def running_jobs(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="petserve-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; jobs still queued or running fail with 503 shutting_down."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        err = ApiError(503, "shutting_down", "the replica is shutting down; retry on another")
+        with self._cv:
+            jobs, self._pending = [*self._pending, *self._inbox, *self._running], []
+            self._inbox.clear()
+        self._running, self._state = [], None
+        for job in jobs:
+            self._fail(job, err)
+        self.pending_count = self.running_rows = 0
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._wait_for_work():
+                try:
+                    self._iteration()
+                except Exception:   # noqa: BLE001 - phases fail their own jobs; the thread must live
+                    log.exception("scheduler iteration failed")
+
+    def _wait_for_work(self) -> bool:
+        with self._cv:
+            while not self._stopping and not (self._inbox or self._pending or self._running):
+                self._cv.wait()
+            self._pending.extend(self._inbox)
+            self._inbox.clear()
+            self.pending_count = len(self._pending)
+            return not self._stopping
+
+    def _iteration(self) -> None:
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self._state is not None:
+            self._step()
+        elif not admitted:
+            with self._cv:    # waiting jobs, none admissible (slots busy elsewhere): don't spin
+                self._cv.wait(0.005)
+
+    # ---- 1. admission --------------------------------------------------------------------
+    def _admit(self) -> list[Job]:
+        rows, tokens = self.max_rows - self.running_rows, self.max_tokens
+        admitted, waiting = [], []
+        blocked, slot_wait = None, False       # first job left waiting; is some job waiting on a slot
+        for job in self._pending:
+            if job.future.cancelled():
+                continue
+            if blocked is not None and blocked.bypassed >= self.max_rows:
+                waiting.append(job)                       # strict FIFO until it gets in
+                continue
+            fits = job.num_beams <= rows and job.n_tokens <= tokens
+            status = self._take_slot(job, share_only=slot_wait) if fits else "busy"
+            if status == "busy":
+                waiting.append(job)
+                blocked, slot_wait = blocked or job, slot_wait or fits
+            elif status == "ok" and self._start(job):
+                admitted.append(job)
+                rows, tokens = rows - job.num_beams, tokens - job.n_tokens
+                if blocked is not None:
+                    blocked.bypassed += 1
+        self._pending = waiting
+        self.pending_count = len(waiting)
+        return admitted
+
+    def _take_slot(self, job: Job, share_only: bool) -> str:
+        """"ok" (slot referenced, or no adapter), "busy" (try later) or "failed" (future failed)."""
+        if job.adapter is None:
+            return "ok"
+        try:
+            got = self.pool.acquire(job.adapter, job.task, share_only=share_only)
+        except Exception as e:  # noqa: BLE001 - 404 deleted, unusable file, store trouble
+            self._fail(job, e)
+            return "failed"
+        if got is None:
+            return "busy"
+        job.slot, job.version = got
+        return "ok"
+
+    def _start(self, job: Job) -> bool:
+        """Mark the job running and get its visual tokens (feature cache). False: dropped."""
+        if not job.future.set_running_or_notify_cancel():
+            self._release(job)
+            return False
+        t0 = time.perf_counter()
+        job.timings_ms["queue"] = (t0 - job.submitted) * 1e3
+        try:
+            job.visual = (job.encode_visual() if job.visual_key is None
+                          else self.features.get_or_compute(job.visual_key, job.encode_visual))
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, e)
+            return False
+        job.timings_ms["vision"] = (time.perf_counter() - t0) * 1e3
+        return True
+
+    # ---- 2. prefill + merge --------------------------------------------------------------
+    def _prefill(self, jobs: list[Job]) -> None:
+        t0 = time.perf_counter()
+        try:
+            searchers = [new_searcher(j.num_beams, j.max_new_tokens, self.model.cfg.lm.eos_id)
+                         for j in jobs]
+            gen = [GenerationRequest(RowInput(j.ids, j.visual), j.slot, j.max_new_tokens, j.num_beams)
+                   for j in jobs]
+            state = prefill(self.model, self.pool.bank, gen, searchers)
+            merged = state if self._state is None else merge_states(self._state, state, self.pool.bank)
+        except Exception as e:  # noqa: BLE001
+            log.exception("prefill of %d jobs failed", len(jobs))
+            for j in jobs:
+                self._fail(j, e)
+            return
+        now = time.perf_counter()
+        for j, s in zip(jobs, searchers):
+            j.searcher, j.visual, j.started = s, None, now
+            j.timings_ms["prefill"] = (now - t0) * 1e3
+        joining = self._state is not None
+        self._state, self._running = merged, self._running + jobs
+        self.running_rows = merged.tokens.shape[0]
+        with self.counters.lock:
+            self.counters.prefills += 1
+            self.counters.prefills_joining += joining
+            self.counters.prefill_batch.observe(len(jobs))
+
+    # ---- 3 + 4. decode step and advance --------------------------------------------------
+    def _step(self) -> None:
+        rows, jobs = self.running_rows, self._running
+        try:
+            logprobs = decode_step(self.model, self._state)
+            self._state, finished = self._advance(logprobs)
+        except Exception as e:  # noqa: BLE001
+            log.exception("decode step over %d rows failed", rows)
+            self._state, self._running, self.running_rows = None, [], 0
+            for j in jobs:
+                self._fail(j, e)
+            return
+        with self.counters.lock:
+            self.counters.steps += 1
+            self.counters.batch_rows.observe(rows)
+            self.counters.adapters_per_step.observe(len({j.slot for j in jobs if j.slot >= 0}))
+        for j in finished:
+            self._finish(j)
+
+    def _advance(self, logprobs: torch.Tensor) -> tuple[DecodeState | None, list[Job]]:
+        """Each job's searcher picks its rows' continuations: O(jobs) Python, one batched max for
+        every greedy row, one topk per beam job. Returns the next state and the finished jobs."""
+        greedy_lp = greedy_tok = None
+        if any(isinstance(j.searcher, RowGreedy) for j in self._running):
+            lp, tok = logprobs.max(-1)
+            greedy_lp, greedy_tok = lp.tolist(), tok.tolist()
+        parents, toks, live, finished, offset = [], [], [], [], 0
+        for j in self._running:
+            s = j.searcher
+            if isinstance(s, RowGreedy):
+                p, t = s.take(greedy_lp[offset], greedy_tok[offset])
+            else:
+                p, t = s.step(logprobs[offset:offset + s.width])
+            parents += [offset + i for i in p]
+            toks += t
+            (finished if s.done else live).append(j)
+            offset += s.width
+        self._running = live
+        state = self._carry(parents, toks) if parents else None
+        self.running_rows = 0 if state is None else state.tokens.shape[0]
+        return state, finished
+
+    def _carry(self, parents: list[int], toks: list[int]) -> DecodeState:
+        """Next state: the kept rows (a copy only when rows left or beams reordered)."""
+        st, dev = self._state, self._state.tokens.device
+        tokens = torch.tensor(toks, dtype=torch.long, device=dev)
+        n = st.tokens.shape[0]
+        if len(parents) == n and parents == list(range(n)):
+            return DecodeState(st.cache, st.ctx, tokens, st.pos + 1)
+        idx = torch.tensor(parents, device=dev)
+        cache, ctx = st.cache.select(idx), st.ctx.select(idx)
+        if len(parents) < n:
+            cache, ctx = compact(cache, ctx)
+        return DecodeState(cache, ctx, tokens, st.pos.index_select(0, idx) + 1)
+
+    # ---- completion ----------------------------------------------------------------------
+    def _finish(self, job: Job) -> None:
+        self._release(job)
+        now = time.perf_counter()
+        job.timings_ms["decode"] = (now - job.started) * 1e3
+        job.timings_ms["total"] = (now - job.submitted) * 1e3
+        try:
+            self.on_done(job, job.searcher.result())
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, e)
+
+    def _release(self, job: Job) -> None:
+        if job.slot >= 0:
+            self.pool.release(job.slot)
+            job.slot = -1
+
+    def _fail(self, job: Job, err: Exception) -> None:
+        """Fail one job with a clear ApiError (client errors keep theirs; the rest become 500)."""
+        self._release(job)
+        if not isinstance(err, ApiError):
+            err = ApiError(500, "inference_failed", f"inference failed: {type(err).__name__}: {err}")
+        with self.counters.lock:
+            self.counters.failed[err.code] = self.counters.failed.get(err.code, 0) + 1
+        try:
+            job.future.set_exception(err)
+        except InvalidStateError:
+            pass                       # cancelled meanwhile
+
+
+def new_searcher(num_beams: int, max_new_tokens: int, eos_id: int):
+    if num_beams > 1:
+        return BeamSearch(num_beams, max_new_tokens, eos_id)
+    return RowGreedy(max_new_tokens, eos_id)
+
+
+def merge_states(running: DecodeState, new: DecodeState, weights) -> DecodeState:
+    """Rows of ``running`` then rows of ``new`` in one state (histories / encoder lengths padded)."""
+    meta = BatchMeta.concat([running.ctx.meta, new.ctx.meta])
+    return DecodeState(DecoderCache.concat([running.cache, new.cache]), StepContext(weights, meta),
+                       torch.cat([running.tokens, new.tokens]), torch.cat([running.pos, new.pos]))
+
+
+def compact(cache: DecoderCache, ctx: StepContext) -> tuple[DecoderCache, StepContext]:
+    """Drop leading self-attention columns no row uses (rows that left were the only ones there)
+    and trailing encoder columns that are padding for every row. Without it a replica that never
+    drains would grow its cache with every step it has ever run."""
+    empty_key_cols = ~(cache.key_pos >= 0).any(0)            # (L,)
+    pad_enc_cols = ~cache.enc_valid.any(0)                   # (T,)
+    lead, trail = torch.stack([empty_key_cols.long().cumprod(0).sum(),
+                               pad_enc_cols.flip(0).long().cumprod(0).sum()]).tolist()
+    if lead == 0 and trail == 0:
+        return cache, ctx
+    T = cache.enc_valid.shape[1] - trail
+    keep_k = lambda ts: [t[:, :, lead:] for t in ts]  # noqa: E731
+    keep_x = lambda ts: [t[:, :, :T] for t in ts]  # noqa: E731
+    out = DecoderCache(keep_k(cache.self_k), keep_k(cache.self_v), cache.key_pos[:, lead:],
+                       keep_x(cache.cross_k), keep_x(cache.cross_v), cache.enc_valid[:, :T])
+    meta = ctx.meta
+    valid = None if meta.enc_valid is None else meta.enc_valid[:, :T]
+    return out, StepContext(ctx.weights, BatchMeta(meta.row_slots, meta.num_slots, valid))

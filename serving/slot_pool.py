@@ -1,0 +1,279 @@
+"""SlotPool: which adapter sits in which device slot, with a CPU cache of compiled adapters behind it.
+
+    store (bytes) --read+parse--> CPU cache (AdapterFile + its compiled forms, LRU)
+                  --SlotBank.set--> device slot (LRU over unreferenced slots)
+
+A slot is keyed by ``(adapter_id, version, task)`` where ``task`` is None unless the adapter's kind is
+task-conditioned. ``acquire`` makes an adapter resident and takes a reference; ``release`` drops it.
+Only slots without references and whose adapter is not pinned are ever evicted, so rows in flight
+keep their weights. ``acquire`` never waits: when every slot is referenced it returns None and the
+caller keeps its request queued.
+
+Versions: every acquire asks the store for the latest version (one small metadata read). A resident
+older version is freed at once if unreferenced, or when its last reference is released. A deleted
+adapter raises the store's ApiError 404 on acquire; rows already holding its slot finish.
+
+Threads: acquire/release (and so every SlotBank write) belong to the engine's scheduler thread;
+pin/unpin/counters may be called from any thread. One lock guards the bookkeeping.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from adapters.adapter_file import AdapterFile, AdapterFileError, load_adapter
+from adapters.kinds import get_kind
+from adapters.runtime.bank import SlotBank
+from adapters.runtime.forms import CompiledAdapter
+from serving.errors import ApiError
+from serving.store import AdapterStore
+
+SlotKey = tuple[str, int, "str | None"]     # (adapter_id, version, task if task-conditioned)
+
+
+def compile_on_cpu(af: AdapterFile, model, task: str | None) -> CompiledAdapter:
+    """``af``'s runtime forms in fp32 on the CPU (SlotBank.set casts and copies them to the device).
+
+    Raises ApiError 422 ``adapter_task_unsupported`` when a task-conditioned kind has no ``task``."""
+    params = {k: v.to(torch.float32) for k, v in af.params.items()}
+    kind = get_kind(af.kind)
+    try:
+        return kind.compile(af.config, params, model, task or af.meta.task)
+    except (KeyError, ValueError) as e:
+        if kind.task_conditioned:
+            raise ApiError.unprocessable("adapter_task_unsupported", f"adapter kind {af.kind!r} "
+                                         f"cannot serve task {task!r}: {e}") from e
+        raise
+
+
+def parse_stored(data: bytes, model) -> AdapterFile:
+    """A stored blob parsed and validated; a blob that no longer fits this backbone is the client's
+    upload gone stale, so AdapterFileError becomes an ApiError with its status and code."""
+    try:
+        return load_adapter(data, model, max_bytes=max(len(data), 1))
+    except AdapterFileError as e:
+        raise ApiError(e.status, e.code, e.message) from e
+
+
+@dataclass
+class PoolCounters:
+    """Monotonic counters (read them with ``SlotPool.counters()``)."""
+
+    hits: int = 0            # acquires that found their adapter resident
+    misses: int = 0          # acquires that wrote a slot
+    evictions: int = 0       # resident adapters dropped to make room
+    busy: int = 0            # acquires refused because every slot was referenced or pinned
+    cpu_hits: int = 0        # CPU-cache lookups that hit (slot loads, pins, task checks)
+    store_reads: int = 0     # CPU-cache misses: store read + parse
+    load_count: int = 0      # slot writes (== misses)
+    load_ms_sum: float = 0.0  # store read + compile + copy into the slot, per slot write
+    load_ms_last: float = 0.0
+    read_ms_sum: float = 0.0  # store read + parse/validate, per store read
+    compile_ms_sum: float = 0.0
+    copy_ms_sum: float = 0.0
+
+
+@dataclass
+class _CpuEntry:
+    file: AdapterFile
+    compiled: dict[str | None, CompiledAdapter] = field(default_factory=dict)
+
+    @property
+    def task_conditioned(self) -> bool:
+        return get_kind(self.file.kind).task_conditioned
+
+
+@dataclass
+class _Slot:
+    key: SlotKey | None = None
+    refs: int = 0
+    stale: bool = False      # a newer version exists or the adapter was deleted: free on last release
+
+
+class SlotPool:
+    def __init__(self, model, store: AdapterStore, num_slots: int, cpu_cache_adapters: int):
+        self.model, self.store = model, store
+        self.bank = SlotBank(model, num_slots)
+        self.num_slots, self.cpu_capacity = num_slots, max(1, cpu_cache_adapters)
+        self._slots = [_Slot() for _ in range(num_slots)]
+        self._empty = list(range(num_slots))                     # sorted
+        self._where: dict[SlotKey, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()       # resident, unreferenced; LRU first
+        self._cpu: OrderedDict[tuple[str, int], _CpuEntry] = OrderedDict()
+        self._pinned: set[str] = set()
+        self._stats = PoolCounters()
+        self._lock = threading.RLock()
+
+    # ---- the scheduler's side ------------------------------------------------------------
+    def acquire(self, adapter_id: str, task: str, share_only: bool = False) -> tuple[int, int] | None:
+        """Make the latest version of ``adapter_id`` resident and reference its slot.
+
+        Returns (slot, version), or None when no slot can be had now (every slot referenced or
+        pinned), or with ``share_only`` when the adapter is not already held by rows in flight.
+        Raises ApiError (404 deleted / unknown, 4xx unusable file)."""
+        with self._lock:
+            version = self._latest_version(adapter_id)
+            slot = self._resident_slot(adapter_id, version, task)
+            if slot is not None and (not share_only or self._slots[slot].refs > 0):
+                self._stats.hits += 1
+                return self._reference(slot), version
+            if slot is not None or share_only:
+                return None
+            if not self._has_room():
+                self._stats.busy += 1
+                return None
+            return self._load_into_slot(adapter_id, version, task), version
+
+    def release(self, slot: int) -> None:
+        """Drop one reference taken by ``acquire``."""
+        with self._lock:
+            s = self._slots[slot]
+            if s.refs <= 0:
+                raise RuntimeError(f"slot {slot} released more often than acquired")
+            s.refs -= 1
+            if s.refs == 0 and s.stale:
+                self._free(slot)
+            elif s.refs == 0:
+                self._idle[slot] = None          # most recently used end of the LRU
+
+    # ---- any thread ----------------------------------------------------------------------
+    def pin(self, adapter_id: str) -> None:
+        """Never evict ``adapter_id`` (any version) from its slot or the CPU cache, and warm the CPU
+        cache now. At most num_slots - 1 ids may be pinned (one slot stays for everyone else)."""
+        with self._lock:
+            if adapter_id not in self._pinned and len(self._pinned) >= self.num_slots - 1:
+                raise ApiError.conflict("too_many_pinned", f"at most {self.num_slots - 1} adapters "
+                                        f"can be pinned on a replica with {self.num_slots} slots")
+            version = self._latest_version(adapter_id)
+            self._pinned.add(adapter_id)
+            self._cpu_entry(adapter_id, version)
+
+    def check_task(self, adapter_id: str, version: int, task: str) -> None:
+        """Raise ApiError 422 now if the adapter's kind is task-conditioned and has no ``task``;
+        compiles it for ``task`` into the CPU cache (so the later slot load is a CPU hit)."""
+        with self._lock:
+            entry = self._cpu_entry(adapter_id, version)
+            if entry.task_conditioned and task not in entry.compiled:
+                entry.compiled[task] = compile_on_cpu(entry.file, self.model, task)
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            self._pinned.discard(adapter_id)
+
+    def counters(self) -> dict:
+        with self._lock:
+            out = asdict(self._stats)
+            out.update(resident=len(self._where), pinned=len(self._pinned), slots=self.num_slots,
+                       referenced=sum(s.refs > 0 for s in self._slots), cpu_cached=len(self._cpu))
+            return out
+
+    def resident(self) -> dict[SlotKey, int]:
+        """Snapshot: slot of every resident adapter."""
+        with self._lock:
+            return dict(self._where)
+
+    def refs(self, slot: int) -> int:
+        with self._lock:
+            return self._slots[slot].refs
+
+    # ---- internals (lock held) -----------------------------------------------------------
+    def _latest_version(self, adapter_id: str) -> int:
+        try:
+            version = self.store.get(adapter_id).version
+        except ApiError as e:
+            if e.status == 404:
+                self._forget(adapter_id, keep_version=None)
+            raise
+        self._forget(adapter_id, keep_version=version)
+        return version
+
+    def _forget(self, adapter_id: str, keep_version: int | None) -> None:
+        """Drop every copy of ``adapter_id`` other than ``keep_version`` (None: all of them)."""
+        for key, slot in list(self._where.items()):
+            if key[0] == adapter_id and key[1] != keep_version:
+                if self._slots[slot].refs:
+                    self._slots[slot].stale = True
+                else:
+                    self._free(slot)
+        for key in [k for k in self._cpu if k[0] == adapter_id and k[1] != keep_version]:
+            del self._cpu[key]
+
+    def _resident_slot(self, adapter_id: str, version: int, task: str) -> int | None:
+        slot = self._where.get((adapter_id, version, task))
+        return self._where.get((adapter_id, version, None)) if slot is None else slot
+
+    def _reference(self, slot: int) -> int:
+        self._slots[slot].refs += 1
+        self._idle.pop(slot, None)
+        return slot
+
+    def _has_room(self) -> bool:
+        return bool(self._empty) or any(not self._is_pinned(s) for s in self._idle)
+
+    def _is_pinned(self, slot: int) -> bool:
+        return self._slots[slot].key[0] in self._pinned
+
+    def _claim_slot(self) -> int:
+        """An empty slot, or the least recently used unreferenced, unpinned one (evicted)."""
+        if not self._empty:
+            victim = next(s for s in self._idle if not self._is_pinned(s))
+            self._free(victim)
+            self._stats.evictions += 1
+        return self._empty.pop(0)
+
+    def _free(self, slot: int) -> None:
+        s = self._slots[slot]
+        if s.key is not None:
+            del self._where[s.key]
+        self._idle.pop(slot, None)
+        self.bank.reset(slot)
+        self._slots[slot] = _Slot()
+        bisect.insort(self._empty, slot)
+
+    def _load_into_slot(self, adapter_id: str, version: int, task: str) -> int:
+        t0 = time.perf_counter()
+        entry = self._cpu_entry(adapter_id, version)
+        tkey = task if entry.task_conditioned else None
+        t1 = time.perf_counter()
+        compiled = entry.compiled.get(tkey)
+        if compiled is None:
+            compiled = entry.compiled[tkey] = compile_on_cpu(entry.file, self.model, tkey)
+        t2 = time.perf_counter()
+        slot = self._claim_slot()
+        self.bank.set(slot, compiled)
+        self._slots[slot] = _Slot((adapter_id, version, tkey))
+        self._where[(adapter_id, version, tkey)] = slot
+        self._record_load(t0, t1, t2, time.perf_counter())
+        return self._reference(slot)
+
+    def _record_load(self, t0: float, t1: float, t2: float, t3: float) -> None:
+        st = self._stats
+        st.misses += 1
+        st.load_count += 1
+        st.load_ms_last = (t3 - t0) * 1e3
+        st.load_ms_sum += st.load_ms_last
+        st.compile_ms_sum += (t2 - t1) * 1e3
+        st.copy_ms_sum += (t3 - t2) * 1e3
+
+    def _cpu_entry(self, adapter_id: str, version: int) -> _CpuEntry:
+        """The parsed adapter from the CPU cache, read from the store on a miss (LRU, pinned kept)."""
+        key = (adapter_id, version)
+        entry = self._cpu.get(key)
+        if entry is not None:
+            self._cpu.move_to_end(key)
+            self._stats.cpu_hits += 1
+            return entry
+        t0 = time.perf_counter()
+        entry = _CpuEntry(parse_stored(self.store.read(adapter_id, version), self.model))
+        self._stats.store_reads += 1
+        self._stats.read_ms_sum += (time.perf_counter() - t0) * 1e3
+        self._cpu[key] = entry
+        unpinned = [k for k in self._cpu if k[0] not in self._pinned]
+        for k in unpinned[:max(0, len(self._cpu) - self.cpu_capacity)]:
+            del self._cpu[k]
+        return entry

@@ -1,0 +1,159 @@
+"""SlotPool: LRU over unreferenced slots, references and pins block eviction, versions, deletes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.adapter_file import adapter_bytes
+from serving.errors import ApiError
+from serving.slot_pool import SlotPool
+from serving.store import LocalDirStore
+from tests.conftest import random_adapter
+
+SITE = "enc.0.self.q"          # every default LoRA adapts it
+
+
+def put_adapter(store, model, adapter_id, kind="lora", options=None, seed=0, noise=0.3, task="vqa"):
+    """Store a randomly perturbed adapter; returns its StoredAdapter."""
+    cfg, params = random_adapter(model, kind, options or {}, seed=seed, noise=noise)
+    data = adapter_bytes(kind, cfg, params, model, task)
+    return store.put(adapter_id, data, {"kind": kind, "task": task})
+
+
+@pytest.fixture
+def store(tmp_path, tiny_t5):
+    s = LocalDirStore(tmp_path / "store")
+    for i, name in enumerate("abcd"):
+        put_adapter(s, tiny_t5, name, "lora", {"r": 2 + i}, seed=i)
+    return s
+
+
+def pool_of(model, store, slots=2, cpu=8):
+    return SlotPool(model, store, num_slots=slots, cpu_cache_adapters=cpu)
+
+
+def use(pool, name, task="vqa"):
+    """Acquire and release at once (the adapter stays resident, unreferenced)."""
+    slot, _ = pool.acquire(name, task)
+    pool.release(slot)
+    return slot
+
+
+def names(pool):
+    return sorted(k[0] for k in pool.resident())
+
+
+def test_least_recently_used_unreferenced_slot_is_evicted(tiny_t5, store):
+    pool = pool_of(tiny_t5, store)
+    sa, sb = use(pool, "a"), use(pool, "b")
+    assert sa != sb and names(pool) == ["a", "b"]
+    assert use(pool, "a") == sa                     # hit: a becomes most recent
+    use(pool, "c")                                  # evicts b, the least recently used
+    assert names(pool) == ["a", "c"]
+    c = pool.counters()
+    assert (c["hits"], c["misses"], c["evictions"]) == (1, 3, 1)
+
+
+def test_slot_holds_the_adapters_weights(tiny_t5, store):
+    pool = pool_of(tiny_t5, store)
+    slot = use(pool, "c")                           # rank 4
+    stack = pool.bank.lowrank(SITE)
+    assert stack.ranks_host[slot] == 4
+    use(pool, "a")
+    use(pool, "b")                                  # c evicted, its slot rewritten with rank 3
+    assert names(pool) == ["a", "b"]
+    assert sorted(pool.bank.lowrank(SITE).ranks_host) == [2, 3]
+
+
+def test_referenced_slots_are_never_evicted_and_busy_returns_none(tiny_t5, store):
+    pool = pool_of(tiny_t5, store)
+    sa, _ = pool.acquire("a", "vqa")
+    sb, _ = pool.acquire("b", "vqa")
+    assert pool.acquire("c", "vqa") is None         # both slots in use: no waiting, no eviction
+    assert pool.counters()["busy"] == 1 and names(pool) == ["a", "b"]
+    again, _ = pool.acquire("a", "vqa")             # sharing a resident slot always works
+    assert again == sa and pool.refs(sa) == 2
+    pool.release(sb)
+    sc, _ = pool.acquire("c", "vqa")
+    assert sc == sb and names(pool) == ["a", "c"]
+    pool.release(sa)
+    assert pool.refs(sa) == 1                       # one reference left: still not evictable
+    assert pool.acquire("d", "vqa") is None
+    pool.release(sc)
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release(sc)
+
+
+def test_share_only_joins_referenced_slots_but_loads_nothing(tiny_t5, store):
+    pool = pool_of(tiny_t5, store)
+    assert pool.acquire("a", "vqa", share_only=True) is None     # not resident
+    use(pool, "a")
+    assert pool.acquire("a", "vqa", share_only=True) is None     # resident but idle
+    sa, _ = pool.acquire("a", "vqa")
+    assert pool.acquire("a", "vqa", share_only=True) == (sa, 1)
+    assert pool.refs(sa) == 2
+
+
+def test_pinned_adapters_stay_resident(tiny_t5, store):
+    pool = pool_of(tiny_t5, store, slots=2)
+    pool.pin("a")
+    assert pool.counters()["store_reads"] == 1      # pin warms the CPU cache
+    use(pool, "a")
+    for name in "bcdbcd":
+        use(pool, name)
+    assert "a" in names(pool)
+    with pytest.raises(ApiError) as e:
+        pool.pin("b")                               # the last slot stays for everyone else
+    assert e.value.status == 409
+    pool.unpin("a")
+    use(pool, "b")
+    use(pool, "c")
+    assert "a" not in names(pool)
+
+
+def test_new_version_loads_a_fresh_slot_while_the_old_one_is_in_use(tiny_t5, store):
+    pool = pool_of(tiny_t5, store, slots=3)
+    old, v1 = pool.acquire("a", "vqa")
+    old_A = pool.bank.lowrank(SITE).A[old].clone()
+    put_adapter(store, tiny_t5, "a", "lora", {"r": 2}, seed=99)
+    new, v2 = pool.acquire("a", "vqa")
+    assert (v1, v2) == (1, 2) and new != old
+    assert pool.resident() == {("a", 1, None): old, ("a", 2, None): new}
+    torch.testing.assert_close(pool.bank.lowrank(SITE).A[old], old_A)   # rows in flight unchanged
+    assert not torch.equal(pool.bank.lowrank(SITE).A[new], old_A)
+    pool.release(old)                               # last v1 reference: freed, not cached
+    assert pool.resident() == {("a", 2, None): new}
+    assert use(pool, "a") == new
+
+
+def test_deleted_adapter_is_404_but_rows_in_flight_keep_their_slot(tiny_t5, store):
+    pool = pool_of(tiny_t5, store)
+    sa, _ = pool.acquire("a", "vqa")
+    store.delete("a")
+    with pytest.raises(ApiError) as e:
+        pool.acquire("a", "vqa")
+    assert e.value.status == 404 and e.value.code == "adapter_not_found"
+    assert pool.refs(sa) == 1 and pool.bank.lowrank(SITE).ranks_host[sa] == 2
+    pool.release(sa)
+    assert names(pool) == []
+
+
+def test_cpu_cache_serves_reloads_without_store_reads(tiny_t5, store):
+    pool = pool_of(tiny_t5, store, slots=1, cpu=8)
+    for name in "abab":
+        use(pool, name)
+    c = pool.counters()
+    assert (c["store_reads"], c["cpu_hits"], c["misses"], c["evictions"]) == (2, 2, 4, 3)
+    small = pool_of(tiny_t5, store, slots=1, cpu=1)
+    for name in "abab":
+        use(small, name)
+    assert small.counters()["store_reads"] == 4 and small.counters()["cpu_hits"] == 0
+
+
+def test_load_time_is_recorded(tiny_t5, store):
+    pool = pool_of(tiny_t5, store)
+    use(pool, "a")
+    use(pool, "b")
+    c = pool.counters()
+    assert c["load_count"] == 2 and c["load_ms_last"] > 0
+    assert c["load_ms_sum"] >= c["load_ms_last"] and c["read_ms_sum"] > 0 and c["copy_ms_sum"] > 0
