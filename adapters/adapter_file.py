@@ -66,6 +66,11 @@ class AdapterFile:
     def kind(self) -> str:
         return self.meta.kind
 
+    @property
+    def task_conditioned(self) -> bool:
+        """True when the runtime forms depend on the task asked (Hyperformer, shared adapters)."""
+        return get_kind(self.meta.kind).is_task_conditioned(self.config)
+
     def compile(self, model: VLModel, task: str | None = None) -> CompiledAdapter:
         """Runtime forms on the model's device/dtype; ``task`` (default: the file's task) matters
         only for task-conditioned kinds."""

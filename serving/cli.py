@@ -37,4 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m serving.cli``: subcommands import ``serving.cli``, so use that module's
+    # CliError (not this __main__ copy's) by delegating to it.
+    from serving.cli import main as package_main
+    sys.exit(package_main())

@@ -20,7 +20,7 @@ import torch
 
 from adapters.backbone.model import TASK_PREFIX, RowInput
 from adapters.generation import GenerationRequest, GenerationResult, generate
-from adapters.kinds import KINDS, get_kind
+from adapters.kinds import KINDS
 from adapters.runtime.bank import SlotBank
 from serving.errors import ApiError
 from serving.feature_cache import FeatureCache, encode_visual, features_key, frames_key, images_key
@@ -128,7 +128,7 @@ class Engine:
         if req.adapter is not None:
             version = self.store.get(req.adapter).version
             af = parse_stored(self.store.read(req.adapter, version), self.model)
-            task = req.task if get_kind(af.kind).task_conditioned else None
+            task = req.task if af.task_conditioned else None
             bank.set(0, compile_on_cpu(af, self.model, task))
             slot = 0
         with torch.inference_mode():
@@ -193,7 +193,13 @@ class Engine:
         (known from the kind the upload recorded in the store's metadata)."""
         stored = self.store.get(adapter_id)
         kind = KINDS.get(stored.meta.get("kind", ""))
-        if kind is not None and kind.task_conditioned:
+        if kind is None:
+            return
+        try:
+            conditioned = kind.is_task_conditioned(kind.Config(**stored.meta.get("config", {})))
+        except ValueError:      # metadata of an older upload: the pool checks when it loads
+            conditioned = kind.task_conditioned
+        if conditioned:
             self.pool.check_task(adapter_id, stored.version, task)
 
     def _max_new_tokens(self, req: InferenceRequest) -> int:

@@ -45,7 +45,7 @@ def compile_on_cpu(af: AdapterFile, model, task: str | None) -> CompiledAdapter:
     try:
         return kind.compile(af.config, params, model, task or af.meta.task)
     except (KeyError, ValueError) as e:
-        if kind.task_conditioned:
+        if af.task_conditioned:
             raise ApiError.unprocessable("adapter_task_unsupported", f"adapter kind {af.kind!r} "
                                          f"cannot serve task {task!r}: {e}") from e
         raise
@@ -85,7 +85,7 @@ class _CpuEntry:
 
     @property
     def task_conditioned(self) -> bool:
-        return get_kind(self.file.kind).task_conditioned
+        return self.file.task_conditioned
 
 
 @dataclass

@@ -17,7 +17,17 @@ KIND_VARIANTS = [
     ("vlpet", {"gate": "middleX"}),
     ("vlpet", {"gate": "middleY", "r": 8}),
     ("vlpet", {"gate": "large", "gate_rank": 12}),
+    ("compacter", {}),
+    ("compacter", {"n": 4, "reduction_factor": 4, "shared_phm_rule": True, "factorized_phm": True,
+                   "phm_rank": 2, "mode": "parallel"}),
+    ("hyperformer", {"tasks": ("caption", "vqa"), "task_dim": 16, "hidden_dim": 8}),
+    ("prompt", {"length": 2, "mid_dim": 16}),
+    ("prompt", {"length": 5}),
+    ("adapter", {"sharing": "multiple", "tasks": ("vqa", "caption")}),
+    ("adapter", {"sharing": "half-shared-up"}),
 ]
+# Task-conditioned variants are compiled for this task (each has it in its task list).
+VARIANT_TASK = "vqa"
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +40,7 @@ def tiny_bart():
     return build_backbone("tiny-bart")
 
 
-def random_adapter(model, kind: str, options: dict, seed: int, noise: float = 0.3):
+def random_adapter(model, kind: str, options: dict, seed: int, noise: float = 0.15):
     """(config, params): the paper init plus noise, so every module visibly changes the output."""
     k = get_kind(kind)
     cfg = k.resolve(k.Config(**options), model)
@@ -39,6 +49,6 @@ def random_adapter(model, kind: str, options: dict, seed: int, noise: float = 0.
     return cfg, {n: v + noise * torch.randn(v.shape, generator=g).to(v) for n, v in params.items()}
 
 
-def compiled_adapter(model, kind, options, seed):
+def compiled_adapter(model, kind, options, seed, task: str = VARIANT_TASK):
     cfg, params = random_adapter(model, kind, options, seed)
-    return get_kind(kind).compile(cfg, params, model)
+    return get_kind(kind).compile(cfg, params, model, task)

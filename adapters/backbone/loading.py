@@ -31,11 +31,11 @@ def build_backbone(spec: str | Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, seed: int = 0) -> VLModel:
     """The frozen backbone named by ``spec`` (preset or directory), in eval mode, grads off."""
     path = Path(spec)
+    torch.manual_seed(seed)     # weights a directory lacks must match across replicas
     if path.is_dir():
         model = _from_directory(path)
     elif str(spec).split("+")[0] in ("tiny", "tiny-t5", "tiny-bart", "t5-base", "bart-base"):
         cfg = preset(str(spec))
-        torch.manual_seed(seed)
         model = VLModel(cfg, load_tokenizer(None, cfg.lm.family))
         init_weights(model)
     else:

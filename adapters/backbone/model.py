@@ -111,7 +111,7 @@ class VLModel(nn.Module):
         BART: prompt vectors get no position (VL-Adapter)."""
         stack, slots = ctx.weights.prefix(), ctx.meta.row_slots.tolist()
         W = max(p + n for p, n in zip(prefix_lens, lengths))
-        B, d = len(lengths), emb.shape[-1]
+        B = len(lengths)
         rows, pos = [], torch.full((B, W), -1, dtype=torch.long, device=self.device)
         for i, (p, n) in enumerate(zip(prefix_lens, lengths)):
             parts = [stack.vectors[slots[i], :p].to(emb.dtype)] if p else []

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 from adapters.kinds.base import AdapterKind, KindConfig
 from adapters.kinds.bottleneck import Bottleneck
+from adapters.kinds.compacter import Compacter
+from adapters.kinds.hyperformer import Hyperformer
 from adapters.kinds.lora import LoRA
+from adapters.kinds.prompt import Prompt
 from adapters.kinds.vlpet import VLPET
 
 KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (
     LoRA,
     Bottleneck,
     VLPET,
+    Compacter,
+    Hyperformer,
+    Prompt,
 )}
 
 

@@ -38,6 +38,12 @@ class AdapterKind(ABC):
     task_conditioned: ClassVar[bool] = False
 
     @classmethod
+    def is_task_conditioned(cls, cfg: KindConfig) -> bool:
+        """Whether *this config's* runtime forms depend on the task (the bottleneck adapter is only
+        when shared across tasks in ``multiple`` / ``half-shared-*`` mode). Default: the class flag."""
+        return cls.task_conditioned
+
+    @classmethod
     def resolve(cls, cfg: KindConfig, model: VLModel) -> KindConfig:
         """Fill defaults that depend on the backbone (e.g. VL-PET's T5 settings)."""
         return cfg
@@ -109,7 +115,8 @@ def all_norms(model: VLModel, stream: str | None = None) -> list[str]:
 
 
 def all_biases(model: VLModel) -> list[str]:
-    return [n for n in model.lm.vector_params() if "norm." not in n and n.endswith(".bias")]
+    """Every bias, LayerNorm biases included (VL-Adapter trains each parameter named "bias")."""
+    return [n for n in model.lm.vector_params() if n.endswith(".bias")]
 
 
 def linear_init(gen: torch.Generator, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:

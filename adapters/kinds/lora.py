@@ -1,7 +1,8 @@
 """LoRA (Hu et al.; VL-Adapter's setting): ``y = W x + (alpha / r) B A x`` on chosen linears.
 
 VL-Adapter: q and v of encoder self-attention, decoder self-attention and decoder cross-attention,
-r = 128, alpha = 32, dropout 0.1 (training only); also trains all biases and the visual embedding.
+r = 128, alpha = 32, dropout 0.1 (training only); also trains all biases (LayerNorm biases
+included, as VL-Adapter's code selects every parameter named "bias") and the visual embedding.
 A is drawn like PEFT (Kaiming-uniform), B starts at zero, so a fresh LoRA changes nothing but the
 visual embedding copy it starts from.
 """

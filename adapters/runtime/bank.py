@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from adapters.runtime.forms import VISUAL_KEYS, BottleneckForm, CompiledAdapter, LowRankForm
-from adapters.runtime.weights import PrefixStack, VisualStack, visual_stack_from
+from adapters.runtime.weights import PrefixStack, visual_stack_from
 from kernels import GATE_NAMES, BottleneckStack, LowRankStack
 
 

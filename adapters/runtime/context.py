@@ -50,11 +50,14 @@ class StepContext:
     def norm(self, site: str, mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``mod(x)`` with each row's own norm weight/bias when some slot trains this norm."""
         w = self.weights.vector(f"{site}.weight")
-        if w is None:
+        b = self.weights.vector(f"{site}.bias")
+        if w is None and b is None:
             return mod(x)
         idx = self.meta.vector_index()
-        b = self.weights.vector(f"{site}.bias")
-        return mod.forward_with(x, w[idx].unsqueeze(1), None if b is None else b[idx].unsqueeze(1))
+        # A kind may train only the bias (LoRA's "all biases") or only the weight.
+        w = mod.weight if w is None else w[idx].unsqueeze(1)
+        b = getattr(mod, "bias", None) if b is None else b[idx].unsqueeze(1)
+        return mod.forward_with(x, w, b)
 
     def sublayer(self, site: str, h: torch.Tensor, x: torch.Tensor, stream: str) -> torch.Tensor:
         """Bottleneck module on a sublayer: h = F(x) is the sublayer output, x its input."""

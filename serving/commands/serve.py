@@ -1,13 +1,138 @@
-"""``petserve serve``: not built yet."""
+"""``petserve serve``: run the HTTP API on Ray Serve (or, with --no-ray, in this process).
+
+Ray: connects to a running cluster when one is reachable (``RAY_ADDRESS``, or the latest cluster
+started with ``ray start`` on this machine), else starts a local one with the machine's CPUs/GPUs.
+Blocks until Ctrl-C, then removes the app (and stops Ray if it started it).
+"""
 from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from serving.cli import CliError
 
+APP_NAME = "petserve"
+
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="(serve: coming with its issue)")
+    p = sub.add_parser("serve", help="serve adapters over HTTP (Ray Serve)",
+                       description="Serve the HTTP API. With no arguments: the embedded default "
+                                   "(tiny backbone + demo adapters) on CPU.")
+    p.add_argument("--config", type=Path, help="YAML file of ServerConfig fields (flags override)")
+    p.add_argument("--backbone", help="backbone preset (tiny, t5-base, ...) or directory")
+    p.add_argument("--store", type=Path, help="adapter store directory (default $PETSERVE_STORE "
+                                              "or ~/.cache/petserve/store)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, help="backbone replicas (one per GPU when GPUs exist)")
+    p.add_argument("--num-slots", type=int, help="adapter slots per replica")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the backbone runs")
+    p.add_argument("--no-ray", action="store_true",
+                   help="serve from this process with uvicorn (one replica, no Ray)")
     p.set_defaults(run=run)
 
 
+def server_config(args):
+    """ServerConfig from --config plus the flags given (validated: errors are CliErrors)."""
+    from serving.server_config import ServerConfig
+    try:
+        data = {}
+        if args.config is not None:
+            data = ServerConfig.from_yaml(args.config).model_dump(exclude_unset=True)
+        flags = {"backbone": args.backbone, "store_dir": args.store, "host": args.host,
+                 "port": args.port, "replicas": args.replicas, "device": args.device}
+        data.update({k: v for k, v in flags.items() if v is not None})
+        if args.num_slots is not None:
+            data["engine"] = {**data.get("engine", {}), "num_slots": args.num_slots}
+        return ServerConfig.model_validate(data)
+    except FileNotFoundError as e:
+        raise CliError(f"--config: {e.filename}: no such file") from None
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}"
+                             for x in e.errors())
+        raise CliError(f"invalid server configuration: {problems}") from None
+
+
+def check_backbone(spec: str | None) -> None:
+    """Fail fast (before Ray starts) on a backbone that is neither a preset nor a directory."""
+    from adapters.backbone.config import PRESETS
+    if spec is None or Path(spec).is_dir() or spec.split("+")[0] in PRESETS:
+        return
+    raise CliError(f"--backbone {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                   "directory")
+
+
 def run(args, extra) -> int:
-    raise CliError("'petserve serve' is not available yet")
+    from serving.deployments import prepare_server
+    started = time.monotonic()
+    config = server_config(args)
+    check_backbone(config.backbone)
+    try:
+        prepared = prepare_server(config)
+    except (FileNotFoundError, ValueError) as e:     # e.g. --backbone names nothing
+        raise CliError(str(e)) from None
+    if args.no_ray:
+        return _serve_in_process(prepared, started)
+    return _serve_on_ray(prepared, started)
+
+
+def _banner(prepared, started: float, where: str) -> None:
+    cfg = prepared.config
+    url = f"http://{cfg.host}:{cfg.port}"
+    print(f"petserve: serving {url} ({where}; backbone {cfg.backbone}; store {cfg.store_dir}) "
+          f"ready in {time.monotonic() - started:.1f} s", flush=True)
+    print(f"petserve: API docs at {url}/docs", flush=True)
+    for note in prepared.notes:
+        print(f"petserve: note: {note}", flush=True)
+    if prepared.demo_adapters:
+        print(f"petserve: demo adapters: {', '.join(prepared.demo_adapters)}", flush=True)
+    if prepared.token_generated:
+        print(f"petserve: write token (set {cfg.token_env} to choose one): {prepared.token}",
+              flush=True)
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve_on_ray(prepared, started: float) -> int:
+    import ray
+    from ray import serve
+    from serving.deployments import build_app
+    cfg = prepared.config
+    context = ray.init(logging_level="WARNING")     # an existing cluster if reachable
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # containers stop us with SIGTERM
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg, prepared.token), name=APP_NAME, route_prefix="/")
+    _banner(prepared, started, f"Ray Serve at {context.address_info.get('address', 'local')}, "
+                               f"{cfg.replicas} backbone replica(s)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("petserve: stopping", flush=True)
+    finally:
+        serve.delete(APP_NAME)
+        ray.shutdown()
+    return 0
+
+
+def _serve_in_process(prepared, started: float) -> int:
+    import uvicorn
+    from serving.api import create_app
+    from serving.auth import TokenCheck
+    from serving.deployments import LocalBackend
+    cfg = prepared.config
+    backend = LocalBackend.from_config(cfg)
+    backend.start()
+    app = create_app(backend, cfg, TokenCheck.for_token(prepared.token))
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    _banner(prepared, started, "in-process, no Ray")
+    try:
+        server.run()
+    finally:
+        backend.stop()
+    return 0

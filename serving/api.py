@@ -1,0 +1,391 @@
+"""The FastAPI app (DESIGN.md "HTTP API"): `create_app(backend, config)`.
+
+The app does auth, validation and media decoding, then calls a `Backend`. The same app runs
+in-process on a `LocalBackend` (tests, single-process servers) and in the Ray Serve ingress on a
+backend that calls the backbone deployment (serving.deployments). Every error, whatever raised
+it, leaves as JSON `{"error": {"code", "message"}}`; only a server bug becomes a 500.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.auth import TokenCheck, resolve_token
+from serving.errors import ApiError
+from serving.metrics import (CONTENT_TYPE, Exposition, HttpMetrics, RecordMetrics,
+                             export_engine_stats)
+from serving.schemas import (CAPTION_FORM_SCHEMA, VQA_FORM_SCHEMA, AdapterInfo, AdapterList,
+                             CaptionRequest, CaptionResponse, ErrorResponse, HealthResponse,
+                             MediaBytes, ModelInputs, VqaRequest, VqaResponse,
+                             build_inference_request, describe_validation_error,
+                             finite_or_floor, media_from_json, validation_api_error)
+from serving.server_config import ServerConfig
+from serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
+
+log = logging.getLogger(__name__)
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_MEDIA_PARTS = ("image", "images", "video")
+_JSON_PARTS = ("features", "boxes")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    backbone: str
+    fingerprint: str
+    feature_dim: int
+    accepts_pixels: bool
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from the model side. Errors are ApiError."""
+
+    async def info(self) -> BackendInfo: ...
+    async def generate(self, request): ...          # InferenceRequest -> InferenceResult
+    async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter: ...
+    async def list(self) -> list[StoredAdapter]: ...
+    async def get(self, adapter_id: str) -> StoredAdapter: ...
+    async def delete(self, adapter_id: str) -> StoredAdapter: ...
+    async def stats(self) -> dict[str, dict]: ...     # replica name -> Engine.stats()
+
+
+# ---- request bodies ---------------------------------------------------------------------------
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _parse_json_body(raw: bytes, model_cls, limits) -> tuple:
+    try:
+        body = model_cls.model_validate_json(raw or b"null")
+    except ValidationError as e:
+        raise validation_api_error(e) from None
+    return body, media_from_json(body, limits)
+
+
+async def _read_form(request: Request, max_part_bytes: int) -> tuple[dict, dict[str, list[bytes]]]:
+    """Multipart/urlencoded form -> (text fields, file parts). Files may also come as text."""
+    text: dict[str, object] = {}
+    files: dict[str, list[bytes]] = {name: [] for name in (*_MEDIA_PARTS, "file")}
+    async with request.form(max_files=8, max_fields=32, max_part_size=max_part_bytes) as form:
+        for key, value in form.multi_items():
+            if key in files:
+                files[key].append(await value.read() if isinstance(value, UploadFile)
+                                  else value.encode())
+            elif isinstance(value, UploadFile):
+                raise ApiError.unprocessable("invalid_request", f"{key}: must be a text field")
+            elif key in text:
+                raise ApiError.unprocessable("invalid_request", f"{key}: given more than once")
+            elif value != "" or key in ("question", "prompt"):
+                text[key] = value
+    return text, files
+
+
+def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple:
+    for key in _JSON_PARTS:
+        if key in text:
+            try:
+                text[key] = json.loads(text[key])
+            except ValueError:
+                raise ApiError.unprocessable("invalid_request", f"{key}: not valid JSON") from None
+    if files["file"]:
+        raise ApiError.unprocessable("invalid_request", "file: not a field of this route (the "
+                                     "media parts are image, images and video)")
+    for key in ("image", "video"):
+        if len(files[key]) > 1:
+            raise ApiError.unprocessable("invalid_request", f"{key}: given more than once")
+    if files["images"] and len(files["images"]) != 2:
+        raise ApiError.unprocessable("invalid_request", "images: need exactly two image files")
+    if files["images"] and model_cls is not VqaRequest:
+        raise ApiError.unprocessable("invalid_request", "images: only /v1/vqa takes an image pair")
+    try:
+        body = model_cls.model_validate(text)
+    except ValidationError as e:
+        raise validation_api_error(e) from None
+    media = MediaBytes(image=(files["image"] or [None])[0], pair=files["images"],
+                       video=(files["video"] or [None])[0])
+    return body, media
+
+
+async def read_generation_body(request: Request, model_cls, config: ServerConfig) -> tuple:
+    """(validated body, raw media) from a JSON or a multipart request."""
+    limits = config.media.limits()
+    ctype = _content_type(request)
+    if ctype in _FORM_TYPES:
+        text, files = await _read_form(request, config.max_body_bytes)
+        return _form_to_body(text, files, model_cls)
+    if ctype in ("", "application/json") or ctype.endswith("+json"):
+        raw = await request.body()
+        return await run_in_threadpool(_parse_json_body, raw, model_cls, limits)
+    raise ApiError.unsupported_media(
+        "unsupported_content_type", f"send application/json or multipart/form-data, not {ctype!r}")
+
+
+async def read_adapter_upload(request: Request, config: ServerConfig) -> bytes:
+    """The adapter file: the raw body, or the `file` part of a multipart form."""
+    if _content_type(request) in _FORM_TYPES:
+        text, files = await _read_form(request, config.max_adapter_bytes)
+        if len(files["file"]) != 1 or text or any(files[k] for k in _MEDIA_PARTS):
+            raise ApiError.unprocessable(
+                "invalid_request", "a multipart upload carries exactly one part, named 'file'")
+        data = files["file"][0]
+    else:
+        data = await request.body()
+    if not data:
+        raise ApiError.bad_request("empty_upload", "the body is empty; send the adapter file")
+    return data
+
+
+# ---- app --------------------------------------------------------------------------------------
+
+_ERROR_STATUSES = {
+    400: "malformed request (bad JSON, bad base64, corrupt image, invalid adapter id)",
+    401: "missing or wrong 'Authorization: Bearer <token>'",
+    404: "unknown adapter or route",
+    413: "body, image, video or adapter file over its size limit",
+    415: "unsupported content type, image or video format",
+    422: "a field is invalid or the fields do not fit together (the message names the field)",
+    500: "server bug (never caused by input alone)",
+    501: "this server cannot decode video",
+    503: "overloaded: retry after the Retry-After header's seconds",
+}
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text}
+                   for status, text in _ERROR_STATUSES.items()}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _body_doc(json_schema: dict, form_schema: dict, json_type="application/json") -> dict:
+    return {"requestBody": {"required": True, "content": {
+        json_type: {"schema": json_schema}, "multipart/form-data": {"schema": form_schema}}}}
+
+
+_WRITE_DOC = {"security": [{"bearer": []}]}
+_UPLOAD_DOC = {**_WRITE_DOC, **_body_doc(
+    {"type": "string", "format": "binary"},
+    {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
+     "required": ["file"]},
+    json_type="application/octet-stream")}
+
+
+def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck | None = None,
+               http_metrics: HttpMetrics | None = None) -> FastAPI:
+    """The petserve HTTP app. `token_check` defaults to config.token / its env var (a token is
+    generated and logged when neither is set)."""
+    if token_check is None:
+        resolved = resolve_token(config.token, config.token_env)
+        if resolved.generated:
+            log.warning("no token configured; generated write token: %s", resolved.token)
+        token_check = TokenCheck.for_token(resolved.token)
+    metrics = http_metrics or HttpMetrics()
+    app = FastAPI(title="petserve", version="0.1.0", description=(
+        "Many parameter-efficient adapters on one frozen VL-T5 / VL-BART backbone. "
+        "Writes need 'Authorization: Bearer <token>'."))
+    _add_inference_routes(app, backend, config, token_check)
+    _add_adapter_routes(app, backend, config, token_check)
+    _add_service_routes(app, backend, metrics)
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, default_limit=config.max_body_bytes,
+                       upload_limit=config.max_adapter_bytes)
+    app.add_middleware(RecordMetrics, metrics=metrics)     # outermost: sees every status
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
+                          token_check: TokenCheck) -> None:
+    limits = config.media.limits()
+    known_inputs: list[ModelInputs] = []     # the backbone never changes: ask once
+
+    async def generate(request: Request, model_cls):
+        if config.auth_reads:
+            token_check.require(request.headers.get("authorization"))
+        body, media = await read_generation_body(request, model_cls, config)
+        request.state.adapter = body.adapter
+        if not known_inputs:
+            info = await backend.info()
+            known_inputs.append(
+                ModelInputs(info.feature_dim, info.accepts_pixels, config.media.video_frames))
+        engine_request = await run_in_threadpool(
+            build_inference_request, body, media, known_inputs[0], limits)
+        return await backend.generate(engine_request)
+
+    @app.post("/v1/vqa", response_model=VqaResponse, responses=ERROR_RESPONSES,
+              openapi_extra=_body_doc(_ref("VqaRequest"), _ref("VqaForm")),
+              summary="Answer a question about an image, image pair, video or features")
+    async def vqa(request: Request) -> VqaResponse:
+        r = await generate(request, VqaRequest)
+        return VqaResponse(answer=r.text, logprob=finite_or_floor(r.logprob), adapter=r.adapter,
+                           adapter_version=r.adapter_version, timings_ms=r.timings_ms)
+
+    @app.post("/v1/caption", response_model=CaptionResponse, responses=ERROR_RESPONSES,
+              openapi_extra=_body_doc(_ref("CaptionRequest"), _ref("CaptionForm")),
+              summary="Caption an image, a video or features")
+    async def caption(request: Request) -> CaptionResponse:
+        r = await generate(request, CaptionRequest)
+        return CaptionResponse(caption=r.text, logprob=finite_or_floor(r.logprob),
+                               adapter=r.adapter, adapter_version=r.adapter_version,
+                               timings_ms=r.timings_ms)
+
+
+def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
+                        token_check: TokenCheck) -> None:
+    def checked_id(request: Request, adapter_id: str, write: bool) -> str:
+        if write or config.auth_reads:
+            token_check.require(request.headers.get("authorization"))
+        request.state.adapter = validate_adapter_id(adapter_id)
+        return adapter_id
+
+    # `:path` lets ids like '../../etc' reach validate_adapter_id (a clear 400), not a 404.
+    @app.put("/v1/adapters/{adapter_id:path}", status_code=201, response_model=AdapterInfo,
+             responses=ERROR_RESPONSES, openapi_extra=_UPLOAD_DOC,
+             summary="Upload a new version of an adapter (.safetensors, or a zipped PEFT LoRA)")
+    async def upload_adapter(adapter_id: str, request: Request) -> AdapterInfo:
+        adapter_id = checked_id(request, adapter_id, write=True)
+        data = await read_adapter_upload(request, config)
+        return AdapterInfo.from_stored(await backend.upload(adapter_id, data))
+
+    @app.get("/v1/adapters", response_model=AdapterList, responses=ERROR_RESPONSES,
+             summary="List adapters (latest version of each)")
+    async def list_adapters(request: Request) -> AdapterList:
+        if config.auth_reads:
+            token_check.require(request.headers.get("authorization"))
+        return AdapterList(adapters=[AdapterInfo.from_stored(s) for s in await backend.list()])
+
+    @app.get("/v1/adapters/{adapter_id:path}", response_model=AdapterInfo,
+             responses=ERROR_RESPONSES, summary="Describe the latest version of an adapter")
+    async def get_adapter(adapter_id: str, request: Request) -> AdapterInfo:
+        adapter_id = checked_id(request, adapter_id, write=False)
+        return AdapterInfo.from_stored(await backend.get(adapter_id))
+
+    @app.delete("/v1/adapters/{adapter_id:path}", response_model=AdapterInfo,
+                responses=ERROR_RESPONSES, openapi_extra=_WRITE_DOC,
+                summary="Delete every version of an adapter")
+    async def delete_adapter(adapter_id: str, request: Request) -> AdapterInfo:
+        adapter_id = checked_id(request, adapter_id, write=True)
+        return AdapterInfo.from_stored(await backend.delete(adapter_id))
+
+
+def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) -> None:
+    @app.get("/healthz", response_model=HealthResponse, responses=ERROR_RESPONSES,
+             summary="Liveness and what the backbone accepts")
+    async def healthz() -> HealthResponse:
+        info = await backend.info()
+        return HealthResponse(status="ok", backbone=info.backbone, fingerprint=info.fingerprint,
+                              feature_dim=info.feature_dim, accepts_pixels=info.accepts_pixels)
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Prometheus text exposition format 0.0.4"}, **ERROR_RESPONSES},
+        summary="Prometheus metrics")
+    async def prometheus_metrics() -> PlainTextResponse:
+        exposition = Exposition()
+        metrics.export(exposition)
+        for replica, stats in sorted((await backend.stats()).items()):
+            export_engine_stats(exposition, replica, stats)
+        return PlainTextResponse(exposition.render(), media_type=CONTENT_TYPE)
+
+
+def _error(status: int, code: str, message: str, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", describe_validation_error(list(e.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {400: "invalid_request", 404: "not_found",
+                405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error(e.status_code, code, str(e.detail), e.headers)
+
+    @app.exception_handler(Exception)
+    async def server_bug(request: Request, e: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
+        return _error(500, "internal_error", "internal server error (logged on the server)")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over the limit with 413 before reading them (declared
+    Content-Length), and stop reading once a chunked body passes it."""
+
+    def __init__(self, app, default_limit: int, upload_limit: int) -> None:
+        self.app, self.default_limit, self.upload_limit = app, default_limit, upload_limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        is_upload = scope["path"].startswith("/v1/adapters/") and scope["method"] == "PUT"
+        limit = self.upload_limit if is_upload else self.default_limit
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _error(400, "invalid_request", "Content-Length is not a number")(
+                    scope, receive, send)
+            if int(declared) > limit:
+                return await _error(413, "payload_too_large", _too_large(limit))(
+                    scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:     # raised inside the route: the handlers turn it into JSON
+                raise ApiError.payload_too_large(_too_large(limit))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than the limit of {limit} bytes"
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the bodies the generation routes parse themselves."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (VqaRequest, CaptionRequest):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        components["VqaForm"] = VQA_FORM_SCHEMA
+        components["CaptionForm"] = CAPTION_FORM_SCHEMA
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        _document_adapter_id(schema)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _document_adapter_id(schema: dict) -> None:
+    """The id is a plain `str` in the route (so validate_adapter_id can explain a bad one with a
+    400); document its syntax for clients anyway."""
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            for param in operation.get("parameters", []):
+                if param["name"] == "adapter_id":
+                    param["schema"] = {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$"}
+                    param["description"] = "adapter id: 1-64 of a-z 0-9 . _ -, starting " \
+                                           "with a letter or digit"

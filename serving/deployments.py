@@ -1,0 +1,386 @@
+"""Where the model runs: `LocalBackend` (in this process) and the Ray Serve application.
+
+Ray Serve app (`build_app`)::
+
+    HTTP -> Ingress (CPU; the FastAPI app of serving.api: auth, validation, media decoding)
+              | handle.options(multiplexed_model_id=<adapter id>)
+              v
+            Backbone replicas (one per GPU, or CPU replicas): model + Engine + LocalDirStore view
+              | every metrics_push_interval_s
+              v
+            MetricsBoard (one replica, no resources): latest engine stats of every replica
+
+Adapter affinity: the adapter id is the multiplexed model id, so Serve prefers a replica that
+already holds the adapter; the replica's multiplexed loader pins the adapter in its slot pool and
+returns a lease whose release unpins it. `@serve.batch` is deliberately not used: it would split
+batches by multiplexed id, while our engine mixes adapters in one batch.
+
+ApiError does not survive Ray's exception wrapping, so replica methods return an `Outcome` and the
+ingress re-raises the error. Ray is imported only inside functions: LocalBackend needs none.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.api import BackendInfo, create_app
+from serving.auth import TokenCheck
+from serving.errors import ApiError
+from serving.server_config import ServerConfig
+from serving.store import LocalDirStore, StoredAdapter
+
+log = logging.getLogger(__name__)
+STALE_REPLICA_S = 30.0       # a replica silent this long is gone: drop its stats
+
+
+class LocalBackend:
+    """serving.api.Backend on a model, an Engine and a LocalDirStore in this process."""
+
+    def __init__(self, model, store: LocalDirStore, engine_config, max_adapter_bytes: int,
+                 replica: str = "local") -> None:
+        from serving.engine import Engine
+        self.model, self.store, self.replica = model, store, replica
+        self.max_adapter_bytes = max_adapter_bytes
+        self.engine = Engine(model, store, engine_config)
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, replica: str = "local") -> LocalBackend:
+        from adapters.backbone import build_backbone
+        model = build_backbone(config.backbone or "tiny", device=config.resolved_device())
+        store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        return cls(model, store, config.engine.to_engine_config(), config.max_adapter_bytes,
+                   replica)
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    async def info(self) -> BackendInfo:
+        cfg = self.model.cfg
+        return BackendInfo(backbone=cfg.name, fingerprint=self.model.fingerprint,
+                           feature_dim=cfg.vision.feat_dim,
+                           accepts_pixels=self.model.vision is not None)
+
+    async def generate(self, request):
+        return await self.engine.generate(request)
+
+    def upload_now(self, adapter_id: str, data: bytes) -> StoredAdapter:
+        """Validate against this backbone (serving.uploads), then store a new version."""
+        from serving.uploads import prepare_upload
+        blob, meta = prepare_upload(data, self.model, self.max_adapter_bytes)
+        return self.store.put(adapter_id, blob, meta)
+
+    async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
+        return await asyncio.to_thread(self.upload_now, adapter_id, data)
+
+    async def list(self) -> list[StoredAdapter]:
+        def fresh_list():
+            self.store.refresh()      # other replicas / processes write to the same store
+            return self.store.list()
+        return await asyncio.to_thread(fresh_list)
+
+    async def get(self, adapter_id: str) -> StoredAdapter:
+        return await asyncio.to_thread(self.store.get, adapter_id)
+
+    async def delete(self, adapter_id: str) -> StoredAdapter:
+        return await asyncio.to_thread(self.store.delete, adapter_id)
+
+    async def stats(self) -> dict[str, dict]:
+        return {self.replica: self.engine.stats()}
+
+    def pin(self, adapter_id: str) -> None:
+        self.engine.pool.pin(adapter_id)
+
+    def unpin(self, adapter_id: str) -> None:
+        self.engine.pool.unpin(adapter_id)
+
+
+def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
+               max_bytes: int) -> list[str]:
+    """Upload each file whose id is not in the store yet (validated against `backbone`, built
+    only when something is missing); returns the ids of `files`."""
+    missing = {}
+    for adapter_id, path in sorted(files.items()):
+        try:
+            store.get(adapter_id)
+        except ApiError:
+            missing[adapter_id] = Path(path)
+    if missing:
+        from adapters.backbone import build_backbone
+        from serving.uploads import prepare_upload
+        model = build_backbone(backbone)
+        for adapter_id, path in missing.items():
+            blob, meta = prepare_upload(path.read_bytes(), model, max_bytes)
+            store.put(adapter_id, blob, meta)
+    return sorted(files)
+
+
+@dataclass
+class PreparedServer:
+    """A config ready for `build_app`: token resolved, embedded default filled in."""
+
+    config: ServerConfig
+    token: str
+    token_generated: bool
+    demo_adapters: list[str]
+    notes: list[str]
+
+
+def prepare_server(config: ServerConfig) -> PreparedServer:
+    """Resolve the token; with no backbone, use the demo assets (seeding the store with the demo
+    adapters) when adapters.demo is available, else the tiny preset with no adapters."""
+    from serving.auth import resolve_token
+    resolved = resolve_token(config.token, config.token_env)
+    notes, demo = [], []
+    if config.backbone is None:
+        try:
+            from adapters.demo import ensure_demo_assets
+        except ImportError:
+            ensure_demo_assets = None
+        if ensure_demo_assets is None:
+            notes.append("demo assets unavailable (adapters.demo missing): serving the tiny "
+                         "backbone with no adapters")
+            config = config.model_copy(update={"backbone": "tiny"})
+        else:
+            assets = ensure_demo_assets()
+            config = config.model_copy(update={"backbone": str(assets.backbone_dir)})
+            store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+            demo = seed_store(store, assets.adapters, config.backbone, config.max_adapter_bytes)
+    return PreparedServer(config, resolved.token, resolved.generated, demo, notes)
+
+
+# ---- Ray Serve --------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """A replica method's result, or the ApiError it raised (status, code, message, headers)."""
+
+    value: object = None
+    error: tuple[int, str, str, dict] | None = None
+
+    def unwrap(self):
+        if self.error is not None:
+            raise ApiError(*self.error)
+        return self.value
+
+
+async def _outcome(awaitable) -> Outcome:
+    try:
+        return Outcome(value=await awaitable)
+    except ApiError as e:
+        return Outcome(error=(e.status, e.code, e.message, e.headers))
+
+
+@dataclass
+class AdapterLease:
+    """What the multiplexed loader returns: the adapter stays pinned until Serve unloads it."""
+
+    backend: LocalBackend
+    adapter_id: str
+    released: bool = field(default=False)
+
+    def __del__(self) -> None:
+        # Serve calls __del__ on unload; the garbage collector may call it again later.
+        if not self.released:
+            self.released = True
+            self.backend.unpin(self.adapter_id)
+
+
+class BackboneReplica:
+    """Body of the Backbone deployment: one model + engine per replica (per GPU)."""
+
+    async def __init__(self, config: dict, board) -> None:
+        # async so that the stats pusher starts on the replica's event loop right away
+        from ray import serve
+        self.config = ServerConfig.model_validate(config)
+        context = serve.get_replica_context()
+        self.name = f"{context.deployment}#{context.replica_id.unique_id}"
+        self.backend = LocalBackend.from_config(self.config, replica=self.name)
+        self.backend.start()
+        slots = self.config.engine.num_slots
+
+        async def load_lease(adapter_id: str) -> AdapterLease:
+            # A plain function: Serve stores its LRU cache as an attribute of what it wraps,
+            # which a bound method cannot take.
+            return await self._load_lease(adapter_id)
+
+        # One slot always stays unpinned (the pool refuses to pin more).
+        self._lease = serve.multiplexed(max_num_models_per_replica=max(1, slots - 1))(load_lease)
+        self._board = board
+        self._pusher = asyncio.get_running_loop().create_task(self._push_stats_forever())
+
+    async def _load_lease(self, adapter_id: str) -> AdapterLease:
+        if self.config.engine.num_slots > 1:
+            await asyncio.to_thread(self.backend.pin, adapter_id)
+        return AdapterLease(self.backend, adapter_id)
+
+    async def _with_adapter(self, request):
+        from ray import serve
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            await self._lease(adapter_id)
+        return await self.backend.generate(request)
+
+    async def _push_stats_forever(self) -> None:
+        while True:
+            try:
+                await self._board.report.remote(self.name, self.backend.engine.stats())
+            except Exception as e:     # the board restarting must not stop us serving
+                log.warning("could not push stats: %s", e)
+            await asyncio.sleep(self.config.metrics_push_interval_s)
+
+    async def generate(self, request) -> Outcome:
+        return await _outcome(self._with_adapter(request))
+
+    async def upload(self, adapter_id: str, data: bytes) -> Outcome:
+        return await _outcome(self.backend.upload(adapter_id, data))
+
+    async def list(self) -> Outcome:
+        return await _outcome(self.backend.list())
+
+    async def get(self, adapter_id: str) -> Outcome:
+        return await _outcome(self.backend.get(adapter_id))
+
+    async def delete(self, adapter_id: str) -> Outcome:
+        return await _outcome(self.backend.delete(adapter_id))
+
+    async def info(self) -> Outcome:
+        return await _outcome(self.backend.info())
+
+    def __del__(self) -> None:
+        backend = getattr(self, "backend", None)     # absent when __init__ failed
+        if backend is not None:
+            backend.stop()
+
+
+class MetricsBoard:
+    """Latest engine stats of every Backbone replica (they push; /metrics reads)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, tuple[float, dict]] = {}
+
+    def report(self, replica: str, stats: dict) -> None:
+        self._latest[replica] = (time.monotonic(), stats)
+
+    def collect(self) -> dict[str, dict]:
+        now = time.monotonic()
+        self._latest = {r: v for r, v in self._latest.items() if now - v[0] < STALE_REPLICA_S}
+        return {replica: stats for replica, (_, stats) in self._latest.items()}
+
+
+class RayBackend:
+    """serving.api.Backend that calls the Backbone deployment (adapter id = multiplexed id)."""
+
+    def __init__(self, backbone, board) -> None:
+        self.backbone, self.board = backbone, board
+
+    async def _call(self, method: str, *args, adapter: str | None = None):
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
+                                          ReplicaUnavailableError)
+        handle = self.backbone if adapter is None else \
+            self.backbone.options(multiplexed_model_id=adapter)
+        try:
+            outcome = await getattr(handle, method).remote(*args)
+        except BackPressureError:
+            raise ApiError.overloaded(1.0, "every backbone replica is busy; retry later") from None
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as e:
+            # A replica died or is restarting: the client's retry will find a live one.
+            log.warning("backbone replica unavailable: %s", e)
+            raise ApiError.overloaded(1.0, "a backbone replica is unavailable; retry") from None
+        return outcome.unwrap()
+
+    async def info(self) -> BackendInfo:
+        return await self._call("info")
+
+    async def generate(self, request):
+        return await self._call("generate", request, adapter=request.adapter)
+
+    async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
+        return await self._call("upload", adapter_id, data, adapter=adapter_id)
+
+    async def list(self) -> list[StoredAdapter]:
+        return await self._call("list")
+
+    async def get(self, adapter_id: str) -> StoredAdapter:
+        return await self._call("get", adapter_id)
+
+    async def delete(self, adapter_id: str) -> StoredAdapter:
+        return await self._call("delete", adapter_id)
+
+    async def stats(self) -> dict[str, dict]:
+        return await self.board.collect.remote()
+
+
+class Ingress:
+    """Body of the Ingress deployment: serving.api's app on a RayBackend."""
+
+    def __init__(self, backbone, board, config: dict, token_digest: str) -> None:
+        # Not `self.app`: Serve's ASGI wrapper owns that name.
+        self._petserve_app = create_app(RayBackend(backbone, board),
+                                        ServerConfig.model_validate(config),
+                                        TokenCheck(token_digest))
+
+    def __serve_build_asgi_app__(self):
+        return self._petserve_app
+
+
+# ---- the application --------------------------------------------------------------------------
+
+
+def _gpu_per_replica(config: ServerConfig) -> int:
+    if config.device != "auto":
+        return int(config.device == "cuda")
+    import ray
+    return int(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1)
+
+
+def _backbone_options(config: ServerConfig) -> dict:
+    options = {
+        "name": "Backbone",
+        "ray_actor_options": {"num_gpus": _gpu_per_replica(config),
+                              "num_cpus": config.backbone_cpus},
+        # Serve's default (5) would starve our batcher: admit what the engine can queue.
+        "max_ongoing_requests": config.engine.max_queue + config.engine.max_batch_rows,
+        "logging_config": {"log_level": config.log_level},
+    }
+    if config.autoscaling is not None:
+        options["autoscaling_config"] = config.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = config.replicas
+    return options
+
+
+def build_app(config: ServerConfig, token: str):
+    """The bound Ray Serve application (pass it to `serve.run`). `config.backbone` must be set
+    (see `prepare_server`); the token reaches the replicas only as its sha256."""
+    from ray import serve
+    from serving.auth import token_digest
+    public = config.model_dump(mode="json", exclude={"token"})
+    board = serve.deployment(MetricsBoard, name="MetricsBoard", num_replicas=1,
+                             ray_actor_options={"num_cpus": 0},
+                             logging_config={"log_level": "WARNING"}).bind()  # pushed every second
+    backbone = serve.deployment(BackboneReplica, **_backbone_options(config)).bind(public, board)
+    ingress = serve.deployment(
+        serve.ingress()(Ingress), name="Ingress", num_replicas=config.ingress_replicas,
+        max_ongoing_requests=4 * (config.engine.max_queue + config.engine.max_batch_rows),
+        ray_actor_options={"num_cpus": config.ingress_cpus},
+        logging_config={"log_level": config.log_level})
+    return ingress.bind(backbone, board, public, token_digest(token))
+
+
+def app_builder(args: dict):
+    """Entry point of `serve run serving/serve_config.yaml`: `args` is a ServerConfig."""
+    prepared = prepare_server(ServerConfig.model_validate(args or {}))
+    for note in prepared.notes:
+        print(f"petserve: {note}")
+    if prepared.token_generated:
+        print(f"petserve: write token (set {prepared.config.token_env} to choose one): "
+              f"{prepared.token}")
+    return build_app(prepared.config, prepared.token)

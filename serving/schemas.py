@@ -1,0 +1,319 @@
+"""The HTTP boundary: pydantic models of every request and response body (DESIGN.md "HTTP API").
+
+Field-level rules (lengths, ranges, id syntax) live on the models, so they show in /docs and fail
+with a 422 naming the field. Rules that span fields (exactly one media source, nlvr needs two
+images) are checked by `build_inference_request` when it turns a body into an engine request.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from serving.errors import ApiError
+from serving.media import MediaLimits, decode_base64, decode_image, decode_video
+from serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
+
+MAX_TEXT_CHARS = 1024
+MAX_NEW_TOKENS = 64
+MAX_BEAMS = 5
+MAX_FEATURE_TOKENS = 1024
+MAX_FEATURE_DIM = 8192
+
+
+def _valid_id(value: str) -> str:
+    try:
+        return validate_adapter_id(value)
+    except ApiError as e:   # pydantic turns ValueError into a 422 naming the field
+        raise ValueError(e.message) from None
+
+
+def _valid_unicode(value: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); the tokenizer cannot encode them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+AdapterId = Annotated[
+    str,
+    Field(pattern=f"^{ADAPTER_ID_RE}$", examples=["colors"]),
+    AfterValidator(_valid_id),
+]
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FeatureRow = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_FEATURE_DIM)]
+UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
+BoxRow = Annotated[list[UnitFloat], Field(min_length=4, max_length=4)]
+
+_ADAPTER_DOC = ("id of the adapter to apply; null or omitted: the frozen backbone alone. "
+                "1-64 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit")
+_B64_DOC = " as base64 (standard alphabet, padded) or a data URL 'data:<type>;base64,...'"
+_FEATURES_DOC = ("precomputed visual features, one row per visual token: shape (tokens, "
+                 "feature_dim) where feature_dim is the backbone's (see /healthz)")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationFields(_Body):
+    adapter: AdapterId | None = Field(None, description=_ADAPTER_DOC)
+    image: str | None = Field(None, description="one JPEG/PNG/WebP/BMP/GIF image" + _B64_DOC)
+    video: str | None = Field(None, description="one video file (mp4, webm, ...)" + _B64_DOC)
+    features: list[FeatureRow] | None = Field(
+        None, min_length=1, max_length=MAX_FEATURE_TOKENS, description=_FEATURES_DOC)
+    boxes: list[BoxRow] | None = Field(
+        None, max_length=MAX_FEATURE_TOKENS,
+        description="optional boxes for `features`: one [x1, y1, x2, y2] in [0, 1] per row")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS,
+        description=f"most tokens to generate (1-{MAX_NEW_TOKENS}); default 20, captions 40")
+    num_beams: int = Field(1, ge=1, le=MAX_BEAMS,
+                           description=f"1: greedy decoding; 2-{MAX_BEAMS}: beam search")
+
+
+class VqaRequest(GenerationFields):
+    """Answer a question about an image, an image pair (nlvr), a video or precomputed features."""
+
+    question: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS,
+                           description="the question (for nlvr: the statement to verify)")
+    images: list[str] | None = Field(
+        None, min_length=2, max_length=2,
+        description="exactly two images for task nlvr, each" + _B64_DOC)
+    task: Literal["vqa", "gqa", "nlvr"] | None = Field(
+        None, description="vqa (default), gqa, or nlvr (needs `images`); a video question "
+                          "is always video_qa")
+
+
+class CaptionRequest(GenerationFields):
+    """Describe an image, a video or precomputed features."""
+
+    prompt: Text = Field("", max_length=MAX_TEXT_CHARS,
+                         description="optional text after the 'caption:' prefix")
+
+
+class VqaResponse(BaseModel):
+    answer: str = Field(description="the generated answer")
+    logprob: float = Field(description="log-probability of the answer under the model")
+    adapter: str | None = Field(description="adapter used; null for the backbone alone")
+    adapter_version: int | None = Field(description="version of the adapter that answered")
+    timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
+
+
+class CaptionResponse(BaseModel):
+    caption: str = Field(description="the generated caption")
+    logprob: float = Field(description="log-probability of the caption under the model")
+    adapter: str | None = Field(description="adapter used; null for the backbone alone")
+    adapter_version: int | None = Field(description="version of the adapter that answered")
+    timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
+
+
+class AdapterInfo(BaseModel):
+    id: str = Field(description="adapter id")
+    version: int = Field(description="version number; every upload of an id adds one")
+    kind: str = Field(description="adapter kind: lora, adapter, vlpet, ...")
+    task: str = Field(description="task the adapter was trained for")
+    trainable_parameters: int = Field(description="parameters the adapter trains")
+    sha256: str = Field(description="sha256 of the stored file")
+    size: int = Field(description="stored file size in bytes")
+    created: float = Field(description="upload time, seconds since the epoch")
+
+    @classmethod
+    def from_stored(cls, stored: StoredAdapter) -> AdapterInfo:
+        meta = stored.meta
+        return cls(id=stored.id, version=stored.version, kind=str(meta.get("kind", "")),
+                   task=str(meta.get("task", "")),
+                   trainable_parameters=int(meta.get("trainable_parameters", 0)),
+                   sha256=stored.sha256, size=stored.size, created=stored.created)
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo] = Field(description="latest version of every adapter, by id")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = Field(description="always 'ok' when the server answers")
+    backbone: str = Field(description="backbone name")
+    fingerprint: str = Field(description="backbone fingerprint adapters must match")
+    feature_dim: int = Field(description="width of rows in `features`")
+    accepts_pixels: bool = Field(description="false: features only (no vision encoder)")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. adapter_not_found")
+    message: str = Field(description="what was wrong, in one sentence")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def finite_or_floor(x: float) -> float:
+    """JSON has no -inf: a hopeless answer gets the most negative finite double instead."""
+    return x if math.isfinite(x) else -1.7976931348623157e308
+
+
+def describe_validation_error(errors: list[dict]) -> str:
+    """pydantic/FastAPI error list -> 'question: String should have at most 1024 characters'."""
+    parts = []
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        where = ".".join(loc) if loc else "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def validation_api_error(e: ValidationError) -> ApiError:
+    """A pydantic ValidationError as the ApiError the client sees (400 for unparseable JSON)."""
+    errors = e.errors(include_url=False, include_input=False)
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return ApiError.bad_request("invalid_json", "the body is not valid JSON: "
+                                    + describe_validation_error(errors))
+    return ApiError.unprocessable("invalid_request", describe_validation_error(errors))
+
+
+def _form_schema(title: str, text_fields: dict, required: list[str]) -> dict:
+    binary = {"type": "string", "format": "binary"}
+    props = dict(text_fields)
+    props.update({
+        "adapter": {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$", "description": _ADAPTER_DOC},
+        "image": {**binary, "description": "image file"},
+        "video": {**binary, "description": "video file"},
+        "features": {"type": "string", "description": "JSON array: " + _FEATURES_DOC},
+        "boxes": {"type": "string", "description": "JSON array of [x1, y1, x2, y2] rows"},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_TOKENS},
+        "num_beams": {"type": "integer", "minimum": 1, "maximum": MAX_BEAMS},
+    })
+    return {"title": title, "type": "object", "properties": props, "required": required,
+            "additionalProperties": False}
+
+
+VQA_FORM_SCHEMA = _form_schema("VqaForm", {
+    "question": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS},
+    "task": {"type": "string", "enum": ["vqa", "gqa", "nlvr"]},
+    "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+               "minItems": 2, "maxItems": 2, "description": "two image files (nlvr)"},
+}, ["question"])
+CAPTION_FORM_SCHEMA = _form_schema("CaptionForm", {
+    "prompt": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+}, [])
+
+
+# ---- body -> engine request -----------------------------------------------------------------
+
+
+@dataclass
+class MediaBytes:
+    """Raw media of one request, however it arrived (base64 in JSON, or multipart files)."""
+
+    image: bytes | None = None
+    pair: list[bytes] = field(default_factory=list)     # `images`: the nlvr pair
+    video: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the ingress must know about the backbone to check a request before queueing it."""
+
+    feature_dim: int
+    accepts_pixels: bool
+    video_frames: int
+
+
+def media_from_json(body: GenerationFields, limits: MediaLimits) -> MediaBytes:
+    """Decode the base64 media fields (size limits are checked before decoding)."""
+    def b64(value: str | None, name: str, max_bytes: int) -> bytes | None:
+        return None if value is None else decode_base64(value, field=name, max_bytes=max_bytes)
+    pair = getattr(body, "images", None) or []
+    return MediaBytes(
+        image=b64(body.image, "image", limits.max_image_bytes),
+        pair=[b64(v, f"images[{i}]", limits.max_image_bytes) for i, v in enumerate(pair)],
+        video=b64(body.video, "video", limits.max_video_bytes))
+
+
+def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes,
+                            inputs: ModelInputs, limits: MediaLimits):
+    """Check the cross-field rules, decode the media, and return a serving.engine request.
+
+    Raises ApiError: 422 for a missing/ambiguous media source, a task that does not fit the
+    media, or features of the wrong shape; 4xx from serving.media for undecodable media.
+    CPU-heavy (image/video decoding): call it off the event loop.
+    """
+    from serving.engine import InferenceRequest
+    source = _single_source(body, media)
+    if source in ("image", "images", "video") and not inputs.accepts_pixels:
+        raise ApiError.unprocessable("features_only", "this backbone has no vision encoder; "
+                                     "send precomputed `features` instead of pixels")
+    task = _resolve_task(body, source)
+    images, frames, features, boxes = [], None, None, None
+    if source == "image":
+        images = [decode_image(media.image, limits, field="image")]
+    elif source == "images":
+        images = [decode_image(b, limits, field=f"images[{i}]") for i, b in enumerate(media.pair)]
+    elif source == "video":
+        frames = decode_video(media.video, limits, inputs.video_frames, field="video")
+    else:
+        features, boxes = _feature_arrays(body, inputs.feature_dim)
+    text = body.question if isinstance(body, VqaRequest) else body.prompt
+    return InferenceRequest(adapter=body.adapter, task=task, text=text, images=images,
+                            frames=frames, features=features, boxes=boxes,
+                            max_new_tokens=body.max_new_tokens, num_beams=body.num_beams)
+
+
+def _single_source(body: GenerationFields, media: MediaBytes) -> str:
+    present = [name for name, value in (("image", media.image), ("images", media.pair),
+                                        ("video", media.video), ("features", body.features))
+               if value]
+    allowed = "image, images, video or features" if isinstance(body, VqaRequest) else \
+        "image, video or features"
+    if not present:
+        raise ApiError.unprocessable("missing_media", f"give one of {allowed}")
+    if len(present) > 1:
+        raise ApiError.unprocessable(
+            "ambiguous_media", f"give only one of {allowed} (got {', '.join(present)})")
+    if body.boxes is not None and present[0] != "features":
+        raise ApiError.unprocessable("invalid_request", "boxes: only allowed with features")
+    return present[0]
+
+
+def _resolve_task(body: VqaRequest | CaptionRequest, source: str) -> str:
+    if isinstance(body, CaptionRequest):
+        return "video_caption" if source == "video" else "caption"
+    task = body.task or ("nlvr" if source == "images" else "vqa")
+    if source == "video":
+        if task != "vqa":
+            raise ApiError.unprocessable(
+                "invalid_task", f"task {task!r} does not take a video (video questions are vqa)")
+        return "video_qa"
+    if task == "nlvr" and source != "images":
+        raise ApiError.unprocessable(
+            "invalid_task", "task nlvr needs exactly two images in `images`")
+    if source == "images" and task != "nlvr":
+        raise ApiError.unprocessable(
+            "invalid_task", f"`images` (an image pair) is for task nlvr, not {task!r}")
+    return task
+
+
+def _feature_arrays(body: GenerationFields, feature_dim: int):
+    widths = {len(row) for row in body.features}
+    if widths != {feature_dim}:
+        raise ApiError.unprocessable(
+            "invalid_features", f"features: every row must have {feature_dim} values "
+            f"(the backbone's feature_dim); got widths {sorted(widths)[:5]}")
+    features = np.asarray(body.features, dtype=np.float32)
+    if not np.isfinite(features).all():     # finite doubles can still overflow float32
+        raise ApiError.unprocessable("invalid_features", "features: values overflow float32")
+    if body.boxes is None:
+        return features, None
+    if len(body.boxes) != len(body.features):
+        raise ApiError.unprocessable(
+            "invalid_features", f"boxes: need one box per feature row ({len(body.features)}), "
+            f"got {len(body.boxes)}")
+    return features, np.asarray(body.boxes, dtype=np.float32)

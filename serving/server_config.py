@@ -1,0 +1,122 @@
+"""ServerConfig: everything `petserve serve`, `serve run` and the tests configure, validated once.
+
+Loadable from CLI arguments (`ServerConfig(**overrides)`), from a YAML file (`from_yaml`) and from
+the `args:` block of a Ray Serve config (`model_validate`). Unknown keys are an error, so a typo in
+a YAML file is reported instead of silently ignored.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.media import MediaLimits
+
+DEFAULT_STORE = Path("~/.cache/petserve/store")
+DEFAULT_TOKEN_ENV = "PETSERVE_TOKEN"
+
+
+def default_store_dir() -> Path:
+    """`PETSERVE_STORE` when set, else ~/.cache/petserve/store."""
+    return Path(os.environ.get("PETSERVE_STORE") or DEFAULT_STORE).expanduser()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Strict):
+    """Mirror of serving.engine.EngineConfig (see there for what each knob does)."""
+
+    num_slots: int = Field(16, ge=1, le=4096)
+    cpu_cache_adapters: int = Field(64, ge=0)
+    max_batch_rows: int = Field(32, ge=1)
+    max_prefill_tokens: int = Field(4096, ge=1)
+    max_queue: int = Field(256, ge=1)
+    feature_cache_items: int = Field(1024, ge=0)
+    max_new_tokens_cap: int = Field(64, ge=1, le=64)
+    max_beams: int = Field(5, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _beams_fit_a_batch(self) -> EngineSettings:
+        if self.max_beams > self.max_batch_rows:
+            raise ValueError("max_beams must not exceed max_batch_rows (a beam is a batch row)")
+        return self
+
+    def to_engine_config(self):
+        from serving.engine import EngineConfig
+        return EngineConfig(**self.model_dump())
+
+
+class MediaSettings(_Strict):
+    """Per-request media limits (serving.media.MediaLimits) and how many frames a video gives."""
+
+    max_image_bytes: int = Field(10 * 2**20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_side: int = Field(8192, ge=1)
+    max_video_bytes: int = Field(64 * 2**20, ge=1)
+    max_video_seconds: float = Field(600.0, gt=0)
+    max_video_frame_pixels: int = Field(3840 * 2160, ge=1)
+    video_frames: int = Field(8, ge=1, le=32)
+
+    def limits(self) -> MediaLimits:
+        fields = self.model_dump(exclude={"video_frames"})
+        return MediaLimits(max_video_frames_sampled=self.video_frames, **fields)
+
+
+class AutoscalingSettings(_Strict):
+    """Ray Serve autoscaling of the backbone deployment (replaces a fixed `replicas`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(32.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ServerConfig(_Strict):
+    """One petserve server. `backbone=None` means the embedded default (tiny + demo adapters)."""
+
+    backbone: str | None = Field(None, description="preset name or backbone directory")
+    store_dir: Path = Field(default_factory=default_store_dir)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: str | None = Field(None, description="write token; None: read token_env, else generate")
+    token_env: str = DEFAULT_TOKEN_ENV
+    auth_reads: bool = Field(False, description="also require the token for inference and reads")
+    replicas: int = Field(1, ge=1, description="backbone replicas (one per GPU when GPUs exist)")
+    ingress_replicas: int = Field(1, ge=1)
+    backbone_cpus: float = Field(1.0, ge=0, description="CPUs reserved per backbone replica")
+    ingress_cpus: float = Field(0.5, ge=0, description="CPUs reserved per ingress replica")
+    autoscaling: AutoscalingSettings | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    max_body_bytes: int = Field(128 * 2**20, ge=1024, description="largest inference request")
+    max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload")
+    metrics_push_interval_s: float = Field(1.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Ray Serve replica logs (INFO adds one access line per request)")
+
+    @field_validator("store_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return Path(value).expanduser()
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> ServerConfig:
+        import yaml
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(data)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
