@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import records_grad, use_triton
 from kernels.segments import SegmentMeta
 from kernels.stacks import LowRankStack
+
+# CPU heuristic (see prefers_gathered). Measured with one thread on a shared 2-core AMD EPYC
+# (d 64 and 512, rank 8, 1-32 slots): the reference costs ~25-40 us of per-call overhead per slot
+# present, the gathered path ~0.6 ns per weight element it copies; they break even at ~64K
+# elements copied per slot present. Half that keeps a margin.
+GATHER_MIN_SEGMENTS = 2
+GATHER_ELEMENTS_PER_SEGMENT = 32 * 1024
+GATHER_CACHE_ELEMENTS = 1 << 20     # gathered weights kept per (step, stack): 4 MiB in fp32
 
 
 def add_lowrank(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, seg: SegmentMeta) -> torch.Tensor:
@@ -19,14 +27,34 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, seg: SegmentM
 
     x: (N, d_in); y: (N, d_out), written in place. Tokens with slot -1, and slots of rank 0, are
     left untouched. Compute is proportional to each slot's own rank, not the largest in the stack.
-    CUDA tensors take the Triton kernels unless autograd records the op (training).
+    CUDA tensors take the Triton kernels unless autograd records the op (training). Elsewhere:
+    :func:`add_lowrank_gathered` for decode-shaped steps (many slots, few tokens each: one bmm
+    pair per distinct rank instead of one GEMM pair per slot, whose per-call overhead dominates
+    at a few tokens), else :func:`add_lowrank_reference` (few slots, or many tokens per slot,
+    where gathering a weight copy per token would cost more than the GEMMs).
     """
     if not seg.slots:
         return y
     if use_triton(x, x, y, w.A, w.B, w.scale):
         from kernels.triton_lowrank import add_lowrank_triton
         return add_lowrank_triton(y, x, w, seg)
+    if prefers_gathered(seg, w) and not records_grad(x, y, w.A, w.B, w.scale):
+        return add_lowrank_gathered(y, x, w, seg)
     return add_lowrank_reference(y, x, w, seg)
+
+
+def prefers_gathered(seg: SegmentMeta, w: LowRankStack) -> bool:
+    """Whether :func:`add_lowrank_gathered` beats the per-slot reference on the CPU: at least
+    GATHER_MIN_SEGMENTS slots present, and the weights it would copy (tokens * max rank *
+    (d_in + d_out) elements) stay under GATHER_ELEMENTS_PER_SEGMENT per slot present. Decode steps
+    (one token per row, rows spread over many adapters) take it; prefills and single-adapter
+    batches take the reference."""
+    n = len(seg.slots)
+    if n < GATHER_MIN_SEGMENTS:
+        return False
+    rank = max(w.ranks_host[s] for s in seg.slots)
+    copied = sum(seg.counts) * rank * (w.A.shape[2] + w.B.shape[1])
+    return copied <= GATHER_ELEMENTS_PER_SEGMENT * n
 
 
 def add_lowrank_reference(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
@@ -42,6 +70,84 @@ def add_lowrank_reference(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
         # multi-threaded CPU kernel, which stalls on busy machines.
         y.index_copy_(0, idx, y.index_select(0, idx) + delta * w.scale[s].to(delta.dtype))
     return y
+
+
+def add_lowrank_gathered(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
+                         seg: SegmentMeta) -> torch.Tensor:
+    """:func:`add_lowrank` as one pair of batched matmuls per distinct rank r present::
+
+        idx = tokens whose slot has rank r;  s = token_slots[idx]      # (n,)
+        h = bmm(x[idx, None, :], A[s, :r].mT)                          # (n, 1, r)
+        y[idx] += bmm(h, (scale[s, None, None] * B[s, :, :r]).mT)[:, 0]  # (n, d_out)
+
+    Each token gets its own copy of its slot's A and B (n * r * (d_in + d_out) elements), so
+    this pays off only when slots hold few tokens each (see :func:`prefers_gathered`). The copies
+    are kept on ``seg`` (:func:`gathered_weights`): the weights of the slots a step's tokens use
+    must not change while its SegmentMeta is in use, which the slot pool guarantees (a slot
+    referenced by rows in flight is never rewritten).
+    """
+    for r, idx, a, b in gathered_weights(w, seg):
+        xs = x if idx is None else x.index_select(0, idx)
+        # Row vector times matrix, (1, d_in) @ (d_in, r): torch's CPU bmm is several times
+        # faster in this orientation than as matrix times column vector.
+        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))             # (n, 1, r)
+        if idx is None:
+            y.unsqueeze(1).baddbmm_(h, b.transpose(1, 2))             # (n, 1, d_out) in place
+        else:
+            delta = torch.bmm(h, b.transpose(1, 2)).squeeze(1)        # (n, d_out)
+            y.index_copy_(0, idx, y.index_select(0, idx) + delta)
+    return y
+
+
+def gathered_weights(w: LowRankStack, seg: SegmentMeta) -> list:
+    """[(r, token indices or None, A[s, :r] (n, r, d_in), scale[s] * B[s, :, :r] (n, d_out, r))]
+    per rank group (:func:`rank_groups`). Kept on ``seg`` for the next call with the same stack
+    (decode steps reuse one SegmentMeta until a row joins or leaves) unless larger than
+    GATHER_CACHE_ELEMENTS; a stack whose tensors were replaced (grown) is gathered again."""
+    key = ("lowrank_weights", id(w))
+    stamp = (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr(),
+             tuple(w.ranks_host[s] for s in seg.slots))
+    hit = seg._device_cache.get(key)
+    if hit is not None and hit[0] is w and hit[1] == stamp:
+        return hit[2]
+    out = []
+    for r, idx, slots in rank_groups(w, seg):
+        a = w.A[:, :r].index_select(0, slots)                         # (n, r, d_in)
+        b = w.B[:, :, :r].index_select(0, slots)                      # (n, d_out, r)
+        out.append((r, idx, a, b * w.scale.index_select(0, slots).to(b.dtype).view(-1, 1, 1)))
+    if sum(a.numel() + b.numel() for _, _, a, b in out) <= GATHER_CACHE_ELEMENTS:
+        seg._device_cache[key] = (w, stamp, out)                      # holds w: id stays unique
+    return out
+
+
+def rank_groups(w: LowRankStack, seg: SegmentMeta) -> list[tuple[int, torch.Tensor | None,
+                                                                   torch.Tensor]]:
+    """[(rank r, token indices or None = every token in order, slot of each)] for the ranks > 0
+    of the slots present. Cached on ``seg`` per pattern of ranks: the layers of a step share it."""
+    ranks = tuple(w.ranks_host[s] for s in seg.slots)
+    key = ("lowrank_groups", ranks)
+    if key not in seg._device_cache:
+        seg._device_cache[key] = _build_rank_groups(seg, ranks)
+    return seg._device_cache[key]
+
+
+def _build_rank_groups(seg: SegmentMeta, ranks: tuple[int, ...]) -> list:
+    n, adapted = seg.num_tokens, sum(seg.counts)
+    if len(set(ranks)) == 1 and ranks[0] > 0:       # the common case: one rank, no tensor work
+        if adapted == n:
+            return [(ranks[0], None, seg.token_slots)]
+        idx = seg.order[n - adapted:]                # slot -1 tokens sort first
+        return [(ranks[0], idx, seg.token_slots.index_select(0, idx))]
+    dev, slots = seg.token_slots.device, seg.token_slots.cpu()
+    rank_of_slot = torch.zeros(max(seg.slots) + 2, dtype=torch.int64)   # index -1 -> last: 0
+    rank_of_slot[torch.tensor(seg.slots)] = torch.tensor(ranks, dtype=torch.int64)
+    token_rank = rank_of_slot[slots]
+    groups = []
+    for r in sorted(set(ranks) - {0}):
+        idx = torch.nonzero(token_rank == r).flatten()
+        every = idx.numel() == n                                        # all tokens, in order
+        groups.append((r, None if every else idx.to(dev), slots[idx].to(dev)))
+    return groups
 
 
 def add_lowrank_loop(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,

@@ -169,8 +169,10 @@ def _prompt(model, length, seed):
 @pytest.mark.parametrize("family", ["tiny_t5", "tiny_bart"])
 def test_prompt_rows_of_different_lengths_beside_plain_rows_equal_each_row_alone(family, request):
     model = request.getfixturevalue(family)
+    # The LoRA row is a bystander; scale 1 (alpha = r) keeps random B from amplifying fp32 rounding
+    # of the wider padded attention past 1e-5 (at scale 8 it reaches 2e-5 with either LoRA path).
     compiled = [_prompt(model, 1, 0), _prompt(model, 6, 1), _prompt(model, 3, 2),
-                get_kind("lora").compile(*random_adapter(model, "lora", {"r": 4}, 3), model)]
+                get_kind("lora").compile(*random_adapter(model, "lora", {"r": 4, "alpha": 4}, 3), model)]
     rows, slots = _rows(model, 6), [1, -1, 0, 2, 3, 1]
     mixed = _logits(model, compiled, rows, slots)
     for i, s in enumerate(slots):

@@ -1,0 +1,76 @@
+"""The serving benchmarks' --smoke modes run end to end and write the rows the plots and the README
+table read; the engine's smoke run also checks that PEFT and the engine generate the same tokens."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from benchmarks import bench_engine, bench_serving, plot_serving  # noqa: E402
+from benchmarks.workloads import Workload, draw_adapters, make_requests  # noqa: E402
+
+ROW_KEYS = {"setup", "metrics", "device", "commit"}
+THROUGHPUT = {"requests", "elapsed_s", "requests_per_s", "tokens_per_s"}
+LATENCY = {"latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "queue_ms_p50", "queue_ms_p99"}
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The scripts set torch's thread count for their process; give it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def read_rows(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows and all(set(r) == ROW_KEYS for r in rows)
+    return rows
+
+
+def test_workload_popularity_laws():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    zipf = np.bincount(draw_adapters("zipf", 50, 4000, rng), minlength=50)
+    uniform = np.bincount(draw_adapters("uniform", 50, 4000, rng), minlength=50)
+    assert zipf[0] > 0.3 * 4000 and zipf[0] > 5 * zipf[4]       # 1 / zeta(1.5) ~ 0.38
+    assert uniform.min() > 40 and uniform.max() < 130
+    assert {r.adapter for r in make_requests(Workload("single", 8, requests=20))} == {"a0000"}
+    assert all(r.adapter.startswith("m") for r in make_requests(Workload(kinds="mixed")))
+
+
+def test_bench_engine_smoke(tmp_path):
+    out = tmp_path / "engine.jsonl"
+    assert bench_engine.main(["--smoke", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    runs = [r for r in rows if r["setup"]["bench"] == "engine"]
+    assert {r["setup"]["system"] for r in runs} == set(bench_engine.SYSTEMS)
+    for r in runs:
+        assert THROUGHPUT <= set(r["metrics"]) and r["metrics"]["requests_per_s"] > 0
+        assert r["metrics"]["tokens"] == r["metrics"]["requests"] * r["setup"]["max_new_tokens"]
+        if r["setup"]["system"] == "engine":
+            assert LATENCY <= set(r["metrics"]) and 0 <= r["metrics"]["slot_hit_rate"] <= 1
+    acc = [r for r in rows if r["setup"]["bench"] == "engine_acceptance"]
+    assert len(acc) == 1
+    m = acc[0]["metrics"]
+    assert {"ratio_vs_single", "ratio_vs_peft", "pass_vs_single", "pass_vs_peft"} <= set(m)
+    assert m["outputs_equal_peft"] == 1.0       # same weights, same greedy tokens
+    assert plot_serving.main([str(out)]) == 0 and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_serving_smoke(tmp_path):
+    out = tmp_path / "serving.jsonl"
+    assert bench_serving.main(["--smoke", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert {r["setup"]["mode"] for r in rows} == {"closed", "open"}
+    assert {r["setup"]["kinds"] for r in rows} == {"lora", "mixed"}
+    for r in rows:
+        m = r["metrics"]
+        assert THROUGHPUT | LATENCY <= set(m) and m["errors"] == 0 and m["ok"] == m["requests"]
+        assert len(m["latency_ms_quantiles"]) == 101 and 0 <= m["slot_hit_rate"] <= 1
+    assert plot_serving.main([str(out)]) == 0
+    assert (tmp_path / "serving_latency_cdf.png").stat().st_size > 0
