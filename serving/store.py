@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ADAPTER_ID_RE = r"[a-z0-9][a-z0-9._-]{0,63}"  # must match the whole id
 DEFAULT_MAX_BYTES = 512 * 2**20
 DEFAULT_KEEP_VERSIONS = 3
+RACY_S = 0.05        # see LocalDirStore._scan_cached
 
 _ID = re.compile(ADAPTER_ID_RE)
 _VERSION_FILE = re.compile(r"v([1-9][0-9]{0,17})\.(safetensors|json)")
@@ -304,6 +305,7 @@ class LocalDirStore:
         self.verify_sha256 = verify_sha256
         self._index: dict[str, StoredAdapter] = {}
         self._index_lock = threading.Lock()
+        self._scans: dict[str, tuple[tuple[int, int], dict[int, StoredAdapter]]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
         for adapter_id in self._ids_on_disk():
             self._clean(self.root / adapter_id)
@@ -313,7 +315,7 @@ class LocalDirStore:
 
     def get(self, adapter_id: str, version: int | None = None) -> StoredAdapter:
         adapter_id = validate_adapter_id(adapter_id)
-        versions = _scan_id(self.root / adapter_id, adapter_id, verify=False)
+        versions = self._scan_cached(adapter_id)
         self._remember(adapter_id, versions)
         if not versions:
             raise _not_found(adapter_id)
@@ -322,6 +324,25 @@ class LocalDirStore:
         if version not in versions:
             raise _not_found(adapter_id, version)
         return versions[version]
+
+    def _scan_cached(self, adapter_id: str) -> dict[int, StoredAdapter]:
+        """_scan_id, memoised on the id directory's mtime. Every visible change renames or unlinks
+        an entry there, which moves the mtime; a directory changed within the last RACY_S is
+        rescanned every time, because file-system timestamps are coarse (two changes inside one
+        clock tick share an mtime), as git does for "racily clean" files."""
+        id_dir = self.root / adapter_id
+        try:
+            st = os.stat(id_dir)
+        except FileNotFoundError:
+            return {}
+        key = (st.st_ino, st.st_mtime_ns)
+        hit = self._scans.get(adapter_id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        versions = _scan_id(id_dir, adapter_id, verify=False)
+        if time.time_ns() - st.st_mtime_ns > RACY_S * 1e9:
+            self._scans[adapter_id] = (key, versions)
+        return versions
 
     def path(self, adapter_id: str, version: int | None = None) -> Path:
         return self._blob(self.get(adapter_id, version))

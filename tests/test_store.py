@@ -253,3 +253,21 @@ def test_prune_ignores_orphans_of_a_crashed_writer(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a").glob("v*")) == [
         "v3.json", "v3.safetensors", "v4.json", "v4.safetensors",
     ]
+
+
+def test_memoised_reads_still_see_other_writers(tmp_path: Path) -> None:
+    """get() memoises one id's scan on its directory mtime: changes by another instance (another
+    replica) after the memo was taken are still seen, puts and deletes alike."""
+    reader, writer = LocalDirStore(tmp_path), LocalDirStore(tmp_path)
+    writer.put("a", b"one", {})
+    time.sleep(0.12)                         # past the racy window: the next get memoises
+    assert reader.get("a").version == 1
+    assert reader.get("a").version == 1      # served from the memo
+    writer.put("a", b"two", {})
+    assert reader.get("a").version == 2
+    time.sleep(0.12)
+    assert reader.get("a").version == 2
+    writer.delete("a")
+    with pytest.raises(ApiError) as err:
+        reader.get("a")
+    assert err.value.status == 404
