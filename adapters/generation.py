@@ -127,6 +127,35 @@ class DecodeState:
     tokens: torch.Tensor            # (R,) last token of each row
     pos: torch.Tensor               # (R,) position of that token
 
+    @staticmethod
+    def concat(states: list["DecodeState"]) -> "DecodeState":
+        """Rows of every state in order (continuous batching: new rows join running ones);
+        histories and encoder lengths are padded, positions stay per row."""
+        meta = BatchMeta.concat([s.ctx.meta for s in states])
+        return DecodeState(DecoderCache.concat([s.cache for s in states]),
+                           StepContext(states[0].ctx.weights, meta),
+                           torch.cat([s.tokens for s in states]), torch.cat([s.pos for s in states]))
+
+    def compact(self) -> "DecodeState":
+        """Drop leading self-attention columns no row uses any more and trailing encoder columns
+        that are padding for every row (rows that left were the only ones there). Without it a
+        batch that never drains grows its cache with every step it has ever run."""
+        cache, meta = self.cache, self.ctx.meta
+        empty_keys = ~(cache.key_pos >= 0).any(0)                 # (L,)
+        pad_enc = ~cache.enc_valid.any(0)                         # (T,)
+        lead, trail = torch.stack([empty_keys.long().cumprod(0).sum(),
+                                   pad_enc.flip(0).long().cumprod(0).sum()]).tolist()
+        if lead == 0 and trail == 0:
+            return self
+        T = cache.enc_valid.shape[1] - trail
+        keys = lambda ts: [t[:, :, lead:] for t in ts]  # noqa: E731
+        enc = lambda ts: [t[:, :, :T] for t in ts]  # noqa: E731
+        cache = DecoderCache(keys(cache.self_k), keys(cache.self_v), cache.key_pos[:, lead:],
+                             enc(cache.cross_k), enc(cache.cross_v), cache.enc_valid[:, :T])
+        valid = None if meta.enc_valid is None else meta.enc_valid[:, :T]
+        ctx = StepContext(self.ctx.weights, BatchMeta(meta.row_slots, meta.num_slots, valid))
+        return DecodeState(cache, ctx, self.tokens, self.pos)
+
 
 def prefill(model: VLModel, weights: RuntimeWeights, requests: list[GenerationRequest],
             searchers: list) -> DecodeState:

@@ -26,13 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.backbone.cache import DecoderCache
 from adapters.backbone.model import RowInput
 from adapters.backbone.visual import VisualTokens
 from adapters.generation import (BeamSearch, DecodeState, GenerationRequest, GenerationResult,
                                  GreedySearch, decode_step, prefill)
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
 from serving.errors import ApiError
 from serving.feature_cache import FeatureCache
 from serving.slot_pool import SlotPool
@@ -263,7 +260,7 @@ class Scheduler:
             gen = [GenerationRequest(RowInput(j.ids, j.visual), j.slot, j.max_new_tokens, j.num_beams)
                    for j in jobs]
             state = prefill(self.model, self.pool.bank, gen, searchers)
-            merged = state if self._state is None else merge_states(self._state, state, self.pool.bank)
+            merged = state if self._state is None else DecodeState.concat([self._state, state])
         except Exception as e:  # noqa: BLE001
             log.exception("prefill of %d jobs failed", len(jobs))
             for j in jobs:
@@ -331,10 +328,9 @@ class Scheduler:
         if len(parents) == n and parents == list(range(n)):
             return DecodeState(st.cache, st.ctx, tokens, st.pos + 1)
         idx = torch.tensor(parents, device=dev)
-        cache, ctx = st.cache.select(idx), st.ctx.select(idx)
-        if len(parents) < n:
-            cache, ctx = compact(cache, ctx)
-        return DecodeState(cache, ctx, tokens, st.pos.index_select(0, idx) + 1)
+        kept = DecodeState(st.cache.select(idx), st.ctx.select(idx), tokens,
+                           st.pos.index_select(0, idx) + 1)
+        return kept.compact() if len(parents) < n else kept
 
     # ---- completion ----------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
@@ -370,29 +366,3 @@ def new_searcher(num_beams: int, max_new_tokens: int, eos_id: int):
         return BeamSearch(num_beams, max_new_tokens, eos_id)
     return RowGreedy(max_new_tokens, eos_id)
 
-
-def merge_states(running: DecodeState, new: DecodeState, weights) -> DecodeState:
-    """Rows of ``running`` then rows of ``new`` in one state (histories / encoder lengths padded)."""
-    meta = BatchMeta.concat([running.ctx.meta, new.ctx.meta])
-    return DecodeState(DecoderCache.concat([running.cache, new.cache]), StepContext(weights, meta),
-                       torch.cat([running.tokens, new.tokens]), torch.cat([running.pos, new.pos]))
-
-
-def compact(cache: DecoderCache, ctx: StepContext) -> tuple[DecoderCache, StepContext]:
-    """Drop leading self-attention columns no row uses (rows that left were the only ones there)
-    and trailing encoder columns that are padding for every row. Without it a replica that never
-    drains would grow its cache with every step it has ever run."""
-    empty_key_cols = ~(cache.key_pos >= 0).any(0)            # (L,)
-    pad_enc_cols = ~cache.enc_valid.any(0)                   # (T,)
-    lead, trail = torch.stack([empty_key_cols.long().cumprod(0).sum(),
-                               pad_enc_cols.flip(0).long().cumprod(0).sum()]).tolist()
-    if lead == 0 and trail == 0:
-        return cache, ctx
-    T = cache.enc_valid.shape[1] - trail
-    keep_k = lambda ts: [t[:, :, lead:] for t in ts]  # noqa: E731
-    keep_x = lambda ts: [t[:, :, :T] for t in ts]  # noqa: E731
-    out = DecoderCache(keep_k(cache.self_k), keep_k(cache.self_v), cache.key_pos[:, lead:],
-                       keep_x(cache.cross_k), keep_x(cache.cross_v), cache.enc_valid[:, :T])
-    meta = ctx.meta
-    valid = None if meta.enc_valid is None else meta.enc_valid[:, :T]
-    return out, StepContext(ctx.weights, BatchMeta(meta.row_slots, meta.num_slots, valid))
