@@ -26,7 +26,7 @@ import torch
 from kernels.bottleneck import act, bottleneck_residual_reference
 from kernels.lowrank import add_lowrank_loop, add_lowrank_reference
 from kernels.segments import SegmentMeta
-from kernels.stacks import GATE_NAMES, GATE_SMALL, BottleneckStack, LowRankStack
+from kernels.stacks import GATE_NAMES, BottleneckStack, LowRankStack
 
 PEAK_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}  # first match wins
 WIDTH = 768  # d_model of T5-base and BART-base

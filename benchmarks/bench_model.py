@@ -18,7 +18,6 @@ import torch
 
 from adapters.backbone import build_backbone
 from adapters.backbone.model import RowInput
-from adapters.backbone.visual import feature_tokens
 from adapters.kinds import get_kind
 from adapters.runtime.bank import SlotBank
 from adapters.runtime.context import StepContext

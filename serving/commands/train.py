@@ -1,13 +1,195 @@
-"""``petserve train``: not built yet."""
+"""``petserve train``: train one adapter of any kind on the frozen backbone, write it, maybe push it.
+
+Every flag is taken as a string and validated by :class:`TrainArgs` (pydantic), so any bad argument
+is one ``petserve: error: ...`` line (exit 2). Extra ``--name value`` pairs are the kind's options.
+"""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from serving.cli import CliError
+from serving.commands.options import make_config, parse_kind_options
+
+FLAGS = ("kind", "task", "data", "out", "backbone", "steps", "epochs", "batch_size", "lr",
+         "warmup_ratio", "clip_grad", "weight_decay", "seed", "train_size", "eval_data", "eval_size",
+         "eval_every", "num_beams", "checkpoint_dir", "push", "id", "token")
+SOURCES = "demo:TASK_ID, demo-video:TASK_ID, FILE.jsonl, vqav2:QUESTIONS,ANNOTATIONS,IMAGE_DIR or " \
+          "coco:CAPTIONS,IMAGE_DIR"
+
+
+class TrainArgs(BaseModel):
+    """The validated command line (defaults: VL-Adapter / VL-PET's recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    task: Literal["vqa", "gqa", "nlvr", "caption", "video_qa", "video_caption"]
+    data: str
+    out: Path
+    backbone: str = "demo"
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    clip_grad: float = Field(5.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 0
+    train_size: int = Field(1000, ge=1, description="examples drawn from a demo source")
+    eval_data: str | None = None
+    eval_size: int = Field(100, ge=1, description="held-out examples drawn from a demo source")
+    eval_every: int = Field(0, ge=0)
+    num_beams: int = Field(1, ge=1)
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    push: str | None = None
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("--resume needs --checkpoint-dir")
+        if self.push and not self.id:
+            raise ValueError("--push needs --id")
+        return self
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="(train: coming with its issue)")
-    p.set_defaults(run=run)
+    p = sub.add_parser("train", allow_abbrev=False, help="train one adapter on the frozen backbone",
+                       description="Train an adapter of any kind (extra --name value pairs are kind "
+                                   f"options, e.g. --r 8 --gate large). Data sources: {SOURCES}.")
+    for flag in FLAGS:
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.set_defaults(run=run, accepts_extra=True)
 
 
-def run(args, extra) -> int:
-    raise CliError("'petserve train' is not available yet")
+def parse_args(args) -> TrainArgs:
+    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    for required in ("kind", "task", "data", "out"):
+        if required not in given:
+            raise CliError(f"--{required} is required")
+    try:
+        return TrainArgs(resume=args.resume, **given)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "arguments"
+        raise CliError(f"{where}: {first['msg']}") from None
+
+
+def run(args, extra: list[str]) -> int:
+    from adapters.kinds import KINDS
+    a = parse_args(args)
+    if a.kind not in KINDS:
+        raise CliError(f"unknown kind {a.kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+    kind_cls = KINDS[a.kind]
+    cfg = make_config(kind_cls, parse_kind_options(kind_cls, extra))
+    train, held_out = load_sources(a)
+    model = load_backbone(a.backbone)
+    result = _train(model, kind_cls, cfg, train, held_out, a)
+    from adapters.training import save_trained, trained_adapter_bytes
+    save_trained(a.out, result, model, name=a.id or a.out.stem)
+    summary = {"out": str(a.out), "kind": result.kind, "task": result.task,
+               "steps": result.steps_done,
+               "loss": result.history.losses[-1] if result.history.losses else None,
+               "eval": result.history.evals[-1] if result.history.evals else None}
+    if a.push:
+        summary["pushed"] = push_adapter(a.push, a.id, a.token or os.environ.get("PETSERVE_TOKEN"),
+                                         trained_adapter_bytes(result, model, name=a.id))
+    print(json.dumps(summary))
+    return 0
+
+
+def _train(model, kind_cls, cfg, train, held_out, a: TrainArgs):
+    from adapters.training import TrainConfig, train_adapter
+    tc = TrainConfig(steps=a.steps, epochs=a.epochs or 1.0, batch_size=a.batch_size, lr=a.lr,
+                     warmup_ratio=a.warmup_ratio, clip_grad=a.clip_grad, weight_decay=a.weight_decay,
+                     seed=a.seed, eval_every=a.eval_every, num_beams=a.num_beams,
+                     checkpoint_dir=a.checkpoint_dir, resume=a.resume)
+    try:
+        return train_adapter(model, kind_cls, cfg, train, tc, eval_examples=held_out, task=a.task)
+    except ValueError as e:             # DataError included: names the file and the problem
+        raise CliError(str(e).splitlines()[0]) from None
+
+
+def load_backbone(spec: str):
+    """``demo``: the embedded default (tiny VL-T5 pre-trained on shapes); else a preset or dir."""
+    from adapters.backbone import build_backbone
+    try:
+        if spec == "demo":
+            from adapters.demo import ensure_demo_assets
+            return build_backbone(ensure_demo_assets().backbone_dir)
+        return build_backbone(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(f"--backbone: {str(e).splitlines()[0]}") from None
+
+
+def load_sources(a: TrainArgs):
+    """(training examples, held-out examples or None) from --data / --eval-data."""
+    train = load_source(a.data, a.train_size, a.seed, "--data")
+    if a.eval_data:
+        return train, load_source(a.eval_data, a.eval_size, a.seed + 1_000_003, "--eval-data")
+    if a.data.startswith(("demo:", "demo-video:")):   # a fresh draw: never seen in training
+        return train, load_source(a.data, a.eval_size, a.seed + 1_000_003, "--data")
+    if a.eval_every:
+        raise CliError("--eval-every needs --eval-data for a file data source")
+    return train, None
+
+
+def load_source(spec: str, size: int, seed: int, flag: str) -> list:
+    """Examples of a data source (see SOURCES); any problem -> CliError naming it."""
+    from adapters import data
+    scheme, _, rest = spec.partition(":")
+    try:
+        if scheme in ("demo", "demo-video"):
+            make = data.make_demo_examples if scheme == "demo" else data.make_demo_video_examples
+            return make(rest, size, seed)
+        if scheme == "vqav2":
+            return data.load_vqav2(*_parts(rest, 3, spec, flag))
+        if scheme == "coco":
+            return data.load_coco_captions(*_parts(rest, 2, spec, flag))
+        if spec.endswith(".jsonl") or Path(spec).is_file():
+            return data.load_jsonl(spec)
+    except ValueError as e:             # DataError and unknown demo task ids
+        raise CliError(f"{flag}: {str(e).splitlines()[0]}") from None
+    raise CliError(f"{flag}: unknown data source {spec!r}; use {SOURCES}")
+
+
+def _parts(rest: str, n: int, spec: str, flag: str) -> list[str]:
+    parts = rest.split(",")
+    if len(parts) != n or not all(parts):
+        raise CliError(f"{flag}: {spec!r} needs {n} comma-separated paths")
+    return parts
+
+
+def push_adapter(url: str, adapter_id: str, token: str | None, data: bytes) -> dict:
+    """PUT the adapter file to ``{url}/v1/adapters/{id}`` with a bearer token; the server's reply."""
+    import httpx
+    headers = {"Content-Type": "application/octet-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    target = f"{url.rstrip('/')}/v1/adapters/{adapter_id}"
+    try:
+        reply = httpx.put(target, content=data, headers=headers, timeout=120)
+    except httpx.HTTPError as e:
+        raise CliError(f"--push: cannot reach {target}: {e}") from None
+    if reply.status_code >= 400:
+        raise CliError(f"--push: {target} answered {reply.status_code}: {_error_message(reply)}")
+    try:
+        return reply.json()
+    except ValueError:
+        return {"status": reply.status_code}
+
+
+def _error_message(reply) -> str:
+    try:
+        return reply.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:200].replace("\n", " ")
