@@ -26,29 +26,31 @@ class TrainArgs(BaseModel):
     """The validated command line (defaults: VL-Adapter / VL-PET's recipe)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: str
-    task: Literal["vqa", "gqa", "nlvr", "caption", "video_qa", "video_caption"]
-    data: str
-    out: Path
-    backbone: str = "demo"
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
+    kind: str = Field(description="adapter kind (lora, adapter, vlpet, compacter, ...)")
+    task: Literal["vqa", "gqa", "nlvr", "caption", "video_qa", "video_caption"] = Field(
+        description="vqa, gqa, nlvr, caption, video_qa or video_caption")
+    data: str = Field(description=f"training data: {SOURCES}")
+    out: Path = Field(description="adapter file to write (.safetensors)")
+    backbone: str = Field("demo", description="demo (the embedded default), a preset or a directory")
+    steps: int | None = Field(None, ge=1, description="updates (default: --epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the data (default 1)")
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    clip_grad: float = Field(5.0, ge=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup, then linear decay")
+    clip_grad: float = Field(5.0, ge=0, description="max gradient norm (0: off)")
     weight_decay: float = Field(0.01, ge=0)
-    seed: int = 0
+    seed: int = Field(0, description="initialisation, data order and demo data")
     train_size: int = Field(1000, ge=1, description="examples drawn from a demo source")
-    eval_data: str | None = None
+    eval_data: str | None = Field(None, description="held-out data (demo sources: a fresh draw)")
     eval_size: int = Field(100, ge=1, description="held-out examples drawn from a demo source")
-    eval_every: int = Field(0, ge=0)
-    num_beams: int = Field(1, ge=1)
-    checkpoint_dir: Path | None = None
+    eval_every: int = Field(0, ge=0, description="evaluate every N updates (and at the end)")
+    num_beams: int = Field(1, ge=1, description="beam width when evaluating")
+    checkpoint_dir: Path | None = Field(None, description="checkpoint here (and --resume from it)")
     resume: bool = False
-    push: str | None = None
-    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    token: str | None = None
+    quiet: bool = False
+    push: str | None = Field(None, description="server URL to upload the adapter to")
+    id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="adapter id")
+    token: str | None = Field(None, description="API token for --push (default $PETSERVE_TOKEN)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -66,8 +68,12 @@ def register(sub) -> None:
                        description="Train an adapter of any kind (extra --name value pairs are kind "
                                    f"options, e.g. --r 8 --gate large). Data sources: {SOURCES}.")
     for flag in FLAGS:
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None)
+        info = TrainArgs.model_fields[flag]
+        default = "" if info.is_required() or info.default is None else f" (default {info.default})"
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None,
+                       help=(info.description or "") + default)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run, accepts_extra=True)
 
 
@@ -77,7 +83,7 @@ def parse_args(args) -> TrainArgs:
         if required not in given:
             raise CliError(f"--{required} is required")
     try:
-        return TrainArgs(resume=args.resume, **given)
+        return TrainArgs(resume=args.resume, quiet=args.quiet, **given)
     except ValidationError as e:
         first = e.errors()[0]
         where = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "arguments"
@@ -92,9 +98,9 @@ def run(args, extra: list[str]) -> int:
     kind_cls = KINDS[a.kind]
     cfg = make_config(kind_cls, parse_kind_options(kind_cls, extra))
     train, held_out = load_sources(a)
-    model = load_backbone(a.backbone)
+    model = load_backbone(a.backbone, a.quiet)
     result = _train(model, kind_cls, cfg, train, held_out, a)
-    from adapters.training import save_trained, trained_adapter_bytes
+    from adapters.training import save_trained
     save_trained(a.out, result, model, name=a.id or a.out.stem)
     summary = {"out": str(a.out), "kind": result.kind, "task": result.task,
                "steps": result.steps_done,
@@ -102,7 +108,7 @@ def run(args, extra: list[str]) -> int:
                "eval": result.history.evals[-1] if result.history.evals else None}
     if a.push:
         summary["pushed"] = push_adapter(a.push, a.id, a.token or os.environ.get("PETSERVE_TOKEN"),
-                                         trained_adapter_bytes(result, model, name=a.id))
+                                         a.out.read_bytes())
     print(json.dumps(summary))
     return 0
 
@@ -112,20 +118,20 @@ def _train(model, kind_cls, cfg, train, held_out, a: TrainArgs):
     tc = TrainConfig(steps=a.steps, epochs=a.epochs or 1.0, batch_size=a.batch_size, lr=a.lr,
                      warmup_ratio=a.warmup_ratio, clip_grad=a.clip_grad, weight_decay=a.weight_decay,
                      seed=a.seed, eval_every=a.eval_every, num_beams=a.num_beams,
-                     checkpoint_dir=a.checkpoint_dir, resume=a.resume)
+                     checkpoint_dir=a.checkpoint_dir, resume=a.resume, progress=not a.quiet)
     try:
         return train_adapter(model, kind_cls, cfg, train, tc, eval_examples=held_out, task=a.task)
     except ValueError as e:             # DataError included: names the file and the problem
         raise CliError(str(e).splitlines()[0]) from None
 
 
-def load_backbone(spec: str):
+def load_backbone(spec: str, quiet: bool = False):
     """``demo``: the embedded default (tiny VL-T5 pre-trained on shapes); else a preset or dir."""
     from adapters.backbone import build_backbone
     try:
         if spec == "demo":
             from adapters.demo import ensure_demo_assets
-            return build_backbone(ensure_demo_assets().backbone_dir)
+            return build_backbone(ensure_demo_assets(progress=not quiet).backbone_dir)
         return build_backbone(spec)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(f"--backbone: {str(e).splitlines()[0]}") from None

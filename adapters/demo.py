@@ -1,0 +1,304 @@
+"""The embedded default: a tiny VL-T5 pre-trained on synthetic shapes plus one adapter per demo task.
+
+``ensure_demo_assets()`` returns the assets shipped in ``adapters/demo_assets/`` when they are valid
+(manifest of this builder's recipe, backbone fingerprint, every adapter file loads on it), else the
+cached ones (``$PETSERVE_CACHE/demo``, default ``~/.cache/petserve/demo``), else builds them there.
+``python -m adapters.demo --out DIR [--check]`` rebuilds them deterministically (single-threaded, so
+the same machine gives the same bytes) and ``--check`` scores them against the targets of the issue.
+
+Demo adapters (METHODS.md §4), each of another kind, all served together from one slot bank:
+colors = LoRA, shapes = VL-PET large, count = bottleneck adapter, caption = Compacter.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapters.training.pretrain import PretrainConfig
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "demo_assets"
+MANIFEST = "manifest.json"
+ASSET_FORMAT = 1
+HELD_OUT_SEED = 9_000_001          # check / tests only: no training stream uses it
+TARGETS = {"colors": 0.95, "shapes": 0.95, "count": 0.80, "caption": 0.80}
+MISMATCHED = {"colors": "shapes", "shapes": "colors", "count": "caption", "caption": "count"}
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    task_id: str
+    kind: str
+    options: dict
+    train_size: int
+    steps: int
+    lr: float
+    seed: int
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    preset: str = "tiny"
+    # CLIP at 56 px with 8 px patches: the same 7 x 7 grid as 224 / 32, a quarter of the compute
+    vision: dict = field(default_factory=lambda: {"image_size": 56, "patch_size": 8,
+                                                  "num_hidden_layers": 3})
+    pretrain: PretrainConfig = PretrainConfig(vision_steps=3000, steps=800)
+
+
+BASE = BaseRecipe()
+RECIPES = (
+    DemoRecipe("colors", "lora", {"r": 8, "alpha": 16}, 400, 120, 3e-3, seed=101),
+    DemoRecipe("shapes", "vlpet", {"gate": "large", "r": 32, "gate_rank": 16, "decoder_r": 16},
+               400, 150, 3e-3, seed=102),
+    DemoRecipe("count", "adapter", {"reduction_factor": 4}, 1000, 400, 3e-3, seed=103),
+    DemoRecipe("caption", "compacter", {"reduction_factor": 2}, 1000, 400, 3e-3, seed=104),
+)
+
+
+@dataclass
+class DemoAssets:
+    backbone_dir: Path
+    adapters: dict[str, Path]          # task id -> adapter file
+
+
+def recipe_digest() -> str:
+    """Changes whenever the builder would build something else (the shipped files are then stale)."""
+    spec = {"format": ASSET_FORMAT, "base": asdict(BASE), "adapters": [asdict(r) for r in RECIPES]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("PETSERVE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "petserve") / "demo"
+
+
+def ensure_demo_assets(cache_dir: Path | None = None, progress: bool = True) -> DemoAssets:
+    """Valid shipped assets, else valid cached ones, else a fresh build into the cache dir."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    for directory in (SHIPPED_DIR, cache_dir):
+        assets = valid_assets(directory)
+        if assets is not None:
+            return assets
+    if progress:
+        print(f"petserve: building the demo assets into {cache_dir} (once; a few minutes on CPU)",
+              file=sys.stderr, flush=True)
+    return build_demo_assets(cache_dir, progress=progress, reuse_valid=True)
+
+
+def valid_assets(directory: Path) -> DemoAssets | None:
+    """The assets in ``directory`` if its manifest matches this builder and every file loads on the
+    backbone it names (fingerprints checked); None otherwise."""
+    from adapters.adapter_file import AdapterFileError, load_adapter
+    from adapters.backbone import build_backbone
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+        if manifest.get("recipe") != recipe_digest():
+            return None
+        assets = _assets_of(Path(directory), manifest)
+        model = build_backbone(assets.backbone_dir)
+        if model.fingerprint != manifest["fingerprint"]:
+            return None
+        for path in assets.adapters.values():
+            load_adapter(path, model)
+    except (OSError, ValueError, KeyError, AdapterFileError):
+        return None
+    return assets
+
+
+def _assets_of(directory: Path, manifest: dict) -> DemoAssets:
+    return DemoAssets(directory / manifest["backbone"],
+                      {task: directory / name for task, name in manifest["adapters"].items()})
+
+
+@contextmanager
+def single_thread():
+    """One intra-op thread: reproducible float sums, and faster on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_demo_assets(out_dir: Path, progress: bool = True, reuse_valid: bool = False) -> DemoAssets:
+    """Pre-train the base, train the four demo adapters, write everything to ``out_dir``.
+
+    Built in a temp directory beside it and renamed into place (a crash never leaves a half-written
+    directory), under a file lock. ``reuse_valid``: return what a concurrent builder we waited for
+    left in ``out_dir`` instead of building again.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(out_dir), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = valid_assets(out_dir) if reuse_valid else None
+        if done is not None:
+            return done
+        work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        try:
+            manifest = _build_into(work, progress)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            work.rename(out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _assets_of(out_dir, manifest)
+
+
+def _lock_path(out_dir: Path) -> Path:
+    """A lock file per output directory, in the temp dir (never litters a checkout)."""
+    key = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"petserve-demo-build-{key}.lock"
+
+
+def _build_into(work: Path, progress: bool) -> dict:
+    from adapters.backbone import build_backbone, save_backbone
+    from adapters.training import FeatureCache, save_trained
+    started = time.time()
+    with single_thread():
+        save_backbone(pretrained_base(progress), work / "backbone")
+        model = build_backbone(work / "backbone")        # as served: fingerprint of the saved bytes
+        cache, files = FeatureCache(model), {}
+        for recipe in RECIPES:
+            result = train_demo_adapter(model, recipe, cache, progress)
+            files[recipe.task_id] = save_trained(work / f"{recipe.task_id}.safetensors", result, model,
+                                                 name=f"demo-{recipe.task_id}").name
+    manifest = {"recipe": recipe_digest(), "fingerprint": model.fingerprint, "backbone": "backbone",
+                "adapters": files, "build_seconds": round(time.time() - started, 1)}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def pretrained_base(progress: bool = True):
+    """The tiny VL-T5 of BASE, pre-trained (see adapters.training.pretrain)."""
+    from adapters.training.pretrain import build_base, pretrain_backbone
+    model = build_base(BASE.preset, BASE.vision, BASE.pretrain.seed)
+    pretrain_backbone(model, BASE.pretrain, progress)
+    return model
+
+
+def train_demo_adapter(model, recipe: DemoRecipe, cache, progress: bool = True):
+    from adapters.data import make_demo_examples
+    from adapters.kinds import get_kind
+    from adapters.training import TrainConfig, train_adapter
+    kind = get_kind(recipe.kind)
+    examples = make_demo_examples(recipe.task_id, recipe.train_size, recipe.seed)
+    tc = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                     seed=recipe.seed, progress=progress)
+    return train_adapter(model, kind, kind.Config(**recipe.options), examples, tc, cache=cache)
+
+
+# ---- checking ----------------------------------------------------------------------------------
+@dataclass
+class DemoScores:
+    """Held-out accuracy per demo task: with its adapter, the bare backbone, a mismatched adapter
+    (MISMATCHED[task]'s adapter asked this task's question). QA: VQA accuracy; caption: exact match."""
+
+    adapter: dict[str, float]
+    bare: dict[str, float]
+    mismatched: dict[str, float]
+
+    def failures(self, margin: float = 0.30) -> list[str]:
+        out = [f"{t}: {self.adapter[t]:.3f} < target {TARGETS[t]}" for t in TARGETS
+               if self.adapter[t] < TARGETS[t]]
+        for name, other in (("bare backbone", self.bare), ("mismatched adapter", self.mismatched)):
+            out += [f"{t}: {name} {other[t]:.3f} is not {margin} below {self.adapter[t]:.3f}"
+                    for t in TARGETS if other[t] > self.adapter[t] - margin]
+        return out
+
+
+def demo_scores(assets: DemoAssets, n: int = 60, seed: int = HELD_OUT_SEED,
+                batch_size: int = 96) -> DemoScores:
+    """Serve all demo adapters from one SlotBank and answer a shuffled, mixed batch of held-out
+    requests: every task's examples on its own adapter, on no adapter and on a mismatched one."""
+    import random
+
+    from adapters.adapter_file import load_adapter
+    from adapters.backbone import build_backbone
+    from adapters.generation import GenerationRequest, generate
+    from adapters.runtime.bank import SlotBank
+    from adapters.training import BatchBuilder, FeatureCache
+    from adapters.training.evaluation import default_max_new_tokens
+    model = build_backbone(assets.backbone_dir)
+    tasks = sorted(assets.adapters)
+    bank = SlotBank(model, len(tasks))
+    for slot, task in enumerate(tasks):
+        bank.set(slot, load_adapter(assets.adapters[task], model).compile(model))
+    cache, requests, examples = FeatureCache(model), [], {}
+    for k, task in enumerate(TARGETS):
+        examples[task] = make_held_out(task, n, seed + k)
+        rows = BatchBuilder(model, examples[task], cache, examples[task][0].task).rows(list(range(n)))
+        for variant, slot in (("adapter", tasks.index(task)), ("bare", -1),
+                              ("mismatched", tasks.index(MISMATCHED[task]))):
+            requests += [(task, variant, i, GenerationRequest(row, slot, default_max_new_tokens(
+                examples[task][0].task))) for i, row in enumerate(rows)]
+    random.Random(seed).shuffle(requests)                # mix tasks and slots in every batch
+    answers = {}
+    with single_thread():
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            for (task, variant, i, _), res in zip(chunk, generate(model, bank, [r[3] for r in chunk])):
+                answers[task, variant, i] = res.text
+    return _score(answers, examples)
+
+
+def make_held_out(task: str, n: int, seed: int):
+    from adapters.data import make_demo_examples
+    return make_demo_examples(task, n, seed)
+
+
+def _score(answers: dict, examples: dict) -> DemoScores:
+    from adapters.metrics import exact_match, vqa_soft_accuracy
+    table = {}
+    for variant in ("adapter", "bare", "mismatched"):
+        table[variant] = {}
+        for task, exs in examples.items():
+            preds = [answers[task, variant, i] for i in range(len(exs))]
+            table[variant][task] = (exact_match(preds, [e.target for e in exs]) if task == "caption"
+                                    else vqa_soft_accuracy(preds, exs))
+    return DemoScores(**table)
+
+
+# ---- command line ------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapters.demo", description=(
+        "Build the demo assets (tiny pre-trained VL-T5 + four demo adapters) deterministically."))
+    parser.add_argument("--out", type=Path, help="build into this directory")
+    parser.add_argument("--check", action="store_true", help="score the assets (built, or else the "
+                        "ones ensure_demo_assets returns) on held-out images; exit 1 below target")
+    parser.add_argument("--n", type=int, default=60, help="held-out images per task for --check")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.out is None and not args.check:
+        parser.error("give --out DIR (build) and/or --check")
+    progress = not args.quiet
+    if args.out is not None:
+        started = time.time()
+        assets = build_demo_assets(args.out, progress=progress)
+        print(f"built demo assets in {args.out} in {time.time() - started:.0f} s", file=sys.stderr)
+    else:
+        assets = ensure_demo_assets(progress=progress)
+    if not args.check:
+        return 0
+    scores = demo_scores(assets, n=args.n)
+    print(json.dumps({"assets": str(assets.backbone_dir.parent), **asdict(scores)}, indent=2))
+    failures = scores.failures()
+    for line in failures:
+        print(f"below target: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

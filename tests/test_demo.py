@@ -1,0 +1,94 @@
+"""The embedded default: shipped demo assets are valid and the four demo adapters, served together
+from one slot bank in mixed batches, do their tasks on held-out images — and only their own."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from adapters import demo
+from adapters.training.pretrain import PretrainConfig
+
+STALE = ("shipped demo assets are stale or missing: rebuild them with "
+         "`python -m adapters.demo --out adapters/demo_assets --check`")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    assets = demo.valid_assets(demo.SHIPPED_DIR)
+    assert assets is not None, STALE
+    return assets
+
+
+@pytest.fixture(scope="module")
+def scores(shipped):
+    return demo.demo_scores(shipped, n=60)
+
+
+def test_shipped_assets_are_small_and_complete(shipped):
+    files = [p for p in demo.SHIPPED_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 5 * 2**20
+    assert set(shipped.adapters) == set(demo.TARGETS)
+    kinds = {json.loads(_meta(p))["kind"] for p in shipped.adapters.values()}
+    assert len(kinds) == 4                              # four different kinds
+
+
+def _meta(path) -> str:
+    from adapters.adapter_file import parse_header
+    header, _ = parse_header(path.read_bytes())
+    return header["__metadata__"]["petserve"]
+
+
+@pytest.mark.parametrize("task", sorted(demo.TARGETS))
+def test_each_adapter_reaches_its_target(scores, task):
+    assert scores.adapter[task] >= demo.TARGETS[task], scores
+
+
+@pytest.mark.parametrize("task", sorted(demo.TARGETS))
+def test_bare_backbone_and_mismatched_adapter_score_far_lower(scores, task):
+    assert scores.bare[task] <= scores.adapter[task] - 0.30, scores
+    assert scores.mismatched[task] <= scores.adapter[task] - 0.30, scores
+
+
+def test_ensure_prefers_shipped_then_cache_then_builds(shipped, tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(demo, "build_demo_assets", lambda out, **_: built.append(out))
+    assert demo.ensure_demo_assets(tmp_path / "cache").backbone_dir == shipped.backbone_dir
+    cache = tmp_path / "cache"
+    shutil.copytree(demo.SHIPPED_DIR, cache)
+    monkeypatch.setattr(demo, "SHIPPED_DIR", tmp_path / "nothing")
+    assert demo.ensure_demo_assets(cache).backbone_dir == cache / "backbone"
+    assert not built
+    monkeypatch.setenv("PETSERVE_CACHE", str(tmp_path / "env"))
+    demo.ensure_demo_assets(progress=False)
+    assert built == [tmp_path / "env" / "demo"]
+
+
+def test_stale_or_broken_assets_are_not_used(tmp_path):
+    copy = tmp_path / "assets"
+    shutil.copytree(demo.SHIPPED_DIR, copy)
+    assert demo.valid_assets(copy) is not None
+    manifest = json.loads((copy / demo.MANIFEST).read_text())
+    (copy / demo.MANIFEST).write_text(json.dumps({**manifest, "recipe": "0" * 16}))
+    assert demo.valid_assets(copy) is None                          # another recipe
+    (copy / demo.MANIFEST).write_text(json.dumps(manifest))
+    adapter = copy / manifest["adapters"]["count"]
+    adapter.write_bytes(adapter.read_bytes()[:-8])
+    assert demo.valid_assets(copy) is None                          # truncated adapter
+
+
+def test_the_builder_is_deterministic(tmp_path, monkeypatch):
+    """A miniature build (same code path, tiny step counts) twice: identical bytes, valid assets."""
+    tiny = PretrainConfig(pool_size=128, vision_steps=3, steps=3, batch_size=8)
+    monkeypatch.setattr(demo, "BASE", replace(demo.BASE, pretrain=tiny))
+    monkeypatch.setattr(demo, "RECIPES", tuple(
+        replace(r, train_size=8, steps=2, batch_size=4) for r in demo.RECIPES))
+    first = demo.build_demo_assets(tmp_path / "a", progress=False)
+    second = demo.build_demo_assets(tmp_path / "b", progress=False)
+    assert demo.valid_assets(tmp_path / "a") is not None
+    for task, path in first.adapters.items():
+        assert path.read_bytes() == second.adapters[task].read_bytes(), task
+    weights = "model.safetensors"
+    assert (first.backbone_dir / weights).read_bytes() == (second.backbone_dir / weights).read_bytes()
