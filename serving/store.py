@@ -27,15 +27,14 @@ import json
 import logging
 import os
 import re
-import secrets
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
+from serving.durable_files import (TMP_PREFIX, fsync_dir, locked, new_temp, sha256_file,
+                                   stream_to_fd, write_atomic)
 from serving.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,6 @@ RACY_S = 0.05        # see LocalDirStore._scan_cached
 
 _ID = re.compile(ADAPTER_ID_RE)
 _VERSION_FILE = re.compile(r"v([1-9][0-9]{0,17})\.(safetensors|json)")
-_TMP_PREFIX = ".tmp-"
-_CHUNK = 1 << 20
 
 
 def validate_adapter_id(adapter_id: object) -> str:
@@ -128,91 +125,6 @@ def _too_large(max_bytes: int) -> ApiError:
     return ApiError.payload_too_large(f"adapter file is larger than the limit of {max_bytes} bytes")
 
 
-# --- file-system primitives -------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Exclusive flock on lock_path. flock locks belong to the open file
-    description, so this also excludes other threads of this process."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _new_temp(directory: Path) -> tuple[Path, int]:
-    """Create an empty temp file, flock'd for as long as the fd stays open.
-
-    The lock tells start-up cleanup (maybe in another process) a live write
-    from a crash leftover; create temps under the id lock so cleanup never
-    sees one before it is locked.
-    """
-    path = directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return path, fd
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` durably. Caller holds the id lock."""
-    tmp, fd = _new_temp(path.parent)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
-    _fsync_dir(path.parent)
-
-
-def _stream_to_fd(fd: int, data: bytes | BinaryIO, max_bytes: int) -> tuple[str, int]:
-    """Write `data` to fd; return (sha256 hex, size). Raises 413 past max_bytes."""
-    digest = hashlib.sha256()
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        if len(data) > max_bytes:
-            raise _too_large(max_bytes)
-        digest.update(data)
-        _write_all(fd, data)
-        return digest.hexdigest(), len(data)
-    size = 0
-    while chunk := data.read(_CHUNK):
-        size += len(chunk)
-        if size > max_bytes:  # stop reading: the client may send gigabytes
-            raise _too_large(max_bytes)
-        digest.update(chunk)
-        _write_all(fd, chunk)
-    return digest.hexdigest(), size
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _version_files(id_dir: Path) -> dict[int, set[str]]:
     """version -> {"safetensors", "json"} as present in id_dir."""
     found: dict[int, set[str]] = {}
@@ -243,7 +155,7 @@ def _scan_id(id_dir: Path, adapter_id: str, verify: bool) -> dict[int, StoredAda
                 stored.id == adapter_id
                 and stored.version == version
                 and os.stat(blob).st_size == stored.size
-                and (not verify or _sha256_file(blob) == stored.sha256)
+                and (not verify or sha256_file(blob) == stored.sha256)
             )
         except FileNotFoundError:
             continue  # deleted or pruned while we looked
@@ -384,13 +296,13 @@ class LocalDirStore:
         if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > self.max_bytes:
             raise _too_large(self.max_bytes)  # before touching the disk
         id_dir = self._id_dir(adapter_id)
-        with _locked(id_dir / ".lock"):
-            tmp, fd = _new_temp(id_dir)
+        with locked(id_dir / ".lock"):
+            tmp, fd = new_temp(id_dir)
         try:
             # Stream outside the id lock: an upload can take minutes.
-            sha256, size = _stream_to_fd(fd, data, self.max_bytes)
+            sha256, size = stream_to_fd(fd, data, self.max_bytes)
             os.fsync(fd)
-            with _locked(id_dir / ".lock"):
+            with locked(id_dir / ".lock"):
                 draft = StoredAdapter(adapter_id, 0, sha256, size, 0.0, meta)
                 stored = self._commit(id_dir, tmp, draft)
         finally:
@@ -407,13 +319,13 @@ class LocalDirStore:
         id_dir = self.root / adapter_id
         if not id_dir.is_dir():
             raise _not_found(adapter_id)
-        with _locked(id_dir / ".lock"):
+        with locked(id_dir / ".lock"):
             versions = _scan_id(id_dir, adapter_id, verify=False)
             if not versions:
                 raise _not_found(adapter_id)
             for version in _version_files(id_dir):
                 self._remove_version(id_dir, version)
-            _fsync_dir(id_dir)
+            fsync_dir(id_dir)
         with self._index_lock:
             self._index.pop(adapter_id, None)
         return versions[max(versions)]
@@ -424,13 +336,13 @@ class LocalDirStore:
         """Give the streamed temp blob the next version number. Holds the id lock."""
         version = max([self._counter(id_dir), *_version_files(id_dir)]) + 1
         # Counter first: a crash after this point burns the number, never reuses it.
-        _write_atomic(id_dir / ".counter", f"{version}\n".encode())
+        write_atomic(id_dir / ".counter", f"{version}\n".encode())
         stored = replace(stored, version=version, created=time.time())
         blob = id_dir / f"v{version}.safetensors"
         os.rename(tmp, blob)
         try:
-            _fsync_dir(id_dir)  # the blob is durable before metadata can name it
-            _write_atomic(id_dir / f"v{version}.json", json.dumps(stored.to_json()).encode())
+            fsync_dir(id_dir)  # the blob is durable before metadata can name it
+            write_atomic(id_dir / f"v{version}.json", json.dumps(stored.to_json()).encode())
         except BaseException:
             blob.unlink(missing_ok=True)
             raise
@@ -450,7 +362,7 @@ class LocalDirStore:
         for version in files:
             if version < cutoff:
                 self._remove_version(id_dir, version)
-        _fsync_dir(id_dir)
+        fsync_dir(id_dir)
 
     @staticmethod
     def _remove_version(id_dir: Path, version: int) -> None:
@@ -468,9 +380,9 @@ class LocalDirStore:
     def _clean(self, id_dir: Path) -> None:
         """Remove crash leftovers: abandoned temp files, and blobs/metadata
         missing their partner. Holding the id lock, no commit is half-done."""
-        with _locked(id_dir / ".lock"):
+        with locked(id_dir / ".lock"):
             for name in os.listdir(id_dir):
-                if name.startswith(_TMP_PREFIX):
+                if name.startswith(TMP_PREFIX):
                     _remove_if_abandoned(id_dir / name)
             for version, kinds in _version_files(id_dir).items():
                 if len(kinds) == 1:
@@ -484,7 +396,7 @@ class LocalDirStore:
         id_dir = self.root / adapter_id
         if not id_dir.is_dir():
             id_dir.mkdir(exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return id_dir
 
     def _ids_on_disk(self) -> list[str]:
