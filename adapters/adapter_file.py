@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters.atomic_file import write_atomically
 from adapters.backbone.model import TASK_PREFIX, VLModel
 from adapters.kinds import KINDS, get_kind
 from adapters.kinds.base import KindConfig
@@ -96,19 +95,7 @@ def adapter_bytes(kind: str, config: KindConfig, params: dict[str, torch.Tensor]
 def save_adapter(path: Path, *args, **kwargs) -> Path:
     """Write :func:`adapter_bytes` to ``path`` atomically (temp file, fsync, rename)."""
     data = adapter_bytes(*args, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(Path(path), lambda f: f.write(data))
 
 
 # ---- reading -------------------------------------------------------------------------------

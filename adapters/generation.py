@@ -45,8 +45,12 @@ class GreedySearch:
     def step(self, logprobs: torch.Tensor) -> tuple[list[int], list[int]]:
         """logprobs (1, V) -> (parent rows, next tokens) of the rows that go on."""
         lp, tok = logprobs[0].max(-1)
-        self.logprob += float(lp)
-        tok = int(tok)
+        return self.take(float(lp), int(tok))
+
+    def take(self, logprob: float, tok: int) -> tuple[list[int], list[int]]:
+        """:meth:`step` given the row's best (log-prob, token), for drivers that take one batched
+        max over all greedy rows (one device sync per step instead of one per row)."""
+        self.logprob += logprob
         if tok == self.eos:
             self.done = True
             return [], []

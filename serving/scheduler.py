@@ -62,20 +62,6 @@ class Job:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class RowGreedy(GreedySearch):
-    """GreedySearch fed from one batched max over all rows (one device sync per step, not one per
-    row). ``take`` is GreedySearch.step given the row's (max log-prob, argmax)."""
-
-    def take(self, logprob: float, tok: int) -> tuple[list[int], list[int]]:
-        self.logprob += logprob
-        if tok == self.eos:
-            self.done = True
-            return [], []
-        self.tokens.append(tok)
-        self.done = len(self.tokens) >= self.max_new
-        return ([], []) if self.done else ([0], [tok])
-
-
 class Histogram:
     """Prometheus-style histogram: cumulative counts per upper bound ``le``."""
 
@@ -301,13 +287,13 @@ class Scheduler:
         """Each job's searcher picks its rows' continuations: O(jobs) Python, one batched max for
         every greedy row, one topk per beam job. Returns the next state and the finished jobs."""
         greedy_lp = greedy_tok = None
-        if any(isinstance(j.searcher, RowGreedy) for j in self._running):
+        if any(isinstance(j.searcher, GreedySearch) for j in self._running):
             lp, tok = logprobs.max(-1)
             greedy_lp, greedy_tok = lp.tolist(), tok.tolist()
         parents, toks, live, finished, offset = [], [], [], [], 0
         for j in self._running:
             s = j.searcher
-            if isinstance(s, RowGreedy):
+            if isinstance(s, GreedySearch):
                 p, t = s.take(greedy_lp[offset], greedy_tok[offset])
             else:
                 p, t = s.step(logprobs[offset:offset + s.width])
@@ -364,5 +350,5 @@ class Scheduler:
 def new_searcher(num_beams: int, max_new_tokens: int, eos_id: int):
     if num_beams > 1:
         return BeamSearch(num_beams, max_new_tokens, eos_id)
-    return RowGreedy(max_new_tokens, eos_id)
+    return GreedySearch(max_new_tokens, eos_id)
 

@@ -7,14 +7,12 @@ run (other kind, config, backbone, data size, schedule) is refused instead of si
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
+
+from adapters.atomic_file import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -35,24 +33,6 @@ def save_checkpoint(directory: Path, state: TrainState) -> Path:
                "params": {k: v.detach().cpu().clone() for k, v in state.params.items()},
                "optimizer": state.optimizer}
     return write_atomically(path, lambda f: torch.save(payload, f))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Run ``write(file)`` on a temp file beside ``path``, fsync it and rename it over ``path``:
-    readers see the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_checkpoint(directory: Path, identity: dict) -> TrainState | None:

@@ -25,11 +25,11 @@ from adapters.data.records import Example
 from adapters.kinds import get_kind
 from adapters.kinds.base import AdapterKind, KindConfig, Params
 from adapters.runtime.context import StepContext
+from adapters.atomic_file import write_atomically
 from adapters.runtime.meta import BatchMeta
 from adapters.runtime.weights import SingleAdapterWeights
 from adapters.training.batches import BatchBuilder, FeatureCache
-from adapters.training.checkpoint import (TrainState, load_checkpoint, save_checkpoint,
-                                          write_atomically)
+from adapters.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from adapters.training.evaluation import evaluate
 from adapters.training.schedule import batch_indices, lr_at, steps_per_epoch, warmup_steps
 
