@@ -30,7 +30,7 @@ from adapters.training.pretrain import PretrainConfig
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "demo_assets"
 MANIFEST = "manifest.json"
-ASSET_FORMAT = 1
+ASSET_FORMAT = 2  # 2: LoRA dropout acts in training
 HELD_OUT_SEED = 9_000_001          # check / tests only: no training stream uses it
 TARGETS = {"colors": 0.95, "shapes": 0.95, "count": 0.80, "caption": 0.80}
 MISMATCHED = {"colors": "shapes", "shapes": "colors", "count": "caption", "caption": "count"}

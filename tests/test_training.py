@@ -219,3 +219,25 @@ def test_video_examples_train_from_arrays_and_files(tiny_t5, tmp_path):
         assert result.task == "video_qa" and len(result.history.losses) == 2
     (tokens,) = cache.example_tokens(videos[:1])
     assert tokens.feats.shape[0] == 8                   # VIDEO_FRAMES, sampled from 4 frames
+
+
+def test_lora_dropout_acts_in_training_only():
+    """LoRA's dropout (0.1 in VL-Adapter) perturbs the training loss and nothing at inference."""
+    import torch as _torch
+    from adapters.backbone import build_backbone
+    from adapters.data import make_demo_examples
+    from adapters.kinds import get_kind
+    from adapters.training.trainer import adapter_loss, adapter_weights
+    model = build_backbone("tiny-t5")
+    kind = get_kind("lora")
+    cfg = kind.Config(r=4, dropout=0.5)
+    params = kind.init_params(cfg, model, seed=0)
+    params = {k: v + 0.1 * _torch.randn_like(v) for k, v in params.items()}
+    exs = make_demo_examples("colors", 2, 0)
+    rows = [model.row_input(e.task, e.text, model.vision.image_tokens(e.load_images())) for e in exs]
+    targets = [model.target_ids(e.target) for e in exs]
+    w = adapter_weights(model, kind, cfg, params, "vqa")
+    plain = [float(adapter_loss(model, w, rows, targets)) for _ in range(2)]
+    dropped = [float(adapter_loss(model, w, rows, targets, dropout=0.5)) for _ in range(2)]
+    assert plain[0] == plain[1]
+    assert dropped[0] != dropped[1] and dropped[0] != plain[0]

@@ -19,6 +19,7 @@ from kernels import add_lowrank, bottleneck_residual
 class StepContext:
     weights: RuntimeWeights
     meta: BatchMeta
+    lowrank_dropout: float = 0.0    # training only: dropout on the low-rank branch's input (LoRA)
 
     @classmethod
     def backbone_only(cls, batch_size: int, device) -> "StepContext":
@@ -42,7 +43,8 @@ class StepContext:
         seg = self.meta.seg(stream, T)
         x2, y2 = x.reshape(B * T, -1), y.reshape(B * T, -1)
         if lowrank is not None:
-            y2 = add_lowrank(y2, x2, lowrank, seg)
+            xl = F.dropout(x2, self.lowrank_dropout) if self.lowrank_dropout > 0 else x2
+            y2 = add_lowrank(y2, xl, lowrank, seg)
         if bneck is not None:
             y2 = bottleneck_residual(y2, x2, bneck, seg)
         return y2.view(B, T, -1)
@@ -70,4 +72,4 @@ class StepContext:
         return out.view(B, T, d)
 
     def select(self, rows: torch.Tensor) -> "StepContext":
-        return StepContext(self.weights, self.meta.select(rows))
+        return StepContext(self.weights, self.meta.select(rows), self.lowrank_dropout)

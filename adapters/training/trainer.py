@@ -151,7 +151,8 @@ class _Run:
         for group in self.opt.param_groups:
             group["lr"] = lr
         rows, targets = self.builder.batch(batch_indices(step, self.n, self.tc.batch_size, self.tc.seed))
-        loss = adapter_loss(self.model, self.weights(), rows, targets)
+        loss = adapter_loss(self.model, self.weights(), rows, targets,
+                            dropout=getattr(self.cfg, "dropout", 0.0))
         loss.backward()
         if self.tc.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.tc.clip_grad)
@@ -215,9 +216,11 @@ def adapter_weights(model: VLModel, kind_cls: type[AdapterKind], cfg: KindConfig
                                 {k: v.detach() for k, v in model.visual_embed.state_dict().items()})
 
 
-def adapter_loss(model: VLModel, weights: SingleAdapterWeights, rows: list, targets: list) -> torch.Tensor:
-    """Teacher-forced mean token cross-entropy of ``targets`` with every row on slot 0."""
-    ctx = StepContext(weights, BatchMeta.build([0] * len(rows), 1, model.device))
+def adapter_loss(model: VLModel, weights: SingleAdapterWeights, rows: list, targets: list,
+                 dropout: float = 0.0) -> torch.Tensor:
+    """Teacher-forced mean token cross-entropy of ``targets`` with every row on slot 0;
+    ``dropout``: the kind's training dropout on the low-rank input (LoRA's, 0.1 by default)."""
+    ctx = StepContext(weights, BatchMeta.build([0] * len(rows), 1, model.device), dropout)
     return model.loss(rows, targets, ctx)
 
 
