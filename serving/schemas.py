@@ -98,20 +98,21 @@ class CaptionRequest(GenerationFields):
                          description="optional text after the 'caption:' prefix")
 
 
-class VqaResponse(BaseModel):
+class _Generated(BaseModel):
+    """What every generation answer carries besides its text."""
+
+    logprob: float = Field(description="log-probability of the generated text under the model")
+    adapter: str | None = Field(description="adapter used; null for the backbone alone")
+    adapter_version: int | None = Field(description="version of the adapter that answered")
+    timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
+
+
+class VqaResponse(_Generated):
     answer: str = Field(description="the generated answer")
-    logprob: float = Field(description="log-probability of the answer under the model")
-    adapter: str | None = Field(description="adapter used; null for the backbone alone")
-    adapter_version: int | None = Field(description="version of the adapter that answered")
-    timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
 
 
-class CaptionResponse(BaseModel):
+class CaptionResponse(_Generated):
     caption: str = Field(description="the generated caption")
-    logprob: float = Field(description="log-probability of the caption under the model")
-    adapter: str | None = Field(description="adapter used; null for the backbone alone")
-    adapter_version: int | None = Field(description="version of the adapter that answered")
-    timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
 
 
 class AdapterInfo(BaseModel):
