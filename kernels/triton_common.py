@@ -74,11 +74,13 @@ def row_groups(seg: SegmentMeta):
     if "row_groups" not in seg._device_cache:
         n = seg.num_tokens
         order = seg.order.cpu()
+        # Segments follow the slot -1 prefix of ``order`` back to back: position -> segment id.
+        first = n - sum(seg.counts)
         seg_index = torch.zeros(n, dtype=torch.int64)
         assigned = torch.zeros(n)
-        for i, (start, count) in enumerate(zip(seg.starts, seg.counts)):
-            seg_index[order[start:start + count]] = i
-            assigned[order[start:start + count]] = 1.0
+        seg_index[order[first:]] = torch.repeat_interleave(
+            torch.arange(len(seg.counts)), torch.tensor(seg.counts, dtype=torch.int64))
+        assigned[order[first:]] = 1.0
         weight = assigned  # slot -1 tokens share group ids with segment 0: they must weigh 0
         key = seg_index
         if seg.token_rows is not None:
