@@ -4,10 +4,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import records_grad, use_triton
+from kernels.lowrank import GATHER_CACHE_ELEMENTS, GATHER_MIN_SEGMENTS, gather_pays
 from kernels.segments import SegmentMeta
 from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NONE, GATE_SMALL,
                             BottleneckStack)
+
+# CPU heuristic (see prefers_gathered), measured like kernels.lowrank's (one thread, shared 2-core
+# AMD EPYC, d 64-768, ranks 8-96, 8-24 slots, 32 decode tokens): the per-slot reference costs
+# ~70-150 us per slot present, the gathered path ~0.5 ns per weight element per token; they
+# break even at ~150K elements per slot present. 96K keeps a margin.
+GATHER_ELEMENTS_PER_SEGMENT = 96 * 1024
 
 
 def act(z: torch.Tensor) -> torch.Tensor:
@@ -35,12 +42,19 @@ def bottleneck_residual(h: torch.Tensor, x: torch.Tensor, w: BottleneckStack,
     h, x: (N, d); returns a new (N, d) tensor (``h`` itself when no token has a slot: callers never
     write into the result). GATE_SMALL averages over the valid tokens of a row
     (seg.token_rows / seg.token_valid), so padding never changes a row's result.
+
+    CUDA tensors take the Triton kernels unless autograd records the op (training). Elsewhere:
+    :func:`bottleneck_residual_gathered` for decode-shaped steps (many slots, few tokens each),
+    else the per-slot :func:`bottleneck_residual_reference`; the same choice as ``add_lowrank``'s.
     """
     if not seg.slots:
         return h
-    if use_triton(h, h, x, w.D, w.U, w.bd, w.bu, w.gate_w, w.gate_vec, w.gate_D, w.gate_U):
+    weights = (w.D, w.U, w.bd, w.bu, w.gate_w, w.gate_vec, w.gate_D, w.gate_U)
+    if use_triton(h, h, x, *weights):
         from kernels.triton_bottleneck import bottleneck_residual_triton
         return bottleneck_residual_triton(h, x, w, seg)
+    if prefers_gathered(seg, w) and not records_grad(h, x, *weights):
+        return bottleneck_residual_gathered(h, x, w, seg)
     return bottleneck_residual_reference(h, x, w, seg)
 
 
@@ -85,9 +99,120 @@ def _row_mean(g: torch.Tensor, seg: SegmentMeta, idx: torch.Tensor) -> torch.Ten
     """Average a per-token value over the valid tokens of each token's row; broadcast back."""
     if seg.token_rows is None:
         return g.mean().expand_as(g)
-    rows = seg.token_rows.index_select(0, idx)
-    valid = (torch.ones_like(g) if seg.token_valid is None
-             else seg.token_valid.index_select(0, idx).to(g.dtype))
-    total = g.new_zeros(seg.num_rows).index_add(0, rows, g * valid)
-    count = g.new_zeros(seg.num_rows).index_add(0, rows, valid).clamp_min(1.0)
-    return (total / count).index_select(0, rows)
+    valid = None if seg.token_valid is None else seg.token_valid.index_select(0, idx)
+    return _group_mean(g, seg.token_rows.index_select(0, idx), valid, seg.num_rows)
+
+
+def _group_mean(g: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None,
+                size: int) -> torch.Tensor:
+    """Mean of ``g`` over the (valid) tokens of each token's group (ids < size); broadcast back."""
+    weight = torch.ones_like(g) if valid is None else valid.to(g.dtype)
+    total = g.new_zeros(size).index_add(0, group, g * weight)
+    count = g.new_zeros(size).index_add(0, group, weight).clamp_min(1.0)
+    return (total / count).index_select(0, group)
+
+
+# ---- CPU decode path -----------------------------------------------------------------------
+def prefers_gathered(seg: SegmentMeta, w: BottleneckStack) -> bool:
+    """Whether :func:`bottleneck_residual_gathered` beats the per-slot reference on the CPU: the
+    LoRA path's rule (``kernels.lowrank.gather_pays``) on the weights copied per token (down and
+    up projections, bias, gate)."""
+    if len(seg.slots) < GATHER_MIN_SEGMENTS:
+        return False
+    d, d_src = w.U.shape[1], w.D.shape[2]
+    most = max(w.ranks_host[s] * (d_src + d + 1) + (0 if w.gate_host[s] == GATE_NONE else 3 * d)
+               + _gate_rank(w, s) * (2 * d + 1) for s in seg.slots)
+    return gather_pays(seg, most + 2 * d, GATHER_ELEMENTS_PER_SEGMENT)
+
+
+def bottleneck_residual_gathered(h: torch.Tensor, x: torch.Tensor, w: BottleneckStack,
+                                 seg: SegmentMeta) -> torch.Tensor:
+    """:func:`bottleneck_residual` as batched matmuls per group of slots that share one
+    configuration (rank r, source, gate kind, gate rank)::
+
+        idx = tokens of the group;  s = token_slots[idx]                         # (n,)
+        z   = act(bmm(src[idx, None, :], D[s, :r].mT) + bd[s, None, :r])         # (n, 1, r)
+        hp  = h[idx] + bmm(z, U[s, :, :r].mT)[:, 0] + bu[s]                      # (n, d)
+        out[idx] = out_scale[s] * G * hp      # G per gate kind, with per-token weights
+
+    Each token gets its own copy of its slot's weights, so this pays off only when slots hold
+    few tokens each (:func:`prefers_gathered`); the copies are kept on ``seg`` like LoRA's
+    (``kernels.lowrank.gathered_weights``). Returns a new tensor, as the reference does.
+    """
+    out = h.clone()
+    for (r, from_input, gate, _), idx, slots, g in gathered_bottleneck(w, seg):
+        hs = h if idx is None else h.index_select(0, idx)
+        xs = x if idx is None else x.index_select(0, idx)
+        src = xs if from_input else hs
+        z = act(torch.baddbmm(g["bd"], src.unsqueeze(1), g["D"].transpose(1, 2)))
+        hp = torch.baddbmm((hs + g["bu"]).unsqueeze(1), z, g["U"].transpose(1, 2)).squeeze(1)
+        gate_value = _gathered_gate(gate, g, xs, hp, seg, idx, slots, w.D.shape[0])
+        res = (hp if gate_value is None else gate_value * hp) * g["scale"]
+        if idx is None:
+            out = res
+        else:
+            out.index_copy_(0, idx, res)
+    return out
+
+
+def _gathered_gate(kind: int, g: dict, xs: torch.Tensor, hp: torch.Tensor, seg: SegmentMeta,
+                   idx: torch.Tensor | None, slots: torch.Tensor, num_slots: int):
+    d = hp.shape[1]
+    if kind == GATE_NONE:
+        return None
+    if kind == GATE_MIDDLE_Y:
+        return 1.0 + g["gate_vec"]
+    if kind == GATE_MIDDLE_X:
+        return torch.sigmoid(((xs + hp) * g["gate_w"][:, :d]).sum(1) + g["gate_b"]).unsqueeze(1)
+    if kind == GATE_LARGE:
+        z = act(torch.baddbmm(g["gate_bd"], xs.unsqueeze(1), g["gate_D"].transpose(1, 2)))
+        return torch.sigmoid(torch.baddbmm(g["gate_bu"], z, g["gate_U"].transpose(1, 2))).squeeze(1)
+    if kind == GATE_SMALL:
+        v = torch.sigmoid((xs * g["gate_w"][:, :d]).sum(1) + (hp * g["gate_w"][:, d:]).sum(1)
+                          + g["gate_b"])
+        if seg.token_rows is None:          # no row ids: one mean per slot, as the reference
+            return _group_mean(v, slots, None, num_slots).unsqueeze(1)
+        rows = seg.token_rows if idx is None else seg.token_rows.index_select(0, idx)
+        valid = seg.token_valid
+        if valid is not None and idx is not None:
+            valid = valid.index_select(0, idx)
+        return _group_mean(v, rows, valid, seg.num_rows).unsqueeze(1)
+    raise ValueError(f"unknown gate kind {kind}")
+
+
+def _gate_rank(w: BottleneckStack, s: int) -> int:
+    if w.gate_host[s] != GATE_LARGE:
+        return 0
+    return w.gate_ranks_host[s] if w.gate_ranks_host is not None else w.gate_D.shape[1]
+
+
+def gathered_bottleneck(w: BottleneckStack, seg: SegmentMeta) -> list:
+    """[((r, from_input, gate, gate rank), token indices or None, slot of each, {name: per-token
+    weights})] per configuration group (:meth:`SegmentMeta.groups`), kept on ``seg``."""
+    keys = tuple((w.ranks_host[s], bool(w.from_input_host[s]), w.gate_host[s], _gate_rank(w, s))
+                 if w.ranks_host[s] else None for s in seg.slots)
+
+    def build():
+        out = []
+        for key, idx, slots in seg.groups(keys):
+            r, _, gate, rg = key
+
+            def pick(t: torch.Tensor, slots=slots) -> torch.Tensor:
+                return t.index_select(0, slots)
+            g = {"D": pick(w.D[:, :r]), "bd": pick(w.bd[:, :r]).unsqueeze(1),
+                 "U": pick(w.U[:, :, :r]), "bu": pick(w.bu),
+                 "scale": pick(w.out_scale).unsqueeze(1)}
+            if gate in (GATE_SMALL, GATE_MIDDLE_X):
+                g.update(gate_w=pick(w.gate_w), gate_b=pick(w.gate_b))
+            elif gate == GATE_MIDDLE_Y:
+                g.update(gate_vec=pick(w.gate_vec))
+            elif gate == GATE_LARGE:
+                g.update(gate_D=pick(w.gate_D[:, :rg]), gate_bd=pick(w.gate_bd[:, :rg]).unsqueeze(1),
+                         gate_U=pick(w.gate_U[:, :, :rg]), gate_bu=pick(w.gate_bu).unsqueeze(1))
+            out.append((key, idx, slots, g))
+        return out, sum(t.numel() for *_, g in out for t in g.values())
+
+    tensors = (w.D, w.bd, w.U, w.bu, w.out_scale, w.gate_w, w.gate_b, w.gate_vec, w.gate_D,
+               w.gate_bd, w.gate_U, w.gate_bu)
+    stamp = tuple(None if t is None else t.data_ptr() for t in tensors) + (keys,)
+    return seg.kept("bottleneck_weights", w, stamp, build, GATHER_CACHE_ELEMENTS)

@@ -44,17 +44,22 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, seg: SegmentM
 
 
 def prefers_gathered(seg: SegmentMeta, w: LowRankStack) -> bool:
-    """Whether :func:`add_lowrank_gathered` beats the per-slot reference on the CPU: at least
-    GATHER_MIN_SEGMENTS slots present, and the weights it would copy (tokens * max rank *
-    (d_in + d_out) elements) stay under GATHER_ELEMENTS_PER_SEGMENT per slot present. Decode steps
+    """Whether :func:`add_lowrank_gathered` beats the per-slot reference on the CPU
+    (:func:`gather_pays` with max rank * (d_in + d_out) elements copied per token). Decode steps
     (one token per row, rows spread over many adapters) take it; prefills and single-adapter
     batches take the reference."""
-    n = len(seg.slots)
-    if n < GATHER_MIN_SEGMENTS:
+    if len(seg.slots) < GATHER_MIN_SEGMENTS:
         return False
     rank = max(w.ranks_host[s] for s in seg.slots)
-    copied = sum(seg.counts) * rank * (w.A.shape[2] + w.B.shape[1])
-    return copied <= GATHER_ELEMENTS_PER_SEGMENT * n
+    return gather_pays(seg, rank * (w.A.shape[2] + w.B.shape[1]))
+
+
+def gather_pays(seg: SegmentMeta, elements_per_token: int,
+                per_segment: int = GATHER_ELEMENTS_PER_SEGMENT) -> bool:
+    """At least GATHER_MIN_SEGMENTS slots present, and the weights a gathered path would copy
+    (adapted tokens * ``elements_per_token``) under ``per_segment`` per slot present."""
+    n = len(seg.slots)
+    return n >= GATHER_MIN_SEGMENTS and sum(seg.counts) * elements_per_token <= per_segment * n
 
 
 def add_lowrank_reference(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
@@ -101,53 +106,25 @@ def add_lowrank_gathered(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
 
 def gathered_weights(w: LowRankStack, seg: SegmentMeta) -> list:
     """[(r, token indices or None, A[s, :r] (n, r, d_in), scale[s] * B[s, :, :r] (n, d_out, r))]
-    per rank group (:func:`rank_groups`). Kept on ``seg`` for the next call with the same stack
-    (decode steps reuse one SegmentMeta until a row joins or leaves) unless larger than
-    GATHER_CACHE_ELEMENTS; a stack whose tensors were replaced (grown) is gathered again."""
-    key = ("lowrank_weights", id(w))
+    per rank group (:func:`rank_groups`), kept on ``seg`` (:meth:`SegmentMeta.kept`) unless larger
+    than GATHER_CACHE_ELEMENTS; a stack whose tensors were replaced (grown) is gathered again."""
+    def build():
+        out = []
+        for r, idx, slots in rank_groups(w, seg):
+            a = w.A[:, :r].index_select(0, slots)                     # (n, r, d_in)
+            b = w.B[:, :, :r].index_select(0, slots)                  # (n, d_out, r)
+            out.append((r, idx, a, b * w.scale.index_select(0, slots).to(b.dtype).view(-1, 1, 1)))
+        return out, sum(a.numel() + b.numel() for _, _, a, b in out)
     stamp = (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr(),
              tuple(w.ranks_host[s] for s in seg.slots))
-    hit = seg._device_cache.get(key)
-    if hit is not None and hit[0] is w and hit[1] == stamp:
-        return hit[2]
-    out = []
-    for r, idx, slots in rank_groups(w, seg):
-        a = w.A[:, :r].index_select(0, slots)                         # (n, r, d_in)
-        b = w.B[:, :, :r].index_select(0, slots)                      # (n, d_out, r)
-        out.append((r, idx, a, b * w.scale.index_select(0, slots).to(b.dtype).view(-1, 1, 1)))
-    if sum(a.numel() + b.numel() for _, _, a, b in out) <= GATHER_CACHE_ELEMENTS:
-        seg._device_cache[key] = (w, stamp, out)                      # holds w: id stays unique
-    return out
+    return seg.kept("lowrank_weights", w, stamp, build, GATHER_CACHE_ELEMENTS)
 
 
 def rank_groups(w: LowRankStack, seg: SegmentMeta) -> list[tuple[int, torch.Tensor | None,
                                                                    torch.Tensor]]:
     """[(rank r, token indices or None = every token in order, slot of each)] for the ranks > 0
-    of the slots present. Cached on ``seg`` per pattern of ranks: the layers of a step share it."""
-    ranks = tuple(w.ranks_host[s] for s in seg.slots)
-    key = ("lowrank_groups", ranks)
-    if key not in seg._device_cache:
-        seg._device_cache[key] = _build_rank_groups(seg, ranks)
-    return seg._device_cache[key]
-
-
-def _build_rank_groups(seg: SegmentMeta, ranks: tuple[int, ...]) -> list:
-    n, adapted = seg.num_tokens, sum(seg.counts)
-    if len(set(ranks)) == 1 and ranks[0] > 0:       # the common case: one rank, no tensor work
-        if adapted == n:
-            return [(ranks[0], None, seg.token_slots)]
-        idx = seg.order[n - adapted:]                # slot -1 tokens sort first
-        return [(ranks[0], idx, seg.token_slots.index_select(0, idx))]
-    dev, slots = seg.token_slots.device, seg.token_slots.cpu()
-    rank_of_slot = torch.zeros(max(seg.slots) + 2, dtype=torch.int64)   # index -1 -> last: 0
-    rank_of_slot[torch.tensor(seg.slots)] = torch.tensor(ranks, dtype=torch.int64)
-    token_rank = rank_of_slot[slots]
-    groups = []
-    for r in sorted(set(ranks) - {0}):
-        idx = torch.nonzero(token_rank == r).flatten()
-        every = idx.numel() == n                                        # all tokens, in order
-        groups.append((r, None if every else idx.to(dev), slots[idx].to(dev)))
-    return groups
+    of the slots present (:meth:`SegmentMeta.groups`)."""
+    return seg.groups(tuple(w.ranks_host[s] or None for s in seg.slots))
 
 
 def add_lowrank_loop(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,

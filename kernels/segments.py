@@ -78,3 +78,52 @@ class SegmentMeta:
                 torch.tensor(v, dtype=torch.int32, device=dev)
                 for v in (self.slots, self.starts, self.counts))
         return self._device_cache["arrays"]
+
+    # ---- CPU gathered paths (kernels.lowrank / kernels.bottleneck) ---------------------------
+    def groups(self, keys: tuple) -> list[tuple[object, torch.Tensor | None, torch.Tensor]]:
+        """Tokens grouped by a per-slot key: ``[(key, token indices or None, slot of each)]``.
+
+        ``keys`` has one hashable per entry of ``self.slots`` (e.g. a rank, or a whole bottleneck
+        configuration); ``None`` drops that slot's tokens (rank 0). Indices are ascending; None
+        means every token, in order. One Python step per distinct key, none per slot. Cached per
+        key pattern: every site of a step whose stack agrees shares the grouping.
+        """
+        cache_key = ("groups", keys)
+        if cache_key not in self._device_cache:
+            self._device_cache[cache_key] = self._build_groups(keys)
+        return self._device_cache[cache_key]
+
+    def _build_groups(self, keys: tuple) -> list:
+        n, adapted = self.num_tokens, sum(self.counts)
+        present = sorted(set(keys) - {None})
+        if len(present) == 1 and None not in keys:    # the common case: no tensor work
+            if adapted == n:
+                return [(present[0], None, self.token_slots)]
+            idx = self.order[n - adapted:]            # slot -1 tokens sort first
+            return [(present[0], idx, self.token_slots.index_select(0, idx))]
+        dev, slots = self.token_slots.device, self.token_slots.cpu()
+        group_of_slot = torch.full((max(self.slots) + 2,), -1, dtype=torch.int64)  # [-1] -> -1
+        group_of_slot[torch.tensor(self.slots)] = torch.tensor(
+            [-1 if k is None else present.index(k) for k in keys], dtype=torch.int64)
+        token_group = group_of_slot[slots]
+        out = []
+        for g, key in enumerate(present):
+            idx = torch.nonzero(token_group == g).flatten()
+            every = idx.numel() == n
+            out.append((key, None if every else idx.to(dev), slots[idx].to(dev)))
+        return out
+
+    def kept(self, name: str, owner: object, stamp: tuple, build, max_elements: int):
+        """``build()`` -> (value, elements), kept for the next call with the same ``owner`` (a
+        weight stack) and ``stamp`` (its tensors' data pointers and the present slots' config)
+        unless it holds more than ``max_elements``. Decode steps reuse one SegmentMeta until a
+        row joins or leaves, so gathered weight copies are made once for those steps; the slot
+        pool never rewrites a slot that rows in flight use."""
+        key = (name, id(owner))
+        hit = self._device_cache.get(key)
+        if hit is not None and hit[0] is owner and hit[1] == stamp:
+            return hit[2]
+        value, elements = build()
+        if elements <= max_elements:
+            self._device_cache[key] = (owner, stamp, value)    # holds owner: its id stays unique
+        return value
