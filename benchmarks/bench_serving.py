@@ -10,9 +10,11 @@ By default it starts ``petserve serve --no-ray`` (the FastAPI app and one engine
 ``--server ray``: the Ray Serve app) on a random port, on a backbone from benchmarks/workloads.py
 (``serving_backbone``: random T5 weights, every request generates exactly ``max_new_tokens``
 tokens, so tokens/s = requests/s * max_new_tokens). Each request is ``POST /v1/vqa`` with a
-question and one 16-d feature row. Reported per run: requests/s, tokens/s, client latency
-p50/p90/p99 (and 101 quantiles for CDF plots), time queued in the engine (the response's
-``timings_ms.queue``), the slot pool's hit rate and adapters mixed per step (``/metrics`` deltas).
+question and one 16-d feature row, sent by a lean keep-alive client (benchmarks/http_load.py;
+httpx cost as much CPU per request as the server). Reported per run: requests/s, tokens/s,
+client latency p50/p90/p99 (and 101 quantiles for CDF plots), time queued in the engine (the
+response's ``timings_ms.queue``), the slot pool's hit rate and adapters mixed per step
+(``/metrics`` deltas).
 Rows: ``{"setup", "metrics", "device", "commit"}``; plot with ``python -m benchmarks.plot_serving``.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ import httpx
 import numpy as np
 
 from benchmarks.bench_env import commit, device_name
+from benchmarks.http_load import HttpError, LoadClient
 from benchmarks.workloads import (Workload, adapter_id, make_requests, poisson_arrivals,
                                   serving_backbone, used_adapters, workload_adapter_bytes)
 
@@ -155,15 +158,14 @@ def scrape(url: str) -> dict[str, float]:
 
 
 # ---- load --------------------------------------------------------------------------------
-async def send(client: httpx.AsyncClient, url: str, req, t_sched: float) -> tuple:
+async def send(client: LoadClient, req, t_sched: float) -> tuple:
     """(latency s from the scheduled send time, status, engine queue ms or None)."""
     body = {"adapter": req.adapter, "question": req.text, "features": FEATURES,
             "max_new_tokens": req.max_new_tokens}
     try:
-        r = await client.post(f"{url}/v1/vqa", json=body)
-        status = r.status_code
-        queue_ms = r.json()["timings_ms"].get("queue") if status == 200 else None
-    except httpx.HTTPError:
+        status, out = await client.post_json("/v1/vqa", body)
+        queue_ms = out["timings_ms"].get("queue") if status == 200 else None
+    except HttpError:
         status, queue_ms = 0, None
     return time.perf_counter() - t_sched, status, queue_ms
 
@@ -171,11 +173,10 @@ async def send(client: httpx.AsyncClient, url: str, req, t_sched: float) -> tupl
 async def closed_loop(url: str, requests, concurrency: int) -> list[tuple]:
     """``concurrency`` clients, each sending its next request when the previous one returns."""
     out, it = [], iter(requests)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    async with LoadClient(url, concurrency) as client:
         async def worker():
             for req in it:
-                out.append(await send(client, url, req, time.perf_counter()))
+                out.append(await send(client, req, time.perf_counter()))
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return out
 
@@ -184,14 +185,13 @@ async def open_loop(url: str, requests, rate: float, seed: int) -> list[tuple]:
     """Requests sent at Poisson arrival times; latency counts from the scheduled time, so a
     client that falls behind does not hide queueing (no coordinated omission)."""
     times = poisson_arrivals(len(requests), rate, seed)
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    async with LoadClient(url, 1024) as client:
         t0, tasks = time.perf_counter(), []
         for req, at in zip(requests, times):
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(client, url, req, t0 + at)))
+            tasks.append(asyncio.create_task(send(client, req, t0 + at)))
         return await asyncio.gather(*tasks)
 
 
