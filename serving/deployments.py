@@ -61,6 +61,11 @@ class LocalBackend:
         self.engine.stop()
 
     async def info(self) -> BackendInfo:
+        """What /healthz reports; a 503 when the engine no longer makes progress."""
+        try:
+            self.engine.check_health()
+        except RuntimeError as e:
+            raise ApiError(503, "unhealthy", f"this replica is unhealthy: {e}") from None
         cfg = self.model.cfg
         return BackendInfo(backbone=cfg.name, fingerprint=self.model.fingerprint,
                            feature_dim=cfg.vision.feat_dim,
@@ -234,6 +239,11 @@ class BackboneReplica:
             except Exception as e:     # the board restarting must not stop us serving
                 log.warning("could not push stats: %s", e)
             await asyncio.sleep(self.config.metrics_push_interval_s)
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy and Serve
+        replaces it (a broken or hung device, a dead scheduler thread: Engine.check_health)."""
+        self.backend.engine.check_health()
 
     async def generate(self, request) -> Outcome:
         return await _outcome(self._with_adapter(request))

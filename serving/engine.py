@@ -44,10 +44,14 @@ class EngineConfig:
     feature_cache_items: int = 1024  # vision features cached by image content hash
     max_new_tokens_cap: int = 64
     max_beams: int = 5
+    unhealthy_after_failures: int = 5   # prefill/decode phases failing in a row (check_health)
+    stall_timeout_s: float = 300.0      # one scheduler iteration running longer is a hang
 
     def __post_init__(self):
         if self.num_slots < 1 or self.max_batch_rows < 1 or self.max_queue < 1:
             raise ValueError("num_slots, max_batch_rows and max_queue must be >= 1")
+        if self.unhealthy_after_failures < 1 or self.stall_timeout_s <= 0:
+            raise ValueError("unhealthy_after_failures must be >= 1 and stall_timeout_s > 0")
         if not 1 <= self.max_beams <= self.max_batch_rows:
             raise ValueError(f"max_beams must be in 1..max_batch_rows ({self.max_batch_rows})")
 
@@ -286,6 +290,16 @@ class Engine:
         if images:
             return images_key(images), len(images) * self.model.vision.boxes.shape[0]
         return None, 0
+
+    def check_health(self) -> None:
+        """Raise RuntimeError naming the problem when this engine no longer makes progress (see
+        ``Scheduler.health_problem``: thread not running, ``unhealthy_after_failures`` failed
+        phases in a row, an iteration longer than ``stall_timeout_s``). Ray Serve calls it through
+        the replica's ``check_health`` and replaces the replica; ``/healthz`` answers 503."""
+        problem = self.scheduler.health_problem(self.config.unhealthy_after_failures,
+                                                self.config.stall_timeout_s)
+        if problem is not None:
+            raise RuntimeError(problem)
 
     # ---- metrics -------------------------------------------------------------------------
     def stats(self) -> dict:

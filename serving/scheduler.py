@@ -97,12 +97,34 @@ class StepCounters:
     failed: dict[str, int] = field(default_factory=dict)          # error code -> jobs
 
 
+@dataclass
+class Progress:
+    """Whether the scheduler still gets work done (read by Engine.check_health from any thread)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # phase ("prefill" / "decode") -> times it failed since it last succeeded; per phase, so a
+    # device that fails every decode step is caught even while prefills still succeed
+    failures_in_a_row: dict[str, int] = field(default_factory=dict)
+    last_error: str = ""
+    busy_since: float | None = None  # time.monotonic() at the start of the iteration running now
+
+    def succeeded(self, phase: str) -> None:
+        with self.lock:
+            self.failures_in_a_row[phase] = 0
+
+    def failed(self, phase: str, err: Exception) -> None:
+        with self.lock:
+            self.failures_in_a_row[phase] = self.failures_in_a_row.get(phase, 0) + 1
+            self.last_error = f"{type(err).__name__}: {err}"
+
+
 class Scheduler:
     def __init__(self, model, pool: SlotPool, features: FeatureCache, max_batch_rows: int,
                  max_prefill_tokens: int, on_done: Callable[[Job, GenerationResult], None]):
         self.model, self.pool, self.features = model, pool, features
         self.max_rows, self.max_tokens, self.on_done = max_batch_rows, max_prefill_tokens, on_done
         self.counters = StepCounters()
+        self.progress = Progress()
         self._cv = threading.Condition()
         self._inbox: deque[Job] = deque()
         self._stopping, self._thread = False, None
@@ -122,6 +144,21 @@ class Scheduler:
                                           "waiting on this replica; retry later")
             self._inbox.append(job)
             self._cv.notify()
+
+    def health_problem(self, failures: int, stall_s: float) -> str | None:
+        """Why this scheduler no longer makes progress, or None: its thread is not running, its
+        last ``failures`` phases all failed (a broken device fails every one), or one iteration
+        has run for more than ``stall_s`` seconds (a hung device)."""
+        if self._thread is None or not self._thread.is_alive():
+            return "the engine's scheduler thread is not running"
+        p = self.progress
+        with p.lock:
+            for phase, count in p.failures_in_a_row.items():
+                if count >= failures:
+                    return f"the last {count} {phase} steps failed ({p.last_error})"
+            if p.busy_since is not None and time.monotonic() - p.busy_since > stall_s:
+                return f"one engine step has run for {time.monotonic() - p.busy_since:.0f} s"
+        return None
 
     def queue_length(self) -> int:
         return len(self._inbox) + self.pending_count
@@ -158,10 +195,14 @@ class Scheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             while self._wait_for_work():
+                with self.progress.lock:
+                    self.progress.busy_since = time.monotonic()
                 try:
                     self._iteration()
                 except Exception:   # noqa: BLE001 - phases fail their own jobs; the thread must live
                     log.exception("scheduler iteration failed")
+                with self.progress.lock:
+                    self.progress.busy_since = None
 
     def _wait_for_work(self) -> bool:
         with self._cv:
@@ -249,9 +290,11 @@ class Scheduler:
             merged = state if self._state is None else DecodeState.concat([self._state, state])
         except Exception as e:  # noqa: BLE001
             log.exception("prefill of %d jobs failed", len(jobs))
+            self.progress.failed("prefill", e)
             for j in jobs:
                 self._fail(j, e)
             return
+        self.progress.succeeded("prefill")
         now = time.perf_counter()
         for j, s in zip(jobs, searchers):
             j.searcher, j.visual, j.started = s, None, now
@@ -272,10 +315,12 @@ class Scheduler:
             self._state, finished = self._advance(logprobs)
         except Exception as e:  # noqa: BLE001
             log.exception("decode step over %d rows failed", rows)
+            self.progress.failed("decode", e)
             self._state, self._running, self.running_rows = None, [], 0
             for j in jobs:
                 self._fail(j, e)
             return
+        self.progress.succeeded("decode")
         with self.counters.lock:
             self.counters.steps += 1
             self.counters.batch_rows.observe(rows)

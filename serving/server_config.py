@@ -38,6 +38,8 @@ class EngineSettings(_Strict):
     feature_cache_items: int = Field(1024, ge=0)
     max_new_tokens_cap: int = Field(64, ge=1, le=64)
     max_beams: int = Field(5, ge=1, le=5)
+    unhealthy_after_failures: int = Field(5, ge=1)
+    stall_timeout_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
     def _beams_fit_a_batch(self) -> EngineSettings:

@@ -86,6 +86,18 @@ def assert_same_answer(answer: dict, expected) -> None:
     assert answer["logprob"] == pytest.approx(expected.logprob, abs=1e-3)
 
 
+def test_healthz_is_503_while_the_engine_is_unhealthy(tiny_t5, tmp_path):
+    backend, config = make_backend(tiny_t5, tmp_path)
+    with TestClient(create_app(backend, config)) as client:
+        r = client.get("/healthz")               # engine not started: nothing would be served
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unhealthy"
+        assert "scheduler thread is not running" in r.json()["error"]["message"]
+        backend.start()
+        assert client.get("/healthz").status_code == 200
+        backend.stop()
+        assert client.get("/healthz").status_code == 503
+
+
 def test_health_docs_openapi_and_metrics(client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["feature_dim"] == 64 and health["accepts_pixels"]

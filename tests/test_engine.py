@@ -353,3 +353,44 @@ def test_stop_fails_what_is_still_queued(engine_factory, media):
         future.result(timeout=5)
     assert e.value.status == 503 and e.value.code == "shutting_down"
     assert eng.fingerprint == eng.model.fingerprint
+
+
+def test_health_reports_a_broken_a_hung_and_a_stopped_engine(engine_factory, media, monkeypatch):
+    """check_health (Ray Serve's replica health check, /healthz) names what is wrong, and an engine
+    that recovers is healthy again."""
+    eng = engine_factory(unhealthy_after_failures=2, stall_timeout_s=0.5)
+    with pytest.raises(RuntimeError, match="not running"):
+        eng.check_health()
+    eng.start()
+    eng.check_health()
+    real_step, mode = scheduler_module.decode_step, {"now": "broken"}
+    gate = threading.Event()
+
+    def step(model, state):
+        if mode["now"] == "broken":        # prefills still succeed: decode steps are counted apart
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if mode["now"] == "hung":
+            gate.wait(30)
+        return real_step(model, state)
+    monkeypatch.setattr(scheduler_module, "decode_step", step)
+    for expect_healthy in (True, False):
+        with pytest.raises(ApiError):
+            eng.submit(make_request(media, 0, "lora")).result(timeout=30)
+        if expect_healthy:
+            eng.check_health()
+    with pytest.raises(RuntimeError, match="last 2 decode steps failed.*illegal memory access"):
+        eng.check_health()
+    mode["now"] = "ok"
+    assert eng.submit(make_request(media, 0, "lora")).result(timeout=30).tokens
+    eng.check_health()
+    mode["now"] = "hung"
+    future = eng.submit(make_request(media, 0, "lora"))
+    wait_until(lambda: eng.scheduler.health_problem(2, 0.5) is not None)
+    with pytest.raises(RuntimeError, match="one engine step has run for"):
+        eng.check_health()
+    gate.set()
+    assert future.result(timeout=30).tokens
+    eng.check_health()
+    eng.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        eng.check_health()
