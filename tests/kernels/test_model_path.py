@@ -110,3 +110,30 @@ def test_no_python_loop_over_adapters(tiny_t5, monkeypatch):
     assert few_launches == many_launches and all(few_launches[n] > 0 for _, n in LAUNCHERS)
     ref_few, ref_many = ops("reference", few_slots)[0], ops("reference", many_slots)[0]
     assert sum(ref_many.values()) > sum(ref_few.values())
+
+
+@pytest.mark.parametrize("family", ["tiny-t5", "tiny-bart"])
+def test_triton_model_path_in_fp16(family, monkeypatch):
+    """The whole mixed batch in fp16 (what a GPU serves; bf16 is checked on CUDA only, the
+    interpreter mangles it): the Triton path stays within a small multiple of the torch fp16
+    path's own distance from the fp32 result."""
+    from adapters.backbone import build_backbone
+    models = {dtype: build_backbone(family, dtype=dtype) for dtype in (torch.float32, torch.float16)}
+    compiled = [compiled_adapter(models[torch.float32], kind, options, seed=i)
+                for i, (kind, options) in enumerate(KIND_VARIANTS)]
+    slots = popularity("distinct", len(KIND_VARIANTS), random.Random(family))
+    logits = {}
+    for dtype, mode in ((torch.float32, "reference"), (torch.float16, "reference"),
+                        (torch.float16, "triton")):
+        model = models[dtype]
+        bank = SlotBank(model, len(compiled))
+        for slot, adapter in enumerate(compiled):
+            bank.set(slot, adapter)
+        monkeypatch.setenv("PETSERVE_KERNELS", mode)
+        with torch.no_grad():
+            logits[dtype, mode] = _teacher_forced_logits(
+                model, bank, _rows(model, len(slots)), slots).float()
+    exact = logits[torch.float32, "reference"]
+    torch_err = (logits[torch.float16, "reference"] - exact).abs().max()
+    triton_err = (logits[torch.float16, "triton"] - exact).abs().max()
+    assert 0 < torch_err and triton_err <= 4 * torch_err + 1e-3, (triton_err, torch_err)
