@@ -74,6 +74,12 @@ def broken_files(good):
 
     def nan(t):
         t[lora_a][0, 0] = float("nan")
+
+    def infinite(t):
+        t[lora_a][0, 0] = float("inf")
+
+    def both_infinities(t):                  # they cancel in a sum into NaN, never into a number
+        t[lora_a][0, 0], t[lora_a][0, 1] = float("inf"), float("-inf")
     return {
         "not_safetensors/empty": (b"", "not_safetensors"),
         "not_safetensors/pickle": (b"\x80\x04\x95" + b"\x00" * 64, "not_safetensors"),
@@ -98,6 +104,8 @@ def broken_files(good):
         "wrong_shape": (_tensors(params, meta, lambda t: t.update({lora_a: torch.zeros(3, 7)})),
                         "shape_mismatch"),
         "non_finite": (_tensors(params, meta, nan), "non_finite"),
+        "non_finite/inf": (_tensors(params, meta, infinite), "non_finite"),
+        "non_finite/both_infinities": (_tensors(params, meta, both_infinities), "non_finite"),
         "oversize": (data + b" " * 10, "adapter_too_large"),
     }
 
@@ -128,3 +136,14 @@ def test_fp16_adapter_files_load(tiny_t5, good):
     data = adapter_bytes("lora", cfg, params, tiny_t5, task="vqa", dtype=torch.float16)
     af = load_adapter(data, tiny_t5)
     assert af.params[next(iter(params))].dtype == torch.float16
+
+
+def test_extreme_finite_values_load(tiny_t5, good):
+    """The finiteness check sums in fp64: fp32's largest values, many of them, are still finite."""
+    _, params, data = good
+    lora_a = next(k for k in params if k.endswith(".A"))
+
+    def extreme(t):
+        t[lora_a].fill_(torch.finfo(torch.float32).max)
+    loaded = load_adapter(_tensors(params, _meta_json(data), extreme), tiny_t5, max_bytes=2**30)
+    assert torch.all(loaded.params[lora_a] == torch.finfo(torch.float32).max)

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from benchmarks import bench_engine, bench_serving, plot_serving  # noqa: E402
+from benchmarks import bench_engine, bench_load, bench_serving, plot_serving  # noqa: E402
 from benchmarks.workloads import Workload, draw_adapters, make_requests  # noqa: E402
 
 ROW_KEYS = {"setup", "metrics", "device", "commit"}
@@ -74,3 +74,18 @@ def test_bench_serving_smoke(tmp_path):
         assert len(m["latency_ms_quantiles"]) == 101 and 0 <= m["slot_hit_rate"] <= 1
     assert plot_serving.main([str(out)]) == 0
     assert (tmp_path / "serving_latency_cdf.png").stat().st_size > 0
+
+
+def test_bench_load_smoke(tmp_path):
+    """Every measured load is a cold one (a store read, page cache dropped) and its phases add up
+    to no more than the whole."""
+    out = tmp_path / "load.jsonl"
+    assert bench_load.main(["--smoke", "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    m = row["metrics"]
+    assert row["setup"]["bench"] == "cold_load" and len(m["loads"]) == 4 and m["file_bytes"] > 0
+    assert m["page_cache_dropped"] and 0 < m["load_ms_p50"] <= m["load_ms_p90"] <= m["load_ms_max"]
+    for load in m["loads"]:
+        phases = load["read_ms"] + load["compile_ms"] + load["copy_ms"]
+        assert load["read_ms"] > 0 and phases <= load["total_ms"] + 1e-6
+    assert out.with_suffix(".png").stat().st_size > 0
