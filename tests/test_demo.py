@@ -1,5 +1,6 @@
 """The embedded default: shipped demo assets are valid and the four demo adapters, served together
-from one slot bank in mixed batches, do their tasks on held-out images — and only their own."""
+from one slot bank in mixed batches, do their tasks on held-out images and video clips — and only
+their own."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,12 @@ def test_each_adapter_reaches_its_target(scores, task):
     assert scores.adapter[task] >= demo.TARGETS[task], scores
 
 
+@pytest.mark.parametrize("task", sorted(demo.VIDEO_TARGETS))
+def test_each_adapter_answers_video_clips_too(scores, task):
+    """Served with the video prompt and one token per frame: the same adapter file does both."""
+    assert scores.video[task] >= demo.VIDEO_TARGETS[task], scores
+
+
 @pytest.mark.parametrize("task", sorted(demo.TARGETS))
 def test_bare_backbone_and_mismatched_adapter_score_far_lower(scores, task):
     assert scores.bare[task] <= scores.adapter[task] - 0.30, scores
@@ -84,7 +91,7 @@ def test_the_builder_is_deterministic(tmp_path, monkeypatch):
     tiny = PretrainConfig(pool_size=128, vision_steps=3, steps=3, batch_size=8)
     monkeypatch.setattr(demo, "BASE", replace(demo.BASE, pretrain=tiny))
     monkeypatch.setattr(demo, "RECIPES", tuple(
-        replace(r, train_size=8, steps=2, batch_size=4) for r in demo.RECIPES))
+        replace(r, train_size=8, steps=2, batch_size=4, video_size=2) for r in demo.RECIPES))
     first = demo.build_demo_assets(tmp_path / "a", progress=False)
     second = demo.build_demo_assets(tmp_path / "b", progress=False)
     assert demo.valid_assets(tmp_path / "a") is not None
