@@ -21,6 +21,8 @@ ingress re-raises the error. Ray is imported only inside functions: LocalBackend
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -107,22 +109,41 @@ class LocalBackend:
 
 def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
                max_bytes: int) -> list[str]:
-    """Upload each file whose id is not in the store yet (validated against `backbone`, built
-    only when something is missing); returns the ids of `files`."""
-    missing = {}
+    """Upload each demo file whose id is not in the store yet, or whose latest version there is
+    an earlier build of the same adapter (the same adapter name in its file, other bytes: the
+    shipped assets were rebuilt since). An adapter someone uploaded under a demo id with another
+    name is left alone. Files are validated against `backbone`, built only when something is
+    uploaded. Returns the ids of `files`."""
+    uploads = {}
     for adapter_id, path in sorted(files.items()):
+        data = Path(path).read_bytes()
         try:
-            store.get(adapter_id)
+            stored = store.get(adapter_id)
         except ApiError:
-            missing[adapter_id] = Path(path)
-    if missing:
+            uploads[adapter_id] = data
+            continue
+        if stored.sha256 != hashlib.sha256(data).hexdigest() and \
+                stored.meta.get("name") == _adapter_name(data):
+            log.info("updating demo adapter %s (v%d is an earlier build)", adapter_id,
+                     stored.version)
+            uploads[adapter_id] = data
+    if uploads:
         from adapters.backbone import build_backbone
         from serving.uploads import prepare_upload
         model = build_backbone(backbone)
-        for adapter_id, path in missing.items():
-            blob, meta = prepare_upload(path.read_bytes(), model, max_bytes)
+        for adapter_id, data in uploads.items():
+            blob, meta = prepare_upload(data, model, max_bytes)
             store.put(adapter_id, blob, meta)
     return sorted(files)
+
+
+def _adapter_name(data: bytes) -> str | None:
+    from adapters.adapter_file import AdapterFileError, parse_header
+    try:
+        header, _ = parse_header(data)
+        return json.loads(header["__metadata__"]["petserve"]).get("name")
+    except (AdapterFileError, KeyError, TypeError, ValueError):
+        return None
 
 
 @dataclass
