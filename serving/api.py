@@ -51,6 +51,7 @@ class Backend(Protocol):
     """What the HTTP layer needs from the model side. Errors are ApiError."""
 
     async def info(self) -> BackendInfo: ...
+    async def health(self) -> None: ...             # ApiError 503 "unhealthy" when it is not
     async def generate(self, request): ...          # InferenceRequest -> InferenceResult
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter: ...
     async def list(self) -> list[StoredAdapter]: ...
@@ -283,6 +284,7 @@ def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) ->
     @app.get("/healthz", response_model=HealthResponse, responses=ERROR_RESPONSES,
              summary="Liveness and what the backbone accepts")
     async def healthz() -> HealthResponse:
+        await backend.health()
         info = await backend.info()
         return HealthResponse(status="ok", backbone=info.backbone, fingerprint=info.fingerprint,
                               feature_dim=info.feature_dim, accepts_pixels=info.accepts_pixels)

@@ -62,12 +62,14 @@ class LocalBackend:
     def stop(self) -> None:
         self.engine.stop()
 
-    async def info(self) -> BackendInfo:
-        """What /healthz reports; a 503 when the engine no longer makes progress."""
+    async def health(self) -> None:
+        """ApiError 503 ``unhealthy`` when the engine no longer makes progress (/healthz)."""
         try:
             self.engine.check_health()
         except RuntimeError as e:
             raise ApiError(503, "unhealthy", f"this replica is unhealthy: {e}") from None
+
+    async def info(self) -> BackendInfo:
         cfg = self.model.cfg
         return BackendInfo(backbone=cfg.name, fingerprint=self.model.fingerprint,
                            feature_dim=cfg.vision.feat_dim,
@@ -284,6 +286,9 @@ class BackboneReplica:
     async def info(self) -> Outcome:
         return await _outcome(self.backend.info())
 
+    async def health(self) -> Outcome:
+        return await _outcome(self.backend.health())
+
     def __del__(self) -> None:
         backend = getattr(self, "backend", None)     # absent when __init__ failed
         if backend is not None:
@@ -329,6 +334,10 @@ class RayBackend:
 
     async def info(self) -> BackendInfo:
         return await self._call("info")
+
+    async def health(self) -> None:
+        """The replica that answers (Serve replaces unhealthy ones through check_health)."""
+        return await self._call("health")
 
     async def generate(self, request):
         return await self._call("generate", request, adapter=request.adapter)
