@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.segments import SegmentMeta
 from kernels.stacks import BottleneckStack, LowRankStack
 
 POPULARITIES = ("identical", "distinct", "uniform", "zipf", "skewed")
@@ -210,3 +211,21 @@ def aot_compile_in_subprocess(op: str) -> None:
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert int(done.stdout.split()[-1]) > 0
+
+
+# ---- the CPU gathered paths (test_lowrank_cpu, test_bottleneck_cpu) ----------------------------
+def heuristic_cases(gen: torch.Generator) -> dict[str, SegmentMeta]:
+    """32 rows: decode (one token each, many slots: gathered), prefill (40 tokens each: the
+    reference) and one slot for every row (the reference)."""
+    return {"decode": SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), 1),
+            "prefill": SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), 40),
+            "single": SegmentMeta.from_rows(torch.zeros(32, dtype=torch.long), 1)}
+
+
+def record_paths(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+    """Wrap ``module``'s functions ``names`` so that each call appends its name to the list."""
+    taken: list[str] = []
+    for name in names:
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name: taken.append(_n) or _fn(*a))
+    return taken

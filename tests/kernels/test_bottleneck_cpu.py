@@ -10,7 +10,7 @@ from kernels.bottleneck import (bottleneck_residual, bottleneck_residual_gathere
                                 bottleneck_residual_reference, prefers_gathered)
 from kernels.segments import SegmentMeta
 from kernels.stacks import GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NONE, GATE_SMALL
-from tests.kernels import bottleneck_stack, generator
+from tests.kernels import bottleneck_stack, generator, heuristic_cases, record_paths
 
 D = 40
 ALL_GATES = (GATE_NONE, GATE_SMALL, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_LARGE)
@@ -93,12 +93,8 @@ def test_weights_kept_per_step_and_stack_until_the_stack_changes():
 def test_heuristic_picks_gathered_for_decode_and_reference_for_prefill():
     gen = generator("bneck-heuristic")
     w = bottleneck_stack([48] * 40, [GATE_SMALL] * 40, [False] * 40, 512, torch.float32, gen)
-    decode = SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), 1)
-    prefill = SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), 40)
-    single = SegmentMeta.from_rows(torch.zeros(32, dtype=torch.long), 1)
-    assert prefers_gathered(decode, w)
-    assert not prefers_gathered(prefill, w)
-    assert not prefers_gathered(single, w)
+    picks = {name: prefers_gathered(seg, w) for name, seg in heuristic_cases(gen).items()}
+    assert picks == {"decode": True, "prefill": False, "single": False}
 
 
 @pytest.mark.parametrize("tokens_per_row", [1, 24])
@@ -106,10 +102,8 @@ def test_dispatch_on_cpu(monkeypatch, tokens_per_row):
     """bottleneck_residual on CPU takes the path the heuristic names and equals the reference;
     a call that autograd records takes the reference."""
     monkeypatch.setenv("PETSERVE_KERNELS", "auto")
-    taken = []
-    for name in ("bottleneck_residual_gathered", "bottleneck_residual_reference"):
-        fn = getattr(bottleneck, name)
-        monkeypatch.setattr(bottleneck, name, lambda *a, _fn=fn, _n=name: taken.append(_n) or _fn(*a))
+    taken = record_paths(monkeypatch, bottleneck,
+                         ("bottleneck_residual_gathered", "bottleneck_residual_reference"))
     gen = generator("bneck-dispatch", tokens_per_row)
     w = bottleneck_stack([16] * 40, [GATE_MIDDLE_X] * 40, [True] * 40, 256, torch.float32, gen)
     seg = SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), tokens_per_row)

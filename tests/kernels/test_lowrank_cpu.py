@@ -10,7 +10,8 @@ from kernels.lowrank import (add_lowrank, add_lowrank_gathered, add_lowrank_refe
                              prefers_gathered)
 from kernels.segments import SegmentMeta
 from kernels.stacks import LowRankStack
-from tests.kernels import POPULARITIES, generator, token_slots
+from tests.kernels import (POPULARITIES, generator, heuristic_cases, record_paths,
+                           token_slots)
 
 D_IN, D_OUT = 48, 80
 RANKS = (1, 4, 8, 16, "mixed", "with-zeros")
@@ -102,22 +103,15 @@ def test_rank_groups_cached_per_rank_pattern():
 def test_heuristic_picks_gathered_for_decode_and_reference_for_prefill():
     gen = generator("heuristic")
     w = stack(40, 8, gen, d_in=512, d_out=512)
-    decode = SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), 1)
-    prefill = SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), 40)
-    single = SegmentMeta.from_rows(torch.zeros(32, dtype=torch.long), 1)
-    assert prefers_gathered(decode, w)
-    assert not prefers_gathered(prefill, w)
-    assert not prefers_gathered(single, w)
+    picks = {name: prefers_gathered(seg, w) for name, seg in heuristic_cases(gen).items()}
+    assert picks == {"decode": True, "prefill": False, "single": False}
 
 
 @pytest.mark.parametrize("tokens_per_row", [1, 40])
 def test_dispatch_on_cpu_matches_reference(monkeypatch, tokens_per_row):
     """add_lowrank on CPU tensors takes the path the heuristic names and equals the reference."""
     monkeypatch.setenv("PETSERVE_KERNELS", "auto")
-    taken = []
-    for name in ("add_lowrank_gathered", "add_lowrank_reference"):
-        fn = getattr(lowrank, name)
-        monkeypatch.setattr(lowrank, name, lambda *a, _fn=fn, _n=name: taken.append(_n) or _fn(*a))
+    taken = record_paths(monkeypatch, lowrank, ("add_lowrank_gathered", "add_lowrank_reference"))
     gen = generator("dispatch", tokens_per_row)
     w = stack(40, 8, gen, d_in=D_IN, d_out=D_OUT)
     seg = SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), tokens_per_row)
