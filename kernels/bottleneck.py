@@ -95,12 +95,19 @@ def _gate(w: BottleneckStack, s: int, xs: torch.Tensor, hp: torch.Tensor, seg: S
     raise ValueError(f"unknown gate kind {kind} in slot {s}")
 
 
-def _row_mean(g: torch.Tensor, seg: SegmentMeta, idx: torch.Tensor) -> torch.Tensor:
-    """Average a per-token value over the valid tokens of each token's row; broadcast back."""
+def _row_mean(g: torch.Tensor, seg: SegmentMeta, idx: torch.Tensor | None) -> torch.Tensor:
+    """Average a per-token value over the valid tokens of each token's row; broadcast back.
+    ``g`` holds the tokens ``idx`` (None: every token); needs ``seg.token_rows``, or averages
+    over all of ``g``."""
     if seg.token_rows is None:
         return g.mean().expand_as(g)
-    valid = None if seg.token_valid is None else seg.token_valid.index_select(0, idx)
-    return _group_mean(g, seg.token_rows.index_select(0, idx), valid, seg.num_rows)
+    valid = None if seg.token_valid is None else _take(seg.token_valid, idx)
+    return _group_mean(g, _take(seg.token_rows, idx), valid, seg.num_rows)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``idx`` of ``t`` (None: all of them, no copy)."""
+    return t if idx is None else t.index_select(0, idx)
 
 
 def _group_mean(g: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None,
@@ -141,8 +148,7 @@ def bottleneck_residual_gathered(h: torch.Tensor, x: torch.Tensor, w: Bottleneck
     """
     out = h.clone()
     for (r, from_input, gate, _), idx, slots, g in gathered_bottleneck(w, seg):
-        hs = h if idx is None else h.index_select(0, idx)
-        xs = x if idx is None else x.index_select(0, idx)
+        hs, xs = _take(h, idx), _take(x, idx)
         src = xs if from_input else hs
         z = act(torch.baddbmm(g["bd"], src.unsqueeze(1), g["D"].transpose(1, 2)))
         hp = torch.baddbmm((hs + g["bu"]).unsqueeze(1), z, g["U"].transpose(1, 2)).squeeze(1)
@@ -172,11 +178,7 @@ def _gathered_gate(kind: int, g: dict, xs: torch.Tensor, hp: torch.Tensor, seg: 
                           + g["gate_b"])
         if seg.token_rows is None:          # no row ids: one mean per slot, as the reference
             return _group_mean(v, slots, None, num_slots).unsqueeze(1)
-        rows = seg.token_rows if idx is None else seg.token_rows.index_select(0, idx)
-        valid = seg.token_valid
-        if valid is not None and idx is not None:
-            valid = valid.index_select(0, idx)
-        return _group_mean(v, rows, valid, seg.num_rows).unsqueeze(1)
+        return _row_mean(v, seg, idx).unsqueeze(1)
     raise ValueError(f"unknown gate kind {kind}")
 
 

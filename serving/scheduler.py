@@ -106,7 +106,9 @@ class Progress:
     # device that fails every decode step is caught even while prefills still succeed
     failures_in_a_row: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
-    busy_since: float | None = None  # time.monotonic() at the start of the iteration running now
+    # time.monotonic() at the start of the iteration running now; written by the scheduler thread
+    # alone, read once by health checks (no lock needed)
+    busy_since: float | None = None
 
     def succeeded(self, phase: str) -> None:
         with self.lock:
@@ -156,8 +158,9 @@ class Scheduler:
             for phase, count in p.failures_in_a_row.items():
                 if count >= failures:
                     return f"the last {count} {phase} steps failed ({p.last_error})"
-            if p.busy_since is not None and time.monotonic() - p.busy_since > stall_s:
-                return f"one engine step has run for {time.monotonic() - p.busy_since:.0f} s"
+        since = p.busy_since                  # one read: the scheduler thread writes it
+        if since is not None and time.monotonic() - since > stall_s:
+            return f"one engine step has run for {time.monotonic() - since:.0f} s"
         return None
 
     def queue_length(self) -> int:
@@ -195,14 +198,12 @@ class Scheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             while self._wait_for_work():
-                with self.progress.lock:
-                    self.progress.busy_since = time.monotonic()
+                self.progress.busy_since = time.monotonic()
                 try:
                     self._iteration()
                 except Exception:   # noqa: BLE001 - phases fail their own jobs; the thread must live
                     log.exception("scheduler iteration failed")
-                with self.progress.lock:
-                    self.progress.busy_since = None
+                self.progress.busy_since = None
 
     def _wait_for_work(self) -> bool:
         with self._cv:
