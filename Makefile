@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider
 
 serve: $(STAMP)
@@ -22,26 +23,26 @@ serve: $(STAMP)
 
 # CPU serving suite (~11 min on 2 shared cores): engine + baselines, HTTP load, plots, cold load.
 bench: $(STAMP)
-	$(PY) -m benchmarks.bench_engine --out benchmarks/results/engine_cpu.jsonl
-	$(PY) -m benchmarks.bench_serving --out benchmarks/results/serving_cpu.jsonl
-	$(PY) -m benchmarks.plot_serving benchmarks/results/engine_cpu.jsonl benchmarks/results/serving_cpu.jsonl
-	$(PY) -m benchmarks.bench_load --out benchmarks/results/load_cpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_engine --out benchmarks/results/engine_cpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_serving --out benchmarks/results/serving_cpu.jsonl
+	$(PY) -m petserve.benchmarks.plot_serving benchmarks/results/engine_cpu.jsonl benchmarks/results/serving_cpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_load --out benchmarks/results/load_cpu.jsonl
 
 bench-smoke: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m benchmarks.bench_kernels --smoke
-	$(PY) -m benchmarks.bench_engine --smoke
-	$(PY) -m benchmarks.bench_serving --smoke
-	$(PY) -m benchmarks.bench_load --smoke
+	TRITON_INTERPRET=1 $(PY) -m petserve.benchmarks.bench_kernels --smoke
+	$(PY) -m petserve.benchmarks.bench_engine --smoke
+	$(PY) -m petserve.benchmarks.bench_serving --smoke
+	$(PY) -m petserve.benchmarks.bench_load --smoke
 
 # On a CUDA machine: kernels (Triton, bf16), model decode step, engine and HTTP at GPU sizes.
 bench-gpu: $(STAMP)
-	$(PY) -m benchmarks.bench_kernels --out benchmarks/results/kernels_gpu.jsonl
-	$(PY) -m benchmarks.plot_kernels benchmarks/results/kernels_gpu.jsonl
-	$(PY) -m benchmarks.bench_model --out benchmarks/results/model_gpu.jsonl
-	$(PY) -m benchmarks.bench_engine --backbones tiny,t5-small,t5-base --requests-large 1024 --batch 64 --concurrency 128 --out benchmarks/results/engine_gpu.jsonl
-	$(PY) -m benchmarks.bench_serving --backbone t5-small --server ray --more-adapters 32,128 --requests 2048 --concurrency 256 --out benchmarks/results/serving_gpu.jsonl
-	$(PY) -m benchmarks.plot_serving benchmarks/results/engine_gpu.jsonl benchmarks/results/serving_gpu.jsonl
-	$(PY) -m benchmarks.bench_load --out benchmarks/results/load_gpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_kernels --out benchmarks/results/kernels_gpu.jsonl
+	$(PY) -m petserve.benchmarks.plot_kernels benchmarks/results/kernels_gpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_model --out benchmarks/results/model_gpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_engine --backbones tiny,t5-small,t5-base --requests-large 1024 --batch 64 --concurrency 128 --out benchmarks/results/engine_gpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_serving --backbone t5-small --server ray --more-adapters 32,128 --requests 2048 --concurrency 256 --out benchmarks/results/serving_gpu.jsonl
+	$(PY) -m petserve.benchmarks.plot_serving benchmarks/results/engine_gpu.jsonl benchmarks/results/serving_gpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_load --out benchmarks/results/load_gpu.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

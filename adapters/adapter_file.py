@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.atomic_file import write_atomically
-from adapters.backbone.model import TASK_PREFIX, VLModel
-from adapters.kinds import KINDS, get_kind
-from adapters.kinds.base import KindConfig
-from adapters.runtime.forms import CompiledAdapter
+from petserve.adapters.atomic_file import write_atomically
+from petserve.adapters.backbone.model import TASK_PREFIX, VLModel
+from petserve.adapters.kinds import KINDS, get_kind
+from petserve.adapters.kinds.base import KindConfig
+from petserve.adapters.runtime.forms import CompiledAdapter
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -137,7 +137,8 @@ def parse_header(data: bytes) -> tuple[dict, memoryview]:
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError("not_safetensors", f"not a safetensors file (header is not JSON: {e})")
+        raise AdapterFileError("not_safetensors",
+                               f"not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise AdapterFileError("not_safetensors", "not a safetensors file (header is not an object)")
     body = memoryview(data)[8 + n:]
@@ -185,7 +186,8 @@ def _parse_meta(raw) -> AdapterMeta:
         raise AdapterFileError("unsupported_format_version", f"adapter format version "
                                f"{meta.format_version} is not supported (this server reads {FORMAT_VERSION})")
     if meta.task not in TASK_PREFIX:
-        raise AdapterFileError("invalid_task", f"adapter task {meta.task!r} is not one of {sorted(TASK_PREFIX)}")
+        raise AdapterFileError("invalid_task",
+                               f"adapter task {meta.task!r} is not one of {sorted(TASK_PREFIX)}")
     return meta
 
 

@@ -3,7 +3,7 @@
 ``ensure_demo_assets()`` returns the assets shipped in ``adapters/demo_assets/`` when they are valid
 (manifest of this builder's recipe, backbone fingerprint, every adapter file loads on it), else the
 cached ones (``$PETSERVE_CACHE/demo``, default ``~/.cache/petserve/demo``), else builds them there.
-``python -m adapters.demo --out DIR [--check]`` rebuilds them deterministically (single-threaded, so
+``python -m petserve.adapters.demo --out DIR [--check]`` rebuilds them deterministically (single-threaded, so
 the same machine gives the same bytes) and ``--check`` scores them against the targets of the issue.
 
 Demo adapters (METHODS.md §4), each of another kind, all served together from one slot bank:
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.training.pretrain import PretrainConfig
+from petserve.adapters.training.pretrain import PretrainConfig
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "demo_assets"
 MANIFEST = "manifest.json"
@@ -109,8 +109,8 @@ def ensure_demo_assets(cache_dir: Path | None = None, progress: bool = True) -> 
 def valid_assets(directory: Path) -> DemoAssets | None:
     """The assets in ``directory`` if its manifest matches this builder and every file loads on the
     backbone it names (fingerprints checked); None otherwise."""
-    from adapters.adapter_file import AdapterFileError, load_adapter
-    from adapters.backbone import build_backbone
+    from petserve.adapters.adapter_file import AdapterFileError, load_adapter
+    from petserve.adapters.backbone import build_backbone
     try:
         manifest = json.loads((Path(directory) / MANIFEST).read_text())
         if manifest.get("recipe") != recipe_digest():
@@ -173,8 +173,8 @@ def _lock_path(out_dir: Path) -> Path:
 
 
 def _build_into(work: Path, progress: bool) -> dict:
-    from adapters.backbone import build_backbone, save_backbone
-    from adapters.training import FeatureCache, save_trained
+    from petserve.adapters.backbone import build_backbone, save_backbone
+    from petserve.adapters.training import FeatureCache, save_trained
     started = time.time()
     with single_thread():
         save_backbone(pretrained_base(progress), work / "backbone")
@@ -192,16 +192,16 @@ def _build_into(work: Path, progress: bool) -> dict:
 
 def pretrained_base(progress: bool = True):
     """The tiny VL-T5 of BASE, pre-trained (see adapters.training.pretrain)."""
-    from adapters.training.pretrain import build_base, pretrain_backbone
+    from petserve.adapters.training.pretrain import build_base, pretrain_backbone
     model = build_base(BASE.preset, BASE.vision, BASE.pretrain.seed)
     pretrain_backbone(model, BASE.pretrain, progress)
     return model
 
 
 def train_demo_adapter(model, recipe: DemoRecipe, cache, progress: bool = True):
-    from adapters.data import make_demo_examples, make_demo_video_examples
-    from adapters.kinds import get_kind
-    from adapters.training import TrainConfig, train_adapter
+    from petserve.adapters.data import make_demo_examples, make_demo_video_examples
+    from petserve.adapters.kinds import get_kind
+    from petserve.adapters.training import TrainConfig, train_adapter
     kind = get_kind(recipe.kind)
     examples = make_demo_examples(recipe.task_id, recipe.train_size, recipe.seed)
     examples += [replace(ex, task=examples[0].task) for ex in make_demo_video_examples(
@@ -241,12 +241,12 @@ def demo_scores(assets: DemoAssets, n: int = 60, seed: int = HELD_OUT_SEED,
     its video clips on its own adapter."""
     import random
 
-    from adapters.adapter_file import load_adapter
-    from adapters.backbone import build_backbone
-    from adapters.generation import GenerationRequest, generate
-    from adapters.runtime.bank import SlotBank
-    from adapters.training import BatchBuilder, FeatureCache
-    from adapters.training.evaluation import default_max_new_tokens
+    from petserve.adapters.adapter_file import load_adapter
+    from petserve.adapters.backbone import build_backbone
+    from petserve.adapters.generation import GenerationRequest, generate
+    from petserve.adapters.runtime.bank import SlotBank
+    from petserve.adapters.training import BatchBuilder, FeatureCache
+    from petserve.adapters.training.evaluation import default_max_new_tokens
     model = build_backbone(assets.backbone_dir)
     tasks = sorted(assets.adapters)
     bank = SlotBank(model, len(tasks))
@@ -274,12 +274,12 @@ def demo_scores(assets: DemoAssets, n: int = 60, seed: int = HELD_OUT_SEED,
 
 
 def make_held_out(task: str, n: int, seed: int, video: bool = False):
-    from adapters.data import make_demo_examples, make_demo_video_examples
+    from petserve.adapters.data import make_demo_examples, make_demo_video_examples
     return (make_demo_video_examples if video else make_demo_examples)(task, n, seed)
 
 
 def _score(answers: dict, examples: dict) -> DemoScores:
-    from adapters.metrics import exact_match, vqa_soft_accuracy
+    from petserve.adapters.metrics import exact_match, vqa_soft_accuracy
     table = {}
     for variant in ("adapter", "bare", "mismatched", "video"):
         table[variant] = {}
@@ -293,7 +293,7 @@ def _score(answers: dict, examples: dict) -> DemoScores:
 
 # ---- command line ------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.demo", description=(
+    parser = argparse.ArgumentParser(prog="python -m petserve.adapters.demo", description=(
         "Build the demo assets (tiny pre-trained VL-T5 + four demo adapters) deterministically."))
     parser.add_argument("--out", type=Path, help="build into this directory")
     parser.add_argument("--check", action="store_true", help="score the assets (built, or else the "

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.backbone.cache import DecoderCache
-from adapters.backbone.model import RowInput, VLModel
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
-from adapters.runtime.weights import RuntimeWeights
+from petserve.adapters.backbone.cache import DecoderCache
+from petserve.adapters.backbone.model import RowInput, VLModel
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
+from petserve.adapters.runtime.weights import RuntimeWeights
 
 
 @dataclass
@@ -132,7 +132,7 @@ class DecodeState:
     pos: torch.Tensor               # (R,) position of that token
 
     @staticmethod
-    def concat(states: list["DecodeState"]) -> "DecodeState":
+    def concat(states: list[DecodeState]) -> DecodeState:
         """Rows of every state in order (continuous batching: new rows join running ones);
         histories and encoder lengths are padded, positions stay per row."""
         meta = BatchMeta.concat([s.ctx.meta for s in states])
@@ -140,7 +140,7 @@ class DecodeState:
                            StepContext(states[0].ctx.weights, meta),
                            torch.cat([s.tokens for s in states]), torch.cat([s.pos for s in states]))
 
-    def compact(self) -> "DecodeState":
+    def compact(self) -> DecodeState:
         """Drop leading self-attention columns no row uses any more and trailing encoder columns
         that are padding for every row (rows that left were the only ones there). Without it a
         batch that never drains grows its cache with every step it has ever run."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # runtime import would be circular: the loaders import this module
-    from adapters.data.records import Example
+    from petserve.adapters.data.records import Example
 
 # The official script's punctuation list; "'" is absent on purpose (contractions) and
 # "." is handled separately so decimals such as "2.5" survive.

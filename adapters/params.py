@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from adapters.backbone.config import preset
-from adapters.backbone.model import VLModel
-from adapters.kinds import get_kind
+from petserve.adapters.backbone.config import preset
+from petserve.adapters.backbone.model import VLModel
+from petserve.adapters.kinds import get_kind
 
 
 def shape_model(backbone: str) -> VLModel:

@@ -14,10 +14,16 @@ from pathlib import Path
 
 import torch
 
-from adapters.adapter_file import AdapterFile, AdapterFileError, AdapterMeta, BackboneRef, FORMAT_VERSION
-from adapters.backbone.hf_weights import own_name, site_of
-from adapters.backbone.model import VLModel
-from adapters.kinds.lora import LoRA, LoRAConfig
+from petserve.adapters.adapter_file import (
+    FORMAT_VERSION,
+    AdapterFile,
+    AdapterFileError,
+    AdapterMeta,
+    BackboneRef,
+)
+from petserve.adapters.backbone.hf_weights import own_name, site_of
+from petserve.adapters.backbone.model import VLModel
+from petserve.adapters.kinds.lora import LoRA, LoRAConfig
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 
@@ -32,7 +38,8 @@ def read_peft_dir(source: Path | bytes) -> tuple[dict, dict[str, torch.Tensor]]:
             with zipfile.ZipFile(io.BytesIO(source)) as z:
                 files = {Path(n).name: z.read(n) for n in z.namelist() if not n.endswith("/")}
         except zipfile.BadZipFile as e:
-            raise AdapterFileError("not_peft_zip", f"upload is neither a safetensors file nor a zip: {e}")
+            raise AdapterFileError(
+                "not_peft_zip", f"upload is neither a safetensors file nor a zip: {e}") from None
     if "adapter_config.json" not in files:
         raise AdapterFileError("not_peft_dir", "PEFT adapter has no adapter_config.json")
     if "adapter_model.safetensors" not in files:

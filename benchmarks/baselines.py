@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.workloads import LORA, RequestSpec, adapter_id
+from petserve.benchmarks.workloads import LORA, RequestSpec, adapter_id
 
 PEFT_TARGETS = ["q", "v"]       # every attention's q and v: our LoRA's DEFAULT_TARGETS
 
@@ -115,8 +115,8 @@ def peft_mixed(peft_model, ours, requests: list[RequestSpec], batch: int) -> dic
 
 def compiled_bank(model, store, ids: list[str]):
     """A SlotBank holding the stored adapters ``ids`` in slots 0.. (latest versions)."""
-    from adapters.runtime.bank import SlotBank
-    from serving.slot_pool import compile_on_cpu, parse_stored
+    from petserve.adapters.runtime.bank import SlotBank
+    from petserve.serving.slot_pool import compile_on_cpu, parse_stored
     bank = SlotBank(model, max(1, len(ids)))
     for slot, aid in enumerate(ids):
         af = parse_stored(store.read(aid, store.get(aid).version), model)
@@ -128,7 +128,7 @@ def compiled_bank(model, store, ids: list[str]):
 def per_adapter(model, bank, slot_of: dict[str, int], requests: list[RequestSpec],
                 batch: int) -> dict:
     """Requests grouped by adapter (first-seen order), each group in batches of ``batch``."""
-    from adapters.generation import GenerationRequest, generate
+    from petserve.adapters.generation import GenerationRequest, generate
     groups = defaultdict(list)
     for r in requests:
         groups[r.adapter].append(r)

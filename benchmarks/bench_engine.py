@@ -1,7 +1,7 @@
 """Engine-level serving benchmark: workloads straight into serving.engine.Engine (no HTTP, no Ray),
 with the baselines (benchmarks/baselines.py) on the same backbone and workload in the same run.
 
-    python -m benchmarks.bench_engine [--backbones tiny,t5-small] [--repeats 3] [--smoke]
+    python -m petserve.benchmarks.bench_engine [--backbones tiny,t5-small] [--repeats 3] [--smoke]
                                       [--out benchmarks/results/engine_cpu.jsonl]
 
 Each backbone is a random Hugging Face T5 checkpoint (benchmarks/workloads.py) that both PEFT and
@@ -29,10 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import baselines
-from benchmarks.bench_env import commit, device_name
-from benchmarks.workloads import (Workload, adapter_id, fill_store, hf_t5_checkpoint,
-                                  make_requests, used_adapters)
+from petserve.benchmarks import baselines
+from petserve.benchmarks.bench_env import commit, device_name
+from petserve.benchmarks.workloads import (
+    Workload,
+    adapter_id,
+    fill_store,
+    hf_t5_checkpoint,
+    make_requests,
+    used_adapters,
+)
 
 PEFT_ADAPTERS = 32          # the acceptance workload's LoRAs, created with PEFT
 SYSTEMS = ("engine", "backbone", "merged", "peft_mixed", "hf_backbone", "per_adapter")
@@ -66,8 +72,8 @@ class Bench:
 
 # ---- setup -------------------------------------------------------------------------------
 def build_bench(name: str, cases: list[Case], args, tmp: Path) -> Bench:
-    from adapters.backbone import build_backbone
-    from serving.store import LocalDirStore
+    from petserve.adapters.backbone import build_backbone
+    from petserve.serving.store import LocalDirStore
     hf = hf_t5_checkpoint(name, tmp / "hf")
     model = build_backbone(hf, device=args.device, dtype=args.dtype)
     n_peft = min(PEFT_ADAPTERS, max(c.workload.adapters for c in cases))
@@ -92,7 +98,7 @@ def build_bench(name: str, cases: list[Case], args, tmp: Path) -> Bench:
 # ---- running -----------------------------------------------------------------------------
 def drive(engine, requests, concurrency: int) -> tuple[list, float]:
     """Closed loop: keep ``concurrency`` requests in flight; returns (results in order, seconds)."""
-    from serving.engine import InferenceRequest
+    from petserve.serving.engine import InferenceRequest
     done: queue.SimpleQueue = queue.SimpleQueue()
     results, pending = [None] * len(requests), iter(enumerate(requests))
 
@@ -147,7 +153,7 @@ def warm_up(requests, args) -> list:
 
 
 def run_engine(model, store, requests, args) -> tuple[dict, list]:
-    from serving.engine import Engine, EngineConfig
+    from petserve.serving.engine import Engine, EngineConfig
     cfg = EngineConfig(num_slots=args.num_slots, cpu_cache_adapters=args.cpu_cache,
                        max_batch_rows=args.batch, max_queue=max(256, 2 * args.concurrency))
     engine = Engine(model, store, cfg)

@@ -1,12 +1,12 @@
 """Benchmark the grouped adapter ops: Triton vs the torch reference vs a per-adapter masked loop.
 
-    python -m benchmarks.bench_kernels [--smoke] [--out benchmarks/results/kernels.jsonl]
+    python -m petserve.benchmarks.bench_kernels [--smoke] [--out benchmarks/results/kernels.jsonl]
 
 Writes one JSON line per setup: ``{"setup": {...}, "metrics": {"ms", "ms_reference", "ms_loop",
 "speedup_vs_loop", "gbps", "roofline_frac", ...}, "device": ..., "commit": ...}``. The full grid
 needs CUDA (CUDA-event timing); on CPU only ``--smoke`` runs: a few tiny setups through the
 reference, the loop and, under TRITON_INTERPRET=1, the Triton path (wall clock; the numbers only
-show the harness works). Plot with ``python -m benchmarks.plot_kernels <jsonl>``.
+show the harness works). Plot with ``python -m petserve.benchmarks.plot_kernels <jsonl>``.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.bottleneck import act, bottleneck_residual_reference
-from kernels.lowrank import add_lowrank_loop, add_lowrank_reference
-from kernels.segments import SegmentMeta
-from kernels.stacks import GATE_NAMES, BottleneckStack, LowRankStack
+from petserve.kernels.bottleneck import act, bottleneck_residual_reference
+from petserve.kernels.lowrank import add_lowrank_loop, add_lowrank_reference
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import GATE_NAMES, BottleneckStack, LowRankStack
 
 PEAK_BYTES_PER_S = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}  # first match wins
 WIDTH = 768  # d_model of T5-base and BART-base
@@ -154,14 +154,14 @@ def op_paths(setup: Setup, case: dict, with_triton: bool) -> dict:
         paths = {"reference": lambda: add_lowrank_reference(y, x, w, seg),
                  "loop": lambda: add_lowrank_loop(y, x, w, seg)}
         if with_triton:
-            from kernels.triton_lowrank import add_lowrank_triton
+            from petserve.kernels.triton_lowrank import add_lowrank_triton
             paths["triton"] = lambda: add_lowrank_triton(y, x, w, seg)
         return paths
     h, x = case["h"], case["x"]
     paths = {"reference": lambda: bottleneck_residual_reference(h, x, w, seg),
              "loop": lambda: bottleneck_loop(h, x, w, seg)}
     if with_triton:
-        from kernels.triton_bottleneck import bottleneck_residual_triton
+        from petserve.kernels.triton_bottleneck import bottleneck_residual_triton
         paths["triton"] = lambda: bottleneck_residual_triton(h, x, w, seg)
     return paths
 
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("bench_kernels: no CUDA device. The full grid needs a GPU; on CPU run "
-              "`TRITON_INTERPRET=1 python -m benchmarks.bench_kernels --smoke`.", file=sys.stderr)
+              "`TRITON_INTERPRET=1 python -m petserve.benchmarks.bench_kernels --smoke`.", file=sys.stderr)
         return 2
     with_triton = cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if not with_triton:

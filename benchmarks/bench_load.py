@@ -1,6 +1,6 @@
 """Cold load of an adapter: from its file in the store to a device slot ready to serve.
 
-    python -m benchmarks.bench_load [--backbone t5-base] [--kind lora] [--rank 16] [--loads 32]
+    python -m petserve.benchmarks.bench_load [--backbone t5-base] [--kind lora] [--rank 16] [--loads 32]
                                     [--smoke] [--out benchmarks/results/load_cpu.jsonl]
 
 Issue target (GPU, T5-base width): a rank-16 LoRA loads from disk into a device slot in < 20 ms.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_env import commit, device_name
-from benchmarks.workloads import random_adapter_bytes
+from petserve.benchmarks.bench_env import commit, device_name
+from petserve.benchmarks.workloads import random_adapter_bytes
 
 PHASES = ("read_ms", "compile_ms", "copy_ms")
 
@@ -52,7 +52,7 @@ def options(kind: str, rank: int) -> dict:
 def measure(model, store, ids: list[str], evict: bool) -> list[dict]:
     """One cold load per id, through a 2-slot pool that caches one parsed file on the CPU: each
     id is read from the store and written into a slot another adapter held."""
-    from serving.slot_pool import SlotPool
+    from petserve.serving.slot_pool import SlotPool
     pool = SlotPool(model, store, num_slots=2, cpu_cache_adapters=1)
     cuda = model.device.type == "cuda"
     loads, evicted = [], True
@@ -76,9 +76,9 @@ def measure(model, store, ids: list[str], evict: bool) -> list[dict]:
 
 
 def run(args) -> dict:
-    from adapters.backbone import build_backbone
-    from serving.store import LocalDirStore
-    from serving.uploads import prepare_upload
+    from petserve.adapters.backbone import build_backbone
+    from petserve.serving.store import LocalDirStore
+    from petserve.serving.uploads import prepare_upload
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_backbone(args.backbone, device=device, dtype=dtype)

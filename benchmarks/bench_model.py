@@ -2,7 +2,7 @@
 N distinct adapters (issue target (c): LoRA on q and v of every layer, 64 distinct adapters, batch 64,
 T5-base width: <= 15% over the backbone-only step).
 
-    python -m benchmarks.bench_model [--backbone t5-base] [--batch 64] [--adapters 64] [--rank 16]
+    python -m petserve.benchmarks.bench_model [--backbone t5-base] [--batch 64] [--adapters 64] [--rank 16]
                                      [--kind lora] [--smoke] [--out benchmarks/results/model.jsonl]
 
 Writes one JSONL row per configuration: {"setup", "metrics", "device", "commit"}.
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from adapters.backbone import build_backbone
-from adapters.backbone.model import RowInput
-from adapters.kinds import get_kind
-from adapters.runtime.bank import SlotBank
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
-from benchmarks.bench_env import commit, device_name
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.backbone.model import RowInput
+from petserve.adapters.kinds import get_kind
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
+from petserve.benchmarks.bench_env import commit, device_name
 
 
 def _timed(fn, device, iters: int) -> float:

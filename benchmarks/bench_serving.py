@@ -2,7 +2,7 @@
 (Poisson arrivals at a set rate), adapter popularity uniform / zipf(1.5) / single, 1 to 1000
 adapters of one or mixed kinds, uploaded with ``PUT /v1/adapters/{id}``.
 
-    python -m benchmarks.bench_serving [--backbone tiny] [--adapters 1,8,32,128,1000]
+    python -m petserve.benchmarks.bench_serving [--backbone tiny] [--adapters 1,8,32,128,1000]
                                        [--server subprocess|in-process|ray] [--smoke]
                                        [--out benchmarks/results/serving_cpu.jsonl]
 
@@ -15,7 +15,7 @@ httpx cost as much CPU per request as the server). Reported per run: requests/s,
 client latency p50/p90/p99 (and 101 quantiles for CDF plots), time queued in the engine (the
 response's ``timings_ms.queue``), the slot pool's hit rate and adapters mixed per step
 (``/metrics`` deltas).
-Rows: ``{"setup", "metrics", "device", "commit"}``; plot with ``python -m benchmarks.plot_serving``.
+Rows: ``{"setup", "metrics", "device", "commit"}``; plot with ``python -m petserve.benchmarks.plot_serving``.
 """
 from __future__ import annotations
 
@@ -36,10 +36,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.bench_env import commit, device_name
-from benchmarks.http_load import HttpError, LoadClient
-from benchmarks.workloads import (Workload, adapter_id, make_requests, poisson_arrivals,
-                                  serving_backbone, used_adapters, workload_adapter_bytes)
+from petserve.benchmarks.bench_env import commit, device_name
+from petserve.benchmarks.http_load import HttpError, LoadClient
+from petserve.benchmarks.workloads import (
+    Workload,
+    adapter_id,
+    make_requests,
+    poisson_arrivals,
+    serving_backbone,
+    used_adapters,
+    workload_adapter_bytes,
+)
 
 TOKEN = "bench-token"
 FEATURES = [[0.25] * 16]
@@ -78,7 +85,7 @@ def start_subprocess(backbone: Path, store: Path, args) -> tuple[str, callable]:
     port = free_port()
     path = store.parent / "server.json"          # JSON is YAML
     path.write_text(json.dumps(server_config(backbone, store, port, args)))
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(path)]
+    cmd = [sys.executable, "-m", "petserve.serving.cli", "serve", "--config", str(path)]
     cmd += [] if args.server == "ray" else ["--no-ray"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -107,12 +114,14 @@ def start_in_process(backbone: Path, store: Path, args) -> tuple[str, callable]:
     """The same app served by uvicorn on a thread of this process (smoke runs: no second
     interpreter to start; client and server then share one GIL)."""
     import threading
-    import uvicorn
-    from serving.api import create_app
-    from serving.auth import TokenCheck
-    from serving.deployments import LocalBackend
-    from serving.server_config import ServerConfig
+
     import torch
+    import uvicorn
+
+    from petserve.serving.api import create_app
+    from petserve.serving.auth import TokenCheck
+    from petserve.serving.deployments import LocalBackend
+    from petserve.serving.server_config import ServerConfig
     torch.set_num_threads(args.server_threads)
     port = free_port()
     cfg = ServerConfig.model_validate(server_config(backbone, store, port, args))
@@ -322,7 +331,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     import torch
-    from adapters.backbone import build_backbone
+
+    from petserve.adapters.backbone import build_backbone
     args = parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(args.server_threads)   # the client only builds adapter files

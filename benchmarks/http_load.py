@@ -96,7 +96,7 @@ class LoadClient:
         except ValueError:
             return status, None
 
-    async def __aenter__(self) -> "LoadClient":
+    async def __aenter__(self) -> LoadClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -1,6 +1,6 @@
 """Plot a bench_kernels JSONL: ms vs number of adapters, one panel per (op, popularity).
 
-    python -m benchmarks.plot_kernels benchmarks/results/kernels.jsonl   # -> kernels.png beside it
+    python -m petserve.benchmarks.plot_kernels benchmarks/results/kernels.jsonl   # -> kernels.png beside it
 
 Uses the ``adapters_t*`` sweeps when the file has them (else every row, e.g. a smoke run); one
 line per implementation (triton / reference / loop) and token count.

@@ -1,6 +1,6 @@
 """Plot bench_serving / bench_engine JSONL files; the PNGs go beside each file.
 
-    python -m benchmarks.plot_serving benchmarks/results/engine_cpu.jsonl \\
+    python -m petserve.benchmarks.plot_serving benchmarks/results/engine_cpu.jsonl \\
                                       benchmarks/results/serving_cpu.jsonl
 
 * ``<name>.png``: throughput (requests/s) against the number of adapters, one line per

@@ -127,7 +127,8 @@ def hf_t5_checkpoint(size: str, directory: Path, seed: int = 0) -> Path:
     """Write a random Hugging Face T5 checkpoint of ``size`` (see BACKBONES) with the end-of-
     sequence output row zeroed (module doc); returns ``directory``."""
     import transformers as tf
-    from adapters.backbone.tokenizer import TINY_VOCAB_SIZE
+
+    from petserve.adapters.backbone.tokenizer import TINY_VOCAB_SIZE
     fields = {"vocab_size": TINY_VOCAB_SIZE, **BACKBONES[size]}
     cfg = tf.T5Config(**fields, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
@@ -143,10 +144,11 @@ def serving_backbone(size: str, directory: Path, feat_dim: int = 16) -> Path:
     :func:`hf_t5_checkpoint` plus a visual embedding for ``feat_dim``-wide precomputed features
     (the HTTP API needs a visual input: each request sends one small feature row)."""
     from dataclasses import replace
-    from adapters.backbone import build_backbone
-    from adapters.backbone.config import VisionConfig
-    from adapters.backbone.loading import init_weights, save_backbone
-    from adapters.backbone.model import VLModel
+
+    from petserve.adapters.backbone import build_backbone
+    from petserve.adapters.backbone.config import VisionConfig
+    from petserve.adapters.backbone.loading import init_weights, save_backbone
+    from petserve.adapters.backbone.model import VLModel
     lm = build_backbone(hf_t5_checkpoint(size, Path(directory) / "hf"))
     cfg = replace(lm.cfg, name=f"bench-{size}", vision=VisionConfig(kind="features",
                                                                    feat_dim=feat_dim))
@@ -160,8 +162,8 @@ def serving_backbone(size: str, directory: Path, feat_dim: int = 16) -> Path:
 
 def random_adapter_bytes(model, kind: str, options: dict, seed: int, noise: float = 0.05) -> bytes:
     """A petserve adapter file of ``kind``: its paper initialisation plus Gaussian noise."""
-    from adapters.adapter_file import adapter_bytes
-    from adapters.kinds import get_kind
+    from petserve.adapters.adapter_file import adapter_bytes
+    from petserve.adapters.kinds import get_kind
     k = get_kind(kind)
     cfg = k.resolve(k.Config(**options), model)
     params = k.init_params(cfg, model, seed)
@@ -178,7 +180,7 @@ def workload_adapter_bytes(model, w: Workload, i: int) -> bytes:
 def fill_store(store, model, w: Workload, blobs: dict[str, bytes] | None = None) -> list[str]:
     """Put the workload's adapters into ``store`` (validated like an upload); ``blobs`` (id ->
     bytes, e.g. imported PEFT LoRAs) override the generated ones. Returns the ids."""
-    from serving.uploads import prepare_upload
+    from petserve.serving.uploads import prepare_upload
     ids = []
     for i in range(w.adapters):
         aid = adapter_id(i, w.kinds)

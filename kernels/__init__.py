@@ -3,12 +3,21 @@
 Dependencies point one way: ``serving -> adapters -> kernels``; this package imports torch (and
 triton, lazily) only.
 """
-from kernels.bottleneck import act, bottleneck_residual, bottleneck_residual_reference
-from kernels.grouped_linear import grouped_linear, grouped_linear_reference
-from kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
-from kernels.segments import SegmentMeta
-from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NAMES, GATE_NONE,
-                            GATE_SMALL, BottleneckStack, LinearStack, LowRankStack)
+from petserve.kernels.bottleneck import act, bottleneck_residual, bottleneck_residual_reference
+from petserve.kernels.grouped_linear import grouped_linear, grouped_linear_reference
+from petserve.kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import (
+                            GATE_LARGE,
+                            GATE_MIDDLE_X,
+                            GATE_MIDDLE_Y,
+                            GATE_NAMES,
+                            GATE_NONE,
+                            GATE_SMALL,
+                            BottleneckStack,
+                            LinearStack,
+                            LowRankStack,
+)
 
 __all__ = [
     "SegmentMeta", "LowRankStack", "BottleneckStack", "LinearStack",

@@ -4,11 +4,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import records_grad, use_triton
-from kernels.lowrank import GATHER_CACHE_ELEMENTS, GATHER_MIN_SEGMENTS, gather_pays
-from kernels.segments import SegmentMeta
-from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NONE, GATE_SMALL,
-                            BottleneckStack)
+from petserve.kernels.dispatch import records_grad, use_triton
+from petserve.kernels.lowrank import GATHER_CACHE_ELEMENTS, GATHER_MIN_SEGMENTS, gather_pays
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import (
+    GATE_LARGE,
+    GATE_MIDDLE_X,
+    GATE_MIDDLE_Y,
+    GATE_NONE,
+    GATE_SMALL,
+    BottleneckStack,
+)
 
 # CPU heuristic (see prefers_gathered), measured like kernels.lowrank's (one thread, shared 2-core
 # AMD EPYC, d 64-768, ranks 8-96, 8-24 slots, 32 decode tokens): the per-slot reference costs
@@ -51,7 +57,7 @@ def bottleneck_residual(h: torch.Tensor, x: torch.Tensor, w: BottleneckStack,
         return h
     weights = (w.D, w.U, w.bd, w.bu, w.gate_w, w.gate_vec, w.gate_D, w.gate_U)
     if use_triton(h, h, x, *weights):
-        from kernels.triton_bottleneck import bottleneck_residual_triton
+        from petserve.kernels.triton_bottleneck import bottleneck_residual_triton
         return bottleneck_residual_triton(h, x, w, seg)
     if prefers_gathered(seg, w) and not records_grad(h, x, *weights):
         return bottleneck_residual_gathered(h, x, w, seg)
@@ -147,7 +153,7 @@ def bottleneck_residual_gathered(h: torch.Tensor, x: torch.Tensor, w: Bottleneck
     (``kernels.lowrank.gathered_weights``). Returns a new tensor, as the reference does.
     """
     out = h.clone()
-    for (r, from_input, gate, _), idx, slots, g in gathered_bottleneck(w, seg):
+    for (_r, from_input, gate, _), idx, slots, g in gathered_bottleneck(w, seg):
         hs, xs = _take(h, idx), _take(x, idx)
         src = xs if from_input else hs
         z = act(torch.baddbmm(g["bd"], src.unsqueeze(1), g["D"].transpose(1, 2)))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
-from kernels.segments import SegmentMeta
-from kernels.stacks import LinearStack
+from petserve.kernels.dispatch import use_triton
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import LinearStack
 
 
 def grouped_linear(x: torch.Tensor, w: LinearStack, seg: SegmentMeta) -> torch.Tensor:
@@ -16,7 +16,7 @@ def grouped_linear(x: torch.Tensor, w: LinearStack, seg: SegmentMeta) -> torch.T
     must record the op (training), which takes the differentiable reference.
     """
     if use_triton(x, x, w.W, w.b):
-        from kernels.triton_grouped_linear import grouped_linear_triton
+        from petserve.kernels.triton_grouped_linear import grouped_linear_triton
         return grouped_linear_triton(x, w, seg)
     return grouped_linear_reference(x, w, seg)
 

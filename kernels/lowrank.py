@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import records_grad, use_triton
-from kernels.segments import SegmentMeta
-from kernels.stacks import LowRankStack
+from petserve.kernels.dispatch import records_grad, use_triton
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import LowRankStack
 
 # CPU heuristic (see prefers_gathered). Measured with one thread on a shared 2-core AMD EPYC
 # (d 64 and 512, rank 8, 1-32 slots): the reference costs ~25-40 us of per-call overhead per slot
@@ -36,7 +36,7 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, seg: SegmentM
     if not seg.slots:
         return y
     if use_triton(x, x, y, w.A, w.B, w.scale):
-        from kernels.triton_lowrank import add_lowrank_triton
+        from petserve.kernels.triton_lowrank import add_lowrank_triton
         return add_lowrank_triton(y, x, w, seg)
     if prefers_gathered(seg, w) and not records_grad(x, y, w.A, w.B, w.scale):
         return add_lowrank_gathered(y, x, w, seg)
@@ -91,7 +91,7 @@ def add_lowrank_gathered(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
     must not change while its SegmentMeta is in use, which the slot pool guarantees (a slot
     referenced by rows in flight is never rewritten).
     """
-    for r, idx, a, b in gathered_weights(w, seg):
+    for _r, idx, a, b in gathered_weights(w, seg):
         xs = x if idx is None else x.index_select(0, idx)
         # Row vector times matrix, (1, d_in) @ (d_in, r): torch's CPU bmm is several times
         # faster in this orientation than as matrix times column vector.

@@ -36,7 +36,7 @@ class SegmentMeta:
 
     @classmethod
     def from_slots(cls, token_slots: torch.Tensor, token_rows: torch.Tensor | None = None,
-                   token_valid: torch.Tensor | None = None, num_rows: int = 0) -> "SegmentMeta":
+                   token_valid: torch.Tensor | None = None, num_rows: int = 0) -> SegmentMeta:
         token_slots = token_slots.to(torch.int64)
         host = token_slots.cpu()
         order = torch.argsort(host, stable=True)
@@ -53,7 +53,7 @@ class SegmentMeta:
 
     @classmethod
     def from_rows(cls, row_slots: torch.Tensor, tokens_per_row: int,
-                  valid: torch.Tensor | None = None) -> "SegmentMeta":
+                  valid: torch.Tensor | None = None) -> SegmentMeta:
         """Meta for a (B, T) block of tokens flattened row-major; row b uses ``row_slots[b]``."""
         num_rows = row_slots.shape[0]
         token_slots = row_slots.repeat_interleave(tokens_per_row)

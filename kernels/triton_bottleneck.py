@@ -30,12 +30,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.segments import SegmentMeta
-from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_SMALL,
-                            BottleneckStack)
-from kernels.triton_common import (BLOCK_R, col_block, dot_precision, gathered_matmul_t, gelu_tanh,
-                                   pick_block_m, rank_loop_matmul_t, row_groups, segment_tile,
-                                   tile_table)
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_SMALL, BottleneckStack
+from petserve.kernels.triton_common import (
+    BLOCK_R,
+    col_block,
+    dot_precision,
+    gathered_matmul_t,
+    gelu_tanh,
+    pick_block_m,
+    rank_loop_matmul_t,
+    row_groups,
+    segment_tile,
+    tile_table,
+)
 
 # Gate kinds as compile-time constants inside the kernels.
 _SMALL = tl.constexpr(GATE_SMALL)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.segments import SegmentMeta
+from petserve.kernels.segments import SegmentMeta
 
 # Rank granularity of every rank-indexed tile: tl.dot needs dims >= 16, and a finer step means a
 # rank-8 slot beside a rank-64 one wastes at most half a tile, never the other slot's 64.

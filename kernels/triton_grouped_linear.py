@@ -15,10 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.segments import SegmentMeta
-from kernels.stacks import LinearStack
-from kernels.triton_common import (col_block, dot_precision, gathered_matmul_t, pick_block_m,
-                                   segment_tile, tile_table)
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import LinearStack
+from petserve.kernels.triton_common import (
+    col_block,
+    dot_precision,
+    gathered_matmul_t,
+    pick_block_m,
+    segment_tile,
+    tile_table,
+)
 
 
 @triton.jit

@@ -23,10 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.segments import SegmentMeta
-from kernels.stacks import LowRankStack
-from kernels.triton_common import (BLOCK_R, col_block, dot_precision, gathered_matmul_t,
-                                   pick_block_m, rank_loop_matmul_t, segment_tile, tile_table)
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import LowRankStack
+from petserve.kernels.triton_common import (
+    BLOCK_R,
+    col_block,
+    dot_precision,
+    gathered_matmul_t,
+    pick_block_m,
+    rank_loop_matmul_t,
+    segment_tile,
+    tile_table,
+)
 
 
 @triton.jit

@@ -21,17 +21,30 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.auth import TokenCheck, resolve_token
-from serving.errors import ApiError
-from serving.metrics import (CONTENT_TYPE, Exposition, HttpMetrics, RecordMetrics,
-                             export_engine_stats)
-from serving.schemas import (CAPTION_FORM_SCHEMA, VQA_FORM_SCHEMA, AdapterInfo, AdapterList,
-                             CaptionRequest, CaptionResponse, ErrorResponse, HealthResponse,
-                             MediaBytes, ModelInputs, VqaRequest, VqaResponse,
-                             build_inference_request, describe_validation_error,
-                             finite_or_floor, media_from_json, validation_api_error)
-from serving.server_config import ServerConfig
-from serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
+from petserve.serving.auth import TokenCheck, resolve_token
+from petserve.serving.errors import ApiError
+from petserve.serving.metrics import CONTENT_TYPE, Exposition, HttpMetrics, RecordMetrics, export_engine_stats
+from petserve.serving.schemas import (
+    CAPTION_FORM_SCHEMA,
+    VQA_FORM_SCHEMA,
+    AdapterInfo,
+    AdapterList,
+    CaptionRequest,
+    CaptionResponse,
+    ErrorResponse,
+    HealthResponse,
+    MediaBytes,
+    ModelInputs,
+    VqaRequest,
+    VqaResponse,
+    build_inference_request,
+    describe_validation_error,
+    finite_or_floor,
+    media_from_json,
+    validation_api_error,
+)
+from petserve.serving.server_config import ServerConfig
+from petserve.serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
 
 log = logging.getLogger(__name__)
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")

@@ -12,7 +12,7 @@ import os
 import secrets
 from dataclasses import dataclass
 
-from serving.errors import ApiError
+from petserve.serving.errors import ApiError
 
 
 @dataclass(frozen=True)

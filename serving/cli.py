@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Serve many parameter-efficient adapters on one frozen VL-T5 / VL-BART backbone."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"serving.commands.{name}").register(sub)
+        importlib.import_module(f"petserve.serving.commands.{name}").register(sub)
     return parser
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as ``python -m serving.cli``: subcommands import ``serving.cli``, so use that module's
-    # CliError (not this __main__ copy's) by delegating to it.
-    from serving.cli import main as package_main
+    # Run as ``python -m petserve.serving.cli``: subcommands import ``petserve.serving.cli``, so
+    # use that module's CliError (not this __main__ copy's) by delegating to it.
+    from petserve.serving.cli import main as package_main
     sys.exit(package_main())

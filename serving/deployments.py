@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.api import BackendInfo, create_app
-from serving.auth import TokenCheck
-from serving.errors import ApiError
-from serving.server_config import ServerConfig
-from serving.store import LocalDirStore, StoredAdapter
+from petserve.serving.api import BackendInfo, create_app
+from petserve.serving.auth import TokenCheck
+from petserve.serving.errors import ApiError
+from petserve.serving.server_config import ServerConfig
+from petserve.serving.store import LocalDirStore, StoredAdapter
 
 log = logging.getLogger(__name__)
 STALE_REPLICA_S = 30.0       # a replica silent this long is gone: drop its stats
@@ -43,14 +43,14 @@ class LocalBackend:
 
     def __init__(self, model, store: LocalDirStore, engine_config, max_adapter_bytes: int,
                  replica: str = "local") -> None:
-        from serving.engine import Engine
+        from petserve.serving.engine import Engine
         self.model, self.store, self.replica = model, store, replica
         self.max_adapter_bytes = max_adapter_bytes
         self.engine = Engine(model, store, engine_config)
 
     @classmethod
     def from_config(cls, config: ServerConfig, replica: str = "local") -> LocalBackend:
-        from adapters.backbone import build_backbone
+        from petserve.adapters.backbone import build_backbone
         model = build_backbone(config.backbone or "tiny", device=config.resolved_device())
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
         return cls(model, store, config.engine.to_engine_config(), config.max_adapter_bytes,
@@ -80,7 +80,7 @@ class LocalBackend:
 
     def upload_now(self, adapter_id: str, data: bytes) -> StoredAdapter:
         """Validate against this backbone (serving.uploads), then store a new version."""
-        from serving.uploads import prepare_upload
+        from petserve.serving.uploads import prepare_upload
         blob, meta = prepare_upload(data, self.model, self.max_adapter_bytes)
         return self.store.put(adapter_id, blob, meta)
 
@@ -130,8 +130,8 @@ def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
                      stored.version)
             uploads[adapter_id] = data
     if uploads:
-        from adapters.backbone import build_backbone
-        from serving.uploads import prepare_upload
+        from petserve.adapters.backbone import build_backbone
+        from petserve.serving.uploads import prepare_upload
         model = build_backbone(backbone)
         for adapter_id, data in uploads.items():
             blob, meta = prepare_upload(data, model, max_bytes)
@@ -140,7 +140,7 @@ def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
 
 
 def _adapter_name(data: bytes) -> str | None:
-    from adapters.adapter_file import AdapterFileError, parse_header
+    from petserve.adapters.adapter_file import AdapterFileError, parse_header
     try:
         header, _ = parse_header(data)
         return json.loads(header["__metadata__"]["petserve"]).get("name")
@@ -162,12 +162,12 @@ class PreparedServer:
 def prepare_server(config: ServerConfig) -> PreparedServer:
     """Resolve the token; with no backbone, use the demo assets (seeding the store with the demo
     adapters) when adapters.demo is available, else the tiny preset with no adapters."""
-    from serving.auth import resolve_token
+    from petserve.serving.auth import resolve_token
     resolved = resolve_token(config.token, config.token_env)
     notes, demo = [], []
     if config.backbone is None:
         try:
-            from adapters.demo import ensure_demo_assets
+            from petserve.adapters.demo import ensure_demo_assets
         except ImportError:
             ensure_demo_assets = None
         if ensure_demo_assets is None:
@@ -318,8 +318,11 @@ class RayBackend:
 
     async def _call(self, method: str, *args, adapter: str | None = None):
         from ray.exceptions import RayActorError
-        from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
-                                          ReplicaUnavailableError)
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+        )
         handle = self.backbone if adapter is None else \
             self.backbone.options(multiplexed_model_id=adapter)
         try:
@@ -401,7 +404,8 @@ def build_app(config: ServerConfig, token: str):
     """The bound Ray Serve application (pass it to `serve.run`). `config.backbone` must be set
     (see `prepare_server`); the token reaches the replicas only as its sha256."""
     from ray import serve
-    from serving.auth import token_digest
+
+    from petserve.serving.auth import token_digest
     public = config.model_dump(mode="json", exclude={"token"})
     board = serve.deployment(MetricsBoard, name="MetricsBoard", num_replicas=1,
                              ray_actor_options={"num_cpus": 0},

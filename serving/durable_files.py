@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from serving.errors import ApiError
+from petserve.serving.errors import ApiError
 
 TMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20

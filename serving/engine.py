@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adapters.backbone.model import TASK_PREFIX, RowInput
-from adapters.generation import GenerationRequest, GenerationResult, generate
-from adapters.kinds import KINDS
-from adapters.runtime.bank import SlotBank
-from serving.errors import ApiError
-from serving.feature_cache import FeatureCache, encode_visual, features_key, frames_key, images_key
-from serving.scheduler import Job, Scheduler
-from serving.slot_pool import SlotPool, compile_on_cpu, parse_stored
-from serving.store import AdapterStore
+from petserve.adapters.backbone.model import TASK_PREFIX, RowInput
+from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
+from petserve.adapters.kinds import KINDS
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.serving.errors import ApiError
+from petserve.serving.feature_cache import FeatureCache, encode_visual, features_key, frames_key, images_key
+from petserve.serving.scheduler import Job, Scheduler
+from petserve.serving.slot_pool import SlotPool, compile_on_cpu, parse_stored
+from petserve.serving.store import AdapterStore
 
 VIDEO_TASKS = ("video_qa", "video_caption")
 CAPTION_TASKS = ("caption", "video_caption")
@@ -62,9 +62,9 @@ class InferenceRequest:
     task: str                        # "vqa" | "gqa" | "nlvr" | "caption" | "video_qa" | "video_caption"
     text: str                        # question / statement / caption prompt ("" allowed for captions)
     images: list = field(default_factory=list)       # 0, 1 or 2 PIL RGB images (2 = NLVR2 style)
-    frames: "np.ndarray | None" = None                # video: (T, H, W, 3) uint8 frames already sampled
-    features: "np.ndarray | None" = None              # precomputed visual features (N, feat_dim)
-    boxes: "np.ndarray | None" = None                 # optional (N, 4) boxes for features
+    frames: np.ndarray | None = None                # video: (T, H, W, 3) uint8 frames already sampled
+    features: np.ndarray | None = None              # precomputed visual features (N, feat_dim)
+    boxes: np.ndarray | None = None                 # optional (N, 4) boxes for features
     max_new_tokens: int | None = None                 # None: 20, captions 40 (clamped to the cap)
     num_beams: int = 1
 

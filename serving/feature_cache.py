@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from adapters.backbone.visual import VisualTokens, feature_tokens
+from petserve.adapters.backbone.visual import VisualTokens, feature_tokens
 
 
 def _digest(prefix: str, parts: list[bytes]) -> str:

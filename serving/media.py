@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving.errors import ApiError
+from petserve.serving.errors import ApiError
 
 log = logging.getLogger(__name__)
 

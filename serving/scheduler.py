@@ -26,13 +26,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.backbone.model import RowInput
-from adapters.backbone.visual import VisualTokens
-from adapters.generation import (BeamSearch, DecodeState, GenerationRequest, GenerationResult,
-                                 GreedySearch, decode_step, prefill)
-from serving.errors import ApiError
-from serving.feature_cache import FeatureCache
-from serving.slot_pool import SlotPool
+from petserve.adapters.backbone.model import RowInput
+from petserve.adapters.backbone.visual import VisualTokens
+from petserve.adapters.generation import (
+    BeamSearch,
+    DecodeState,
+    GenerationRequest,
+    GenerationResult,
+    GreedySearch,
+    decode_step,
+    prefill,
+)
+from petserve.serving.errors import ApiError
+from petserve.serving.feature_cache import FeatureCache
+from petserve.serving.slot_pool import SlotPool
 
 log = logging.getLogger(__name__)
 

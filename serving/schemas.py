@@ -13,9 +13,9 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from serving.errors import ApiError
-from serving.media import MediaLimits, decode_base64, decode_image, decode_video
-from serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
+from petserve.serving.errors import ApiError
+from petserve.serving.media import MediaLimits, decode_base64, decode_image, decode_video
+from petserve.serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
 
 MAX_TEXT_CHARS = 1024
 MAX_NEW_TOKENS = 64
@@ -247,7 +247,7 @@ def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes
     media, or features of the wrong shape; 4xx from serving.media for undecodable media.
     CPU-heavy (image/video decoding): call it off the event loop.
     """
-    from serving.engine import InferenceRequest
+    from petserve.serving.engine import InferenceRequest
     source = _single_source(body, media)
     if source in ("image", "images", "video") and not inputs.accepts_pixels:
         raise ApiError.unprocessable("features_only", "this backbone has no vision encoder; "

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.media import MediaLimits
+from petserve.serving.media import MediaLimits
 
 DEFAULT_STORE = Path("~/.cache/petserve/store")
 DEFAULT_TOKEN_ENV = "PETSERVE_TOKEN"
@@ -48,7 +48,7 @@ class EngineSettings(_Strict):
         return self
 
     def to_engine_config(self):
-        from serving.engine import EngineConfig
+        from petserve.serving.engine import EngineConfig
         return EngineConfig(**self.model_dump())
 
 

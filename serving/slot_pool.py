@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from adapters.adapter_file import AdapterFile, AdapterFileError, load_adapter
-from adapters.kinds import get_kind
-from adapters.runtime.bank import SlotBank
-from adapters.runtime.forms import CompiledAdapter
-from serving.errors import ApiError
-from serving.store import AdapterStore
+from petserve.adapters.adapter_file import AdapterFile, AdapterFileError, load_adapter
+from petserve.adapters.kinds import get_kind
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.forms import CompiledAdapter
+from petserve.serving.errors import ApiError
+from petserve.serving.store import AdapterStore
 
 SlotKey = tuple[str, int, "str | None"]     # (adapter_id, version, task if task-conditioned)
 

@@ -33,9 +33,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from serving.durable_files import (TMP_PREFIX, fsync_dir, locked, new_temp, sha256_file,
-                                   stream_to_fd, write_atomic)
-from serving.errors import ApiError
+from petserve.serving.durable_files import (
+    TMP_PREFIX,
+    fsync_dir,
+    locked,
+    new_temp,
+    sha256_file,
+    stream_to_fd,
+    write_atomic,
+)
+from petserve.serving.errors import ApiError
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import io
 import zipfile
 
-from adapters.adapter_file import AdapterFile, AdapterFileError, adapter_bytes, load_adapter
-from adapters.kinds import get_kind
-from adapters.peft_import import import_peft_lora
-from serving.errors import ApiError
+from petserve.adapters.adapter_file import AdapterFile, AdapterFileError, adapter_bytes, load_adapter
+from petserve.adapters.kinds import get_kind
+from petserve.adapters.peft_import import import_peft_lora
+from petserve.serving.errors import ApiError
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_ZIP_MEMBERS = 64
@@ -53,7 +53,8 @@ def _check_zip_size(data: bytes, max_bytes: int) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
     except zipfile.BadZipFile as e:
-        raise AdapterFileError("not_peft_zip", f"upload looks like a zip but is not a valid one: {e}")
+        raise AdapterFileError(
+            "not_peft_zip", f"upload looks like a zip but is not a valid one: {e}") from None
     if len(infos) > MAX_ZIP_MEMBERS:
         raise AdapterFileError("not_peft_dir", f"zip has {len(infos)} members; a PEFT LoRA "
                                f"directory has a handful")

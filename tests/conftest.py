@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.backbone import build_backbone
-from adapters.kinds import get_kind
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.kinds import get_kind
 
 # Every kind and notable variant the foundation serves (kind, options).
 KIND_VARIANTS = [

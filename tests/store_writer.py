@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.store import LocalDirStore  # noqa: E402
+from petserve.serving.store import LocalDirStore  # noqa: E402
 
 
 class SlowZeros:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from adapters.adapter_file import AdapterFileError, adapter_bytes, load_adapter, save_adapter
-from adapters.backbone import build_backbone
+from petserve.adapters.adapter_file import AdapterFileError, adapter_bytes, load_adapter, save_adapter
+from petserve.adapters.backbone import build_backbone
 from tests.conftest import random_adapter
 
 

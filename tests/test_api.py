@@ -13,12 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from adapters.adapter_file import adapter_bytes
-from serving.api import create_app
-from serving.deployments import LocalBackend
-from serving.engine import InferenceRequest
-from serving.server_config import EngineSettings, ServerConfig
-from serving.store import LocalDirStore
+from petserve.adapters.adapter_file import adapter_bytes
+from petserve.serving.api import create_app
+from petserve.serving.deployments import LocalBackend
+from petserve.serving.engine import InferenceRequest
+from petserve.serving.server_config import EngineSettings, ServerConfig
+from petserve.serving.store import LocalDirStore
 from tests.conftest import random_adapter
 
 TOKEN = "test-token-123"
@@ -116,7 +116,7 @@ def test_health_docs_openapi_and_metrics(client):
                    "petserve_slot_pool_hits_total", "petserve_slot_pool_evictions_total",
                    "petserve_adapter_load_seconds_count", "petserve_engine_queue_length"):
         assert family in text, family
-    parser = pytest.importorskip("prometheus_client.parser")     # ships with ray[serve]
+    from prometheus_client import parser
     families = {f.name: f.type for f in parser.text_string_to_metric_families(text)}
     assert families["petserve_http_request_duration_seconds"] == "histogram"
     assert families["petserve_slot_pool_misses"] == "counter"
@@ -208,7 +208,7 @@ def test_multipart_upload_and_vqa(served, tiny_t5):
 
 
 def test_image_pair_video_and_caption(client, tmp_path):
-    from adapters.data.synthetic import write_video
+    from petserve.adapters.data.synthetic import write_video
     pair = client.post("/v1/vqa", json={"images": [b64(png_bytes(5)), b64(png_bytes(6))],
                                         "question": "the left image has more", "max_new_tokens": 3})
     assert pair.status_code == 200, pair.text

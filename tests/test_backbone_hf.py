@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from adapters.backbone import build_backbone
-from adapters.backbone.model import RowInput
-from adapters.runtime.context import StepContext
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.backbone.model import RowInput
+from petserve.adapters.runtime.context import StepContext
 
 
 def _hf_model(family, tmp_path):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
+import matplotlib  # noqa: F401  (hard dependencies of the benchmarks)
+import peft  # noqa: F401
 import pytest
 import torch
 
-pytest.importorskip("peft")
-pytest.importorskip("matplotlib")
-
-from benchmarks import bench_engine, bench_load, bench_serving, plot_serving  # noqa: E402
-from benchmarks.workloads import Workload, draw_adapters, make_requests  # noqa: E402
+from petserve.benchmarks import bench_engine, bench_load, bench_serving, plot_serving  # noqa: E402
+from petserve.benchmarks.workloads import Workload, draw_adapters, make_requests  # noqa: E402
 
 ROW_KEYS = {"setup", "metrics", "device", "commit"}
 THROUGHPUT = {"requests", "elapsed_s", "requests_per_s", "tokens_per_s"}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from serving.cli import main
+from petserve.serving.cli import main
 
 
 def _params(capsys, *argv):

@@ -19,16 +19,16 @@ import httpx
 import numpy as np
 import pytest
 
-from adapters.adapter_file import adapter_bytes
-from adapters.backbone import build_backbone
-from adapters.backbone.tokenizer import TINY_VOCAB_SIZE
-from serving.cli import main
+from petserve.adapters.adapter_file import adapter_bytes
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.backbone.tokenizer import TINY_VOCAB_SIZE
+from petserve.serving.cli import main
 from tests.conftest import random_adapter
 
 TOKEN = "cli-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 KINDS = {"lora": {"r": 4}, "adapter": {"reduction_factor": 4}, "vlpet": {"gate": "small"}}
-SERVE = [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())",
+SERVE = [sys.executable, "-c", "import sys; from petserve.serving.cli import main; sys.exit(main())",
          "serve", "--no-ray", "--num-slots", "4"]
 
 
@@ -163,7 +163,7 @@ def test_push_safetensors_file(restarted, hf_backbone, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_push_peft_lora_directory(restarted, hf_t5_dir, tmp_path, capsys):
-    peft = pytest.importorskip("peft")
+    import peft
     import torch
     import transformers as tf
     base = tf.T5ForConditionalGeneration.from_pretrained(hf_t5_dir)
@@ -210,8 +210,8 @@ def test_serve_rejects_bad_arguments_before_starting(args, message, capsys):
 
 
 def test_flags_override_the_yaml_config(tmp_path):
-    from serving.cli import build_parser
-    from serving.commands.serve import server_config
+    from petserve.serving.cli import build_parser
+    from petserve.serving.commands.serve import server_config
     path = tmp_path / "server.yaml"
     path.write_text("backbone: tiny-bart\nport: 9000\nengine:\n  num_slots: 3\n  max_queue: 7\n")
     args = build_parser().parse_args(["serve", "--config", str(path), "--port", "9100",
@@ -224,9 +224,10 @@ def test_flags_override_the_yaml_config(tmp_path):
 def test_serve_config_yaml_is_a_valid_serve_config_that_builds(tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
-    from serving.deployments import app_builder
+
+    from petserve.serving.deployments import app_builder
     raw = yaml.safe_load((Path(__file__).parents[1] / "serving/serve_config.yaml").read_text())
     app = ServeDeploySchema.model_validate(raw).applications[0]
-    assert app.import_path == "serving.deployments:app_builder"
+    assert app.import_path == "petserve.serving.deployments:app_builder"
     args = {**app.args, "backbone": "tiny-t5", "store_dir": str(tmp_path), "device": "cpu"}
     assert type(app_builder(args)).__name__ == "Application"     # no cluster needed to build

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.data import (
+from petserve.adapters.data import (
     COLOR_RGB,
     COLORS,
     DEMO_TASKS,

@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from adapters import demo
-from adapters.training.pretrain import PretrainConfig
+from petserve.adapters import demo
+from petserve.adapters.training.pretrain import PretrainConfig
 
 STALE = ("shipped demo assets are stale or missing: rebuild them with "
-         "`python -m adapters.demo --out adapters/demo_assets --check`")
+         "`python -m petserve.adapters.demo --out adapters/demo_assets --check`")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_shipped_assets_are_small_and_complete(shipped):
 
 
 def _meta(path) -> str:
-    from adapters.adapter_file import parse_header
+    from petserve.adapters.adapter_file import parse_header
     header, _ = parse_header(path.read_bytes())
     return header["__metadata__"]["petserve"]
 

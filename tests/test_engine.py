@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import serving.engine as engine_module
-import serving.scheduler as scheduler_module
-from adapters.backbone import build_backbone
-from adapters.data import make_demo_examples
-from serving.engine import Engine, EngineConfig, InferenceRequest
-from serving.errors import ApiError
-from serving.store import LocalDirStore
+import petserve.serving.engine as engine_module
+import petserve.serving.scheduler as scheduler_module
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.data import make_demo_examples
+from petserve.serving.engine import Engine, EngineConfig, InferenceRequest
+from petserve.serving.errors import ApiError
+from petserve.serving.store import LocalDirStore
 from tests.test_slot_pool import put_adapter
 
 ADAPTERS = {"lora": ("lora", {"r": 8}), "houlsby": ("adapter", {}),
@@ -155,7 +155,7 @@ def test_a_request_waiting_for_a_slot_is_not_starved(engine_factory, media):
 def test_task_conditioned_prefix_and_compacter_kinds(engine_factory, tiny_t5, media, tmp_path):
     """A task-conditioned adapter takes one slot per task and refuses tasks it has none for; prompt
     tuning (prefix vectors) and compacter mix into the same batches."""
-    from adapters.kinds import KINDS
+    from petserve.adapters.kinds import KINDS
     if not {"hyperformer", "prompt", "compacter"} <= set(KINDS):
         pytest.skip("kinds not registered")
     store = LocalDirStore(tmp_path)
@@ -171,7 +171,8 @@ def test_task_conditioned_prefix_and_compacter_kinds(engine_factory, tiny_t5, me
     eng.start()
     for req, f in zip(reqs, futures):
         assert_same(f.result(timeout=60), eng.run_alone(req))
-    assert {k for k in eng.pool.resident() if k[0] == "hyper"} == {("hyper", 1, "vqa"), ("hyper", 1, "caption")}
+    hyper = {k for k in eng.pool.resident() if k[0] == "hyper"}
+    assert hyper == {("hyper", 1, "vqa"), ("hyper", 1, "caption")}
 
 
 def test_adapters_change_the_answers(engine_factory, media):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.http_load import HttpError, LoadClient
+from petserve.benchmarks.http_load import HttpError, LoadClient
 
 
 def framed(kind: str, payload: bytes) -> bytes:

@@ -5,11 +5,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from adapters.data import make_demo_examples
-from adapters.kinds import KINDS, get_kind
-from adapters.runtime.bank import SlotBank
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
+from petserve.adapters.data import make_demo_examples
+from petserve.adapters.kinds import KINDS, get_kind
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
 
 
 def _logits(model, compiled):

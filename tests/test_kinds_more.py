@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from adapters.adapter_file import adapter_bytes, load_adapter
-from adapters.backbone.visual import feature_tokens
-from adapters.kinds import get_kind
-from adapters.kinds.compacter import phm_weight
-from adapters.runtime.bank import SlotBank
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
-from adapters.runtime.weights import SingleAdapterWeights
-from kernels.bottleneck import act
+from petserve.adapters.adapter_file import adapter_bytes, load_adapter
+from petserve.adapters.backbone.visual import feature_tokens
+from petserve.adapters.kinds import get_kind
+from petserve.adapters.kinds.compacter import phm_weight
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
+from petserve.adapters.runtime.weights import SingleAdapterWeights
+from petserve.kernels.bottleneck import act
 from tests.conftest import random_adapter
 
 TEXTS = [("vqa", "what color is the shape?"), ("caption", ""), ("vqa", "how many shapes are there?"),
@@ -119,17 +119,19 @@ def _hypernet_directly(cfg, params, model, task):
         return mod
     for stream, n in (("enc", model.cfg.lm.enc_layers), ("dec", model.cfg.lm.dec_layers)):
         pre = f"hyperformer.{stream}"
-        task_net = torch.nn.Sequential(module(torch.nn.Linear(2 * cfg.task_dim, cfg.hidden_dim), f"{pre}.fc1"),
-                                       torch.nn.ReLU(),
-                                       module(torch.nn.Linear(cfg.hidden_dim, cfg.proj_dim), f"{pre}.fc2"),
-                                       module(torch.nn.LayerNorm(cfg.proj_dim, eps=1e-6), f"{pre}.norm"))
+        task_net = torch.nn.Sequential(
+            module(torch.nn.Linear(2 * cfg.task_dim, cfg.hidden_dim), f"{pre}.fc1"),
+            torch.nn.ReLU(),
+            module(torch.nn.Linear(cfg.hidden_dim, cfg.proj_dim), f"{pre}.fc2"),
+            module(torch.nn.LayerNorm(cfg.proj_dim, eps=1e-6), f"{pre}.norm"))
         for i in range(n):
             e = task_net(torch.cat([z, params[f"{pre}.layer"][i]]))
             for sub in ("self", "ffn") if stream == "enc" else ("self", "cross", "ffn"):
-                def gen(name, size):
+                def gen(name, size, pre=pre, sub=sub, e=e):
                     return module(torch.nn.Linear(cfg.proj_dim, size), f"{pre}.{sub}.{name}")(e)
-                out[f"{stream}.{i}.{sub}"] = (gen("down.weight_gen", r * d).view(r, d), gen("down.bias_gen", r),
-                                              gen("up.weight_gen", d * r).view(d, r), gen("up.bias_gen", d))
+                out[f"{stream}.{i}.{sub}"] = (
+                    gen("down.weight_gen", r * d).view(r, d), gen("down.bias_gen", r),
+                    gen("up.weight_gen", d * r).view(d, r), gen("up.bias_gen", d))
     return out
 
 
@@ -258,7 +260,8 @@ def test_compacter_zero_init_up_is_an_identity(tiny_t5):
     params = {n: v for n, v in params.items() if not n.startswith(("vec.", "visual."))}   # backbone's own
     rows = _rows(tiny_t5, 2)
     compiled = k.compile_modules(cfg, params, tiny_t5)
-    torch.testing.assert_close(_logits(tiny_t5, [compiled], rows, [0, 0]), _logits(tiny_t5, [], rows, [-1, -1]))
+    torch.testing.assert_close(_logits(tiny_t5, [compiled], rows, [0, 0]),
+                               _logits(tiny_t5, [], rows, [-1, -1]))
 
 
 def test_trainable_sets_follow_vl_adapter(tiny_bart):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import ApiError
-from serving.media import (
+from petserve.serving.errors import ApiError
+from petserve.serving.media import (
     MediaLimits,
     decode_base64,
     decode_image,
@@ -199,7 +199,7 @@ def test_unsupported_image_formats() -> None:
 @pytest.fixture(scope="module")
 def mp4() -> bytes:
     """20 frames at 10 fps; frame i is grey level 12*i, so frames name themselves."""
-    av = pytest.importorskip("av")
+    import av
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=10)

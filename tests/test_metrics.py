@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from adapters.data.records import Example
-from adapters.metrics import (
+from petserve.adapters.data.records import Example
+from petserve.adapters.metrics import (
     bleu4,
     cider,
     exact_match,

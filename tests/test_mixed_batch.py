@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from adapters.data import make_demo_examples
-from adapters.generation import GenerationRequest, generate
-from adapters.runtime.bank import SlotBank
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
+from petserve.adapters.data import make_demo_examples
+from petserve.adapters.generation import GenerationRequest, generate
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
 from tests.conftest import KIND_VARIANTS, compiled_adapter
 
 N_ROWS = 10
@@ -78,7 +78,7 @@ def test_mixed_batch_equals_each_row_alone(family, pop, request):
                           lambda bk, r, sl: _teacher_forced_logits(model, bk, r, sl))
             torch.testing.assert_close(mixed[i], solo[0], atol=1e-5, rtol=1e-5)
             for beams, results in gens.items():
-                alone = _alone(model, compiled, row, a, lambda bk, r, sl: generate(
+                alone = _alone(model, compiled, row, a, lambda bk, r, sl, beams=beams: generate(
                     model, bk, [GenerationRequest(r[0], sl[0], 8, beams)]))[0]
                 assert results[i].tokens == alone.tokens, (pop, i, beams)
                 assert results[i].logprob == pytest.approx(alone.logprob, abs=1e-4)

@@ -4,18 +4,17 @@ from __future__ import annotations
 import io
 import zipfile
 
+import peft
 import pytest
 import torch
 
-from adapters.adapter_file import AdapterFileError
-from adapters.backbone import build_backbone
-from adapters.backbone.model import RowInput
-from adapters.peft_import import import_peft_lora
-from adapters.runtime.bank import SlotBank
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
-
-peft = pytest.importorskip("peft")
+from petserve.adapters.adapter_file import AdapterFileError
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.backbone.model import RowInput
+from petserve.adapters.peft_import import import_peft_lora
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,20 @@ from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
-from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth,
-                                               negative_data_rejection,
-                                               response_headers_conformance,
-                                               response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    ignored_auth,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
-from adapters.adapter_file import adapter_bytes
-from serving.api import create_app
-from serving.deployments import LocalBackend
-from serving.server_config import EngineSettings, ServerConfig
-from serving.store import LocalDirStore
+from petserve.adapters.adapter_file import adapter_bytes
+from petserve.serving.api import create_app
+from petserve.serving.deployments import LocalBackend
+from petserve.serving.server_config import EngineSettings, ServerConfig
+from petserve.serving.store import LocalDirStore
 from tests.conftest import random_adapter
 
 TOKEN = "fuzz-token"

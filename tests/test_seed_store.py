@@ -3,10 +3,10 @@ builds of a demo adapter are replaced by the shipped one, and a user's own uploa
 never touched."""
 from __future__ import annotations
 
-from adapters.adapter_file import adapter_bytes
-from serving.deployments import seed_store
-from serving.store import LocalDirStore
-from serving.uploads import prepare_upload
+from petserve.adapters.adapter_file import adapter_bytes
+from petserve.serving.deployments import seed_store
+from petserve.serving.store import LocalDirStore
+from petserve.serving.uploads import prepare_upload
 from tests.conftest import random_adapter
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.adapter_file import adapter_bytes, load_adapter
-from adapters.backbone import build_backbone
-from adapters.backbone.visual import feature_tokens
-from adapters.generation import GenerationRequest, generate
-from adapters.runtime.bank import SlotBank
+from petserve.adapters.adapter_file import adapter_bytes, load_adapter
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.backbone.visual import feature_tokens
+from petserve.adapters.generation import GenerationRequest, generate
+from petserve.adapters.runtime.bank import SlotBank
 from tests.conftest import random_adapter
 
 pytestmark = pytest.mark.slow
@@ -39,10 +39,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
-    from serving.deployments import build_app
-    from serving.server_config import EngineSettings, ServerConfig
+
+    from petserve.serving.deployments import build_app
+    from petserve.serving.server_config import EngineSettings, ServerConfig
     port = free_port()
     config = ServerConfig(backbone=BACKBONE, store_dir=tmp_path_factory.mktemp("store"),
                           port=port, device="cpu", replicas=REPLICAS, backbone_cpus=0.5,

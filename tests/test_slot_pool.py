@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.adapter_file import adapter_bytes
-from serving.errors import ApiError
-from serving.slot_pool import SlotPool
-from serving.store import LocalDirStore
+from petserve.adapters.adapter_file import adapter_bytes
+from petserve.serving.errors import ApiError
+from petserve.serving.slot_pool import SlotPool
+from petserve.serving.store import LocalDirStore
 from tests.conftest import random_adapter
 
 SITE = "enc.0.self.q"          # every default LoRA adapts it

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.errors import ApiError
-from serving.store import AdapterStore, LocalDirStore, validate_adapter_id
+from petserve.serving.errors import ApiError
+from petserve.serving.store import AdapterStore, LocalDirStore, validate_adapter_id
 
 WRITER = Path(__file__).with_name("store_writer.py")
 
@@ -225,7 +225,7 @@ def test_killed_writer_leaves_only_acknowledged_versions(tmp_path: Path) -> None
     assert leftovers(tmp_path) == []  # ... which start-up removed
     listed = {s.id: (s.version, s.sha256) for s in store.list()}
     assert listed == acked
-    for adapter_id, (version, digest) in acked.items():
+    for adapter_id, (_version, digest) in acked.items():
         assert sha(store.read(adapter_id)) == digest
     assert store.put("big", b"after", {}).version == 2
 

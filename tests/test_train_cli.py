@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from adapters.adapter_file import load_adapter
-from adapters.backbone import build_backbone
-from serving.cli import main
+from petserve.adapters.adapter_file import load_adapter
+from petserve.adapters.backbone import build_backbone
+from petserve.serving.cli import main
 
 TINY = ["--backbone", "tiny", "--train-size", "8", "--eval-size", "4", "--batch-size", "4", "--quiet"]
 

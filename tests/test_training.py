@@ -5,16 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.adapter_file import load_adapter
-from adapters.data import DataError, Example, make_demo_examples
-from adapters.kinds import KINDS
-from adapters.runtime.bank import SlotBank
-from adapters.runtime.context import StepContext
-from adapters.runtime.meta import BatchMeta
-from adapters.training import (BatchBuilder, FeatureCache, TrainConfig, adapter_loss,
-                               adapter_weights, lr_at, save_trained, score, train_adapter,
-                               trained_adapter_bytes, warmup_steps)
-from adapters.training.schedule import batch_indices
+from petserve.adapters.adapter_file import load_adapter
+from petserve.adapters.data import DataError, Example, make_demo_examples
+from petserve.adapters.kinds import KINDS
+from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
+from petserve.adapters.training import (
+    BatchBuilder,
+    FeatureCache,
+    TrainConfig,
+    adapter_loss,
+    adapter_weights,
+    lr_at,
+    save_trained,
+    score,
+    train_adapter,
+    trained_adapter_bytes,
+    warmup_steps,
+)
+from petserve.adapters.training.schedule import batch_indices
 
 # Small but real options, so every kind trains in a second on the tiny backbone.
 SMALL_OPTIONS = {"lora": {"r": 4}, "adapter": {"reduction_factor": 8},
@@ -210,7 +220,7 @@ def test_cached_tokens_equal_the_encoders_own(tiny_t5):
 
 
 def test_video_examples_train_from_arrays_and_files(tiny_t5, tmp_path):
-    from adapters.data import load_jsonl, make_demo_video_examples, write_jsonl_dataset
+    from petserve.adapters.data import load_jsonl, make_demo_video_examples, write_jsonl_dataset
     videos = make_demo_video_examples("count", 3, seed=2, num_frames=4, size=64)
     from_files = load_jsonl(write_jsonl_dataset(tmp_path, videos))
     cache = FeatureCache(tiny_t5)
@@ -224,10 +234,11 @@ def test_video_examples_train_from_arrays_and_files(tiny_t5, tmp_path):
 def test_lora_dropout_acts_in_training_only():
     """LoRA's dropout (0.1 in VL-Adapter) perturbs the training loss and nothing at inference."""
     import torch as _torch
-    from adapters.backbone import build_backbone
-    from adapters.data import make_demo_examples
-    from adapters.kinds import get_kind
-    from adapters.training.trainer import adapter_loss, adapter_weights
+
+    from petserve.adapters.backbone import build_backbone
+    from petserve.adapters.data import make_demo_examples
+    from petserve.adapters.kinds import get_kind
+    from petserve.adapters.training.trainer import adapter_loss, adapter_weights
     model = build_backbone("tiny-t5")
     kind = get_kind("lora")
     cfg = kind.Config(r=4, dropout=0.5)

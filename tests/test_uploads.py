@@ -6,17 +6,17 @@ import io
 import json
 import zipfile
 
+import peft
 import pytest
 import torch
 
-from adapters.adapter_file import adapter_bytes, load_adapter
-from adapters.backbone import build_backbone
-from adapters.peft_import import import_peft_lora
-from serving.errors import ApiError
-from serving.uploads import prepare_upload
+from petserve.adapters.adapter_file import adapter_bytes, load_adapter
+from petserve.adapters.backbone import build_backbone
+from petserve.adapters.peft_import import import_peft_lora
+from petserve.serving.errors import ApiError
+from petserve.serving.uploads import prepare_upload
 from tests.conftest import random_adapter
 
-peft = pytest.importorskip("peft")
 MB = 2**20
 
 

@@ -40,14 +40,14 @@ class DecoderCache:
         self.key_pos = torch.cat([self.key_pos, self._pending_pos], dim=1)
         self._pending_pos = None
 
-    def select(self, rows: torch.Tensor) -> "DecoderCache":
+    def select(self, rows: torch.Tensor) -> DecoderCache:
         """The cache of ``rows`` (beam reordering, finished rows leaving)."""
         pick = lambda ts: [t.index_select(0, rows) for t in ts]  # noqa: E731
         return DecoderCache(pick(self.self_k), pick(self.self_v), self.key_pos.index_select(0, rows),
                             pick(self.cross_k), pick(self.cross_v), self.enc_valid.index_select(0, rows))
 
     @staticmethod
-    def concat(caches: list["DecoderCache"]) -> "DecoderCache":
+    def concat(caches: list[DecoderCache]) -> DecoderCache:
         """Rows of several caches in order; shorter histories / encoder lengths are padded."""
         L = max(c.key_pos.shape[1] for c in caches)
         T = max(c.enc_valid.shape[1] for c in caches)

@@ -66,7 +66,7 @@ class BackboneConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BackboneConfig":
+    def from_dict(cls, d: dict) -> BackboneConfig:
         return cls(name=d["name"], lm=LMConfig(**d["lm"]), vision=VisionConfig(**d["vision"]),
                    n_images=d.get("n_images", 2), extra_vis_tokens=d.get("extra_vis_tokens", 100))
 
@@ -108,7 +108,7 @@ def preset(name: str) -> BackboneConfig:
     (precomputed 2048-d features, the papers' setting and the default for the base models),
     clip-vit-b32, tiny-clip (the default for the tiny models).
     """
-    from adapters.backbone.tokenizer import TINY_VOCAB_SIZE
+    from petserve.adapters.backbone.tokenizer import TINY_VOCAB_SIZE
     lm_name, _, vis_name = name.partition("+")
     lms = {"t5-base": T5_BASE, "bart-base": BART_BASE, "tiny": tiny_lm("t5", TINY_VOCAB_SIZE),
            "tiny-t5": tiny_lm("t5", TINY_VOCAB_SIZE), "tiny-bart": tiny_lm("bart", TINY_VOCAB_SIZE)}

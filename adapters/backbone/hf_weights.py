@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.backbone.config import LMConfig
+from petserve.adapters.backbone.config import LMConfig
 
 _T5_RULES = [
     (r"^(?:encoder|decoder)\.embed_tokens\.weight$", None),

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.backbone.config import LMConfig
-from adapters.runtime.context import StepContext
+from petserve.adapters.backbone.config import LMConfig
+from petserve.adapters.runtime.context import StepContext
 
 
 class RMSNorm(nn.Module):

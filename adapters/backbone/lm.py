@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.backbone.cache import DecoderCache
-from adapters.backbone.config import LMConfig
-from adapters.backbone.layers import (DecoderLayer, EncoderLayer, key_mask_bias, make_norm,
-                                      t5_bucket)
-from adapters.runtime.context import StepContext
+from petserve.adapters.backbone.cache import DecoderCache
+from petserve.adapters.backbone.config import LMConfig
+from petserve.adapters.backbone.layers import DecoderLayer, EncoderLayer, key_mask_bias, make_norm, t5_bucket
+from petserve.adapters.runtime.context import StepContext
 
 BART_POS_OFFSET = 2   # BART's learned positions start at index 2
 

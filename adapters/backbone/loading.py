@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from adapters.backbone.config import RN101_FEATURES, BackboneConfig, VisionConfig, preset
-from adapters.backbone.hf_weights import lm_config_from_hf, load_lm_weights, read_state_dict
-from adapters.backbone.model import VLModel
-from adapters.backbone.tokenizer import load_tokenizer
+from petserve.adapters.backbone.config import RN101_FEATURES, BackboneConfig, VisionConfig, preset
+from petserve.adapters.backbone.hf_weights import lm_config_from_hf, load_lm_weights, read_state_dict
+from petserve.adapters.backbone.model import VLModel
+from petserve.adapters.backbone.tokenizer import load_tokenizer
 
 
 def build_backbone(spec: str | Path, device: str | torch.device = "cpu",

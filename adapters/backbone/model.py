@@ -1,4 +1,4 @@
-"""VLModel: frozen vision encoder -> visual embedding -> T5/BART encoder-decoder, per-row adapters.
+r"""VLModel: frozen vision encoder -> visual embedding -> T5/BART encoder-decoder, per-row adapters.
 
 Encoder input layout of row i (VL-T5 / VL-BART)::
 
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.backbone.cache import DecoderCache
-from adapters.backbone.config import BackboneConfig
-from adapters.backbone.lm import Seq2SeqLM
-from adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens
-from adapters.runtime.context import StepContext
+from petserve.adapters.backbone.cache import DecoderCache
+from petserve.adapters.backbone.config import BackboneConfig
+from petserve.adapters.backbone.lm import Seq2SeqLM
+from petserve.adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens
+from petserve.adapters.runtime.context import StepContext
 
 TASK_PREFIX = {"vqa": "vqa", "gqa": "gqa", "nlvr": "nlvr", "caption": "caption",
                "video_qa": "vqa", "video_caption": "caption"}

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.backbone.config import VisionConfig
-from adapters.runtime.context import StepContext
-from kernels import grouped_linear
+from petserve.adapters.backbone.config import VisionConfig
+from petserve.adapters.runtime.context import StepContext
+from petserve.kernels import grouped_linear
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,7 +35,7 @@ class VisualTokens:
     order: torch.Tensor
 
     @staticmethod
-    def concat(parts: list["VisualTokens"]) -> "VisualTokens":
+    def concat(parts: list[VisualTokens]) -> VisualTokens:
         return VisualTokens(torch.cat([p.feats for p in parts]), torch.cat([p.boxes for p in parts]),
                             torch.cat([p.order for p in parts]))
 

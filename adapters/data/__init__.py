@@ -1,8 +1,8 @@
 """Datasets for petserve: the Example record, synthetic demo tasks and file loaders."""
 
-from adapters.data.loaders import load_coco_captions, load_jsonl, load_vqav2
-from adapters.data.records import TASKS, DataError, Example
-from adapters.data.synthetic import (
+from petserve.adapters.data.loaders import load_coco_captions, load_jsonl, load_vqav2
+from petserve.adapters.data.records import TASKS, DataError, Example
+from petserve.adapters.data.synthetic import (
     COLOR_RGB,
     COLORS,
     DEMO_TASKS,

@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from adapters.data.records import DataError, Example
-from adapters.metrics import normalize_vqa_answer, vqa_answer_scores
+from petserve.adapters.data.records import DataError, Example
+from petserve.adapters.metrics import normalize_vqa_answer, vqa_answer_scores
 
 _ALLOWED = {
     "vqa": {"image", "question", "answer", "answers", "task", "id"},

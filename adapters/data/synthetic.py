@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from adapters.data.records import Example
+from petserve.adapters.data.records import Example
 
 DEMO_TASKS = ("colors", "shapes", "count", "caption")
 COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black")

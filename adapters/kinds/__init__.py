@@ -1,13 +1,13 @@
 """Adapter kinds. Adding one = one file with its config and math, registered in one line here."""
 from __future__ import annotations
 
-from adapters.kinds.base import AdapterKind, KindConfig
-from adapters.kinds.bottleneck import Bottleneck
-from adapters.kinds.compacter import Compacter
-from adapters.kinds.hyperformer import Hyperformer
-from adapters.kinds.lora import LoRA
-from adapters.kinds.prompt import Prompt
-from adapters.kinds.vlpet import VLPET
+from petserve.adapters.kinds.base import AdapterKind, KindConfig
+from petserve.adapters.kinds.bottleneck import Bottleneck
+from petserve.adapters.kinds.compacter import Compacter
+from petserve.adapters.kinds.hyperformer import Hyperformer
+from petserve.adapters.kinds.lora import LoRA
+from petserve.adapters.kinds.prompt import Prompt
+from petserve.adapters.kinds.vlpet import VLPET
 
 KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (
     LoRA,

@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from adapters.backbone.model import VLModel
-from adapters.runtime.forms import VISUAL_KEYS, CompiledAdapter
+from petserve.adapters.backbone.model import VLModel
+from petserve.adapters.runtime.forms import VISUAL_KEYS, CompiledAdapter
 
 Shapes = dict[str, tuple[int, ...]]
 Params = dict[str, torch.Tensor]

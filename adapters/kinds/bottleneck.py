@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from adapters.kinds.base import AdapterKind, KindConfig, all_norms, layer_sites, linear_init
-from adapters.runtime.forms import BottleneckForm, CompiledAdapter
+from petserve.adapters.kinds.base import AdapterKind, KindConfig, all_norms, layer_sites, linear_init
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
 
 DEFAULT_TASKS = ("vqa", "gqa", "nlvr", "caption")
 PARTS = ("down", "up")
@@ -94,7 +94,8 @@ class Bottleneck(AdapterKind):
     def sites(cls, cfg: BottleneckConfig, model) -> list[str]:
         if cfg.placement == "pfeiffer":
             return layer_sites(model, "enc", ("ffn",)) + layer_sites(model, "dec", ("ffn",))
-        return layer_sites(model, "enc", ("self", "ffn")) + layer_sites(model, "dec", ("self", "cross", "ffn"))
+        return (layer_sites(model, "enc", ("self", "ffn"))
+                + layer_sites(model, "dec", ("self", "cross", "ffn")))
 
     # ---- one projection ("part"): what Compacter overrides -------------------------------
     @classmethod

@@ -27,7 +27,7 @@ import math
 import torch
 from pydantic import Field, model_validator
 
-from adapters.kinds.bottleneck import Bottleneck, BottleneckConfig
+from petserve.adapters.kinds.bottleneck import Bottleneck, BottleneckConfig
 
 
 def phm_weight(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from adapters.kinds.base import AdapterKind, KindConfig, all_norms
-from adapters.kinds.bottleneck import DEFAULT_TASKS, Bottleneck, check_tasks, pick_task
-from adapters.runtime.forms import BottleneckForm, CompiledAdapter
+from petserve.adapters.kinds.base import AdapterKind, KindConfig, all_norms
+from petserve.adapters.kinds.bottleneck import DEFAULT_TASKS, Bottleneck, check_tasks, pick_task
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
 
 SUBLAYERS = {"enc": ("self", "ffn"), "dec": ("self", "cross", "ffn")}
 LN_EPS = 1e-6          # the Hyperformer code's LayerNorm on the projected embedding

@@ -13,8 +13,8 @@ import math
 import torch
 from pydantic import Field, field_validator
 
-from adapters.kinds.base import AdapterKind, KindConfig, all_biases
-from adapters.runtime.forms import CompiledAdapter, LowRankForm
+from petserve.adapters.kinds.base import AdapterKind, KindConfig, all_biases
+from petserve.adapters.runtime.forms import CompiledAdapter, LowRankForm
 
 DEFAULT_TARGETS = ("enc.self.q", "enc.self.v", "dec.self.q", "dec.self.v", "dec.cross.q", "dec.cross.v")
 

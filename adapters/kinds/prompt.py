@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from adapters.kinds.base import AdapterKind, KindConfig, linear_init
-from adapters.runtime.forms import CompiledAdapter
+from petserve.adapters.kinds.base import AdapterKind, KindConfig, linear_init
+from petserve.adapters.runtime.forms import CompiledAdapter
 
 
 class PromptConfig(KindConfig):

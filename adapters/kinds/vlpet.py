@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from adapters.kinds.base import AdapterKind, KindConfig, all_norms, layer_sites, linear_init
-from adapters.runtime.forms import BottleneckForm, CompiledAdapter
+from petserve.adapters.kinds.base import AdapterKind, KindConfig, all_norms, layer_sites, linear_init
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
 
 GATE_TENSORS = {
     "small": lambda d, rg: {"gate.weight": (1, 2 * d), "gate.bias": (1,)},
@@ -71,7 +71,8 @@ class VLPET(AdapterKind):
         shapes = {}
         for site in layer_sites(model, "enc", ("self", "ffn")):
             shapes.update(_pair(f"vlpet.{site}", d, cfg.r))
-            shapes.update({f"vlpet.{site}.{k}": s for k, s in GATE_TENSORS[cfg.gate](d, cfg.gate_rank).items()})
+            gate = GATE_TENSORS[cfg.gate](d, cfg.gate_rank)
+            shapes.update({f"vlpet.{site}.{k}": s for k, s in gate.items()})
         for site in cls.value_sites(cfg, model):
             shapes.update(_pair(f"vlpet.{site}", d, cfg.decoder_r))
         return shapes
@@ -95,7 +96,7 @@ class VLPET(AdapterKind):
     def compile_modules(cls, cfg, params, model, task=None):
         forms = {}
         for site in layer_sites(model, "enc", ("self", "ffn")):
-            p = lambda n: params.get(f"vlpet.{site}.{n}")  # noqa: E731
+            p = lambda n, site=site: params.get(f"vlpet.{site}.{n}")
             forms[site] = BottleneckForm(
                 D=p("down.weight"), bd=p("down.bias"), U=p("up.weight"), bu=p("up.bias"),
                 gate=cfg.gate, out_scale=cfg.gate_scale,
@@ -104,7 +105,7 @@ class VLPET(AdapterKind):
                 gate_vec=p("gate.vec"), gate_D=p("gate_down.weight"), gate_bd=p("gate_down.bias"),
                 gate_U=p("gate_up.weight"), gate_bu=p("gate_up.bias"))
         for site in cls.value_sites(cfg, model):
-            p = lambda n: params[f"vlpet.{site}.{n}"]  # noqa: E731
+            p = lambda n, site=site: params[f"vlpet.{site}.{n}"]
             forms[site] = BottleneckForm(D=p("down.weight"), bd=p("down.bias"), U=p("up.weight"),
                                          bu=p("up.bias"), from_input=True)
         return CompiledAdapter(bottleneck=forms)

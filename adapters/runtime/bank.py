@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from adapters.runtime.forms import VISUAL_KEYS, BottleneckForm, CompiledAdapter, LowRankForm
-from adapters.runtime.weights import PrefixStack, visual_stack_from
-from kernels import GATE_NAMES, BottleneckStack, LowRankStack
+from petserve.adapters.runtime.forms import VISUAL_KEYS, BottleneckForm, CompiledAdapter, LowRankForm
+from petserve.adapters.runtime.weights import PrefixStack, visual_stack_from
+from petserve.kernels import GATE_NAMES, BottleneckStack, LowRankStack
 
 
 def _grow(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adapters.runtime.meta import BatchMeta
-from adapters.runtime.weights import NoAdapters, RuntimeWeights
-from kernels import add_lowrank, bottleneck_residual
+from petserve.adapters.runtime.meta import BatchMeta
+from petserve.adapters.runtime.weights import NoAdapters, RuntimeWeights
+from petserve.kernels import add_lowrank, bottleneck_residual
 
 
 @dataclass
@@ -22,7 +22,7 @@ class StepContext:
     lowrank_dropout: float = 0.0    # training only: dropout on the low-rank branch's input (LoRA)
 
     @classmethod
-    def backbone_only(cls, batch_size: int, device) -> "StepContext":
+    def backbone_only(cls, batch_size: int, device) -> StepContext:
         return cls(NoAdapters(), BatchMeta.build([-1] * batch_size, 0, device))
 
     def linear(self, site: str, mod: torch.nn.Linear, x: torch.Tensor, stream: str) -> torch.Tensor:
@@ -71,5 +71,5 @@ class StepContext:
                                   self.meta.seg(stream, T))
         return out.view(B, T, d)
 
-    def select(self, rows: torch.Tensor) -> "StepContext":
+    def select(self, rows: torch.Tensor) -> StepContext:
         return StepContext(self.weights, self.meta.select(rows), self.lowrank_dropout)

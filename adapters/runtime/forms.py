@@ -62,7 +62,7 @@ class CompiledAdapter:
     visual: dict[str, torch.Tensor] | None = None
     prefix: torch.Tensor | None = None
 
-    def to(self, device=None, dtype=None) -> "CompiledAdapter":
+    def to(self, device=None, dtype=None) -> CompiledAdapter:
         def mv(t):
             return None if t is None else t.to(device=device, dtype=dtype)
         return CompiledAdapter(

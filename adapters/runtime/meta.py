@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import SegmentMeta
+from petserve.kernels import SegmentMeta
 
 
 @dataclass
@@ -24,7 +24,7 @@ class BatchMeta:
     _segs: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, row_slots: list[int], num_slots: int, device) -> "BatchMeta":
+    def build(cls, row_slots: list[int], num_slots: int, device) -> BatchMeta:
         for s in row_slots:
             if not -1 <= s < num_slots:
                 raise ValueError(f"slot {s} out of range for a pool of {num_slots} slots")
@@ -60,13 +60,13 @@ class BatchMeta:
             self._segs[key] = SegmentMeta.from_rows(self.vector_index(), length)
         return self._segs[key]
 
-    def select(self, rows: torch.Tensor) -> "BatchMeta":
+    def select(self, rows: torch.Tensor) -> BatchMeta:
         """Meta for a subset / reordering of the rows (beam search, finished rows leaving)."""
         valid = None if self.enc_valid is None else self.enc_valid.index_select(0, rows)
         return BatchMeta(self.row_slots.index_select(0, rows), self.num_slots, valid)
 
     @staticmethod
-    def concat(metas: list["BatchMeta"]) -> "BatchMeta":
+    def concat(metas: list[BatchMeta]) -> BatchMeta:
         """Rows of several metas in order (continuous batching). Encoder masks are right-padded."""
         slots = torch.cat([m.row_slots for m in metas])
         valid = None

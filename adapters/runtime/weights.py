@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from adapters.runtime.forms import BottleneckForm, CompiledAdapter
-from kernels import GATE_NAMES, BottleneckStack, LinearStack, LowRankStack
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
+from petserve.kernels import GATE_NAMES, BottleneckStack, LinearStack, LowRankStack
 
 
 @dataclass

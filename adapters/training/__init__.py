@@ -3,12 +3,20 @@
 ``train_adapter(model, kind, cfg, examples, TrainConfig(...), eval_examples) -> TrainResult`` is the
 library API behind ``petserve train`` and the demo builder; ``save_trained`` writes its adapter file.
 """
-from adapters.training.batches import BatchBuilder, FeatureCache
-from adapters.training.evaluation import evaluate, predict, score
-from adapters.training.schedule import lr_at, warmup_steps
-from adapters.training.trainer import (TrainConfig, TrainHistory, TrainResult, adapter_loss,
-                                       adapter_weights, save_trained, single_task, train_adapter,
-                                       trained_adapter_bytes)
+from petserve.adapters.training.batches import BatchBuilder, FeatureCache
+from petserve.adapters.training.evaluation import evaluate, predict, score
+from petserve.adapters.training.schedule import lr_at, warmup_steps
+from petserve.adapters.training.trainer import (
+                                       TrainConfig,
+                                       TrainHistory,
+                                       TrainResult,
+                                       adapter_loss,
+                                       adapter_weights,
+                                       save_trained,
+                                       single_task,
+                                       train_adapter,
+                                       trained_adapter_bytes,
+)
 
 __all__ = ["BatchBuilder", "FeatureCache", "TrainConfig", "TrainHistory", "TrainResult",
            "adapter_loss", "adapter_weights", "evaluate", "lr_at", "predict", "save_trained", "score",

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.backbone.model import RowInput, VLModel
-from adapters.backbone.visual import VisualTokens
-from adapters.data.records import DataError, Example
+from petserve.adapters.backbone.model import RowInput, VLModel
+from petserve.adapters.backbone.visual import VisualTokens
+from petserve.adapters.data.records import DataError, Example
 
 VIDEO_FRAMES = 8          # frames sampled uniformly per video (VL-Adapter's video setting)
 

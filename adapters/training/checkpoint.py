@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.atomic_file import write_atomically
+from petserve.adapters.atomic_file import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

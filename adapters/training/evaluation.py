@@ -5,12 +5,12 @@ CIDEr-D and exact match (adapters.metrics).
 """
 from __future__ import annotations
 
-from adapters.backbone.model import VLModel
-from adapters.data.records import Example
-from adapters.generation import GenerationRequest, generate
-from adapters.metrics import bleu4, cider, exact_match, vqa_soft_accuracy
-from adapters.runtime.weights import RuntimeWeights
-from adapters.training.batches import BatchBuilder, FeatureCache
+from petserve.adapters.backbone.model import VLModel
+from petserve.adapters.data.records import Example
+from petserve.adapters.generation import GenerationRequest, generate
+from petserve.adapters.metrics import bleu4, cider, exact_match, vqa_soft_accuracy
+from petserve.adapters.runtime.weights import RuntimeWeights
+from petserve.adapters.training.batches import BatchBuilder, FeatureCache
 
 QA_TASKS = ("vqa", "gqa", "video_qa")
 CAPTION_TASKS = ("caption", "video_caption")

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adapters.backbone.model import RowInput, VLModel
-from adapters.backbone.visual import VisualTokens
-from adapters.data.synthetic import COLORS, NUMBER_WORDS, SHAPES
-from adapters.runtime.context import StepContext
-from adapters.training.scene_pool import MAX_OBJECTS, ScenePool, make_scene_pool
-from adapters.training.schedule import batch_indices, lr_at, warmup_steps
+from petserve.adapters.backbone.model import RowInput, VLModel
+from petserve.adapters.backbone.visual import VisualTokens
+from petserve.adapters.data.synthetic import COLORS, NUMBER_WORDS, SHAPES
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.training.scene_pool import MAX_OBJECTS, ScenePool, make_scene_pool
+from petserve.adapters.training.schedule import batch_indices, lr_at, warmup_steps
 
 PRETRAIN_TASK = "gqa"
 QUESTION_MIX = (("list", 0.35), ("exists", 0.25), ("count", 0.2), ("relation", 0.2))
@@ -105,9 +105,9 @@ def _relation(scene, rng: random.Random) -> tuple[str, str] | None:
 def build_base(preset_name: str = "tiny", vision: dict | None = None, seed: int = 0) -> VLModel:
     """A freshly initialised backbone of a preset, its CLIP config overridden by ``vision``
     (e.g. ``{"image_size": 56, "patch_size": 8}``), frozen and in eval mode."""
-    from adapters.backbone.config import preset
-    from adapters.backbone.loading import init_weights
-    from adapters.backbone.tokenizer import load_tokenizer
+    from petserve.adapters.backbone.config import preset
+    from petserve.adapters.backbone.loading import init_weights
+    from petserve.adapters.backbone.tokenizer import load_tokenizer
     cfg = preset(preset_name)
     if vision:
         clip = {**cfg.vision.clip, **vision}

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adapters.backbone.model import VLModel
-from adapters.data.synthetic import (BACKGROUND, COLORS, SHAPES, Scene, render_scene,
-                                     sample_scene)
+from petserve.adapters.backbone.model import VLModel
+from petserve.adapters.data.synthetic import BACKGROUND, COLORS, SHAPES, Scene, render_scene, sample_scene
 
 COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}       # 0 = background
 SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}

@@ -19,19 +19,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adapters.adapter_file import adapter_bytes, parse_header
-from adapters.backbone.model import VLModel
-from adapters.data.records import Example
-from adapters.kinds import get_kind
-from adapters.kinds.base import AdapterKind, KindConfig, Params
-from adapters.runtime.context import StepContext
-from adapters.atomic_file import write_atomically
-from adapters.runtime.meta import BatchMeta
-from adapters.runtime.weights import SingleAdapterWeights
-from adapters.training.batches import BatchBuilder, FeatureCache
-from adapters.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from adapters.training.evaluation import evaluate
-from adapters.training.schedule import batch_indices, lr_at, steps_per_epoch, warmup_steps
+from petserve.adapters.adapter_file import adapter_bytes, parse_header
+from petserve.adapters.atomic_file import write_atomically
+from petserve.adapters.backbone.model import VLModel
+from petserve.adapters.data.records import Example
+from petserve.adapters.kinds import get_kind
+from petserve.adapters.kinds.base import AdapterKind, KindConfig, Params
+from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.meta import BatchMeta
+from petserve.adapters.runtime.weights import SingleAdapterWeights
+from petserve.adapters.training.batches import BatchBuilder, FeatureCache
+from petserve.adapters.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from petserve.adapters.training.evaluation import evaluate
+from petserve.adapters.training.schedule import batch_indices, lr_at, steps_per_epoch, warmup_steps
 
 
 @dataclass

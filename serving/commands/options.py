@@ -5,7 +5,7 @@ import typing
 
 from pydantic import ValidationError
 
-from serving.cli import CliError
+from petserve.serving.cli import CliError
 
 
 def parse_kind_options(kind_cls, extra: list[str]) -> dict:
@@ -39,5 +39,6 @@ def make_config(kind_cls, options: dict):
     try:
         return kind_cls.Config(**options)
     except ValidationError as e:
-        msg = "; ".join(f"{'--' + '.'.join(map(str, x['loc'])) if x['loc'] else 'options'}: {x['msg']}" for x in e.errors())
+        where = lambda x: "--" + ".".join(map(str, x["loc"])) if x["loc"] else "options"
+        msg = "; ".join(f"{where(x)}: {x['msg']}" for x in e.errors())
         raise CliError(f"invalid {kind_cls.name} options: {msg}") from None

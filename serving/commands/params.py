@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from adapters.backbone.config import PRESETS
-from serving.cli import CliError
-from serving.commands.options import make_config, parse_kind_options
+from petserve.adapters.backbone.config import PRESETS
+from petserve.serving.cli import CliError
+from petserve.serving.commands.options import make_config, parse_kind_options
 
 
 def register(sub) -> None:
@@ -19,8 +19,8 @@ def register(sub) -> None:
 
 
 def run(args, extra: list[str]) -> int:
-    from adapters.kinds import KINDS
-    from adapters.params import count
+    from petserve.adapters.kinds import KINDS
+    from petserve.adapters.params import count
     if args.kind not in KINDS:
         raise CliError(f"unknown kind {args.kind!r}; known kinds: {', '.join(sorted(KINDS))}")
     kind_cls = KINDS[args.kind]

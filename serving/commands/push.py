@@ -11,7 +11,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from serving.cli import CliError
+from petserve.serving.cli import CliError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_DIR_FILES = 64
@@ -68,8 +68,9 @@ def _server_error(response) -> str:
 
 def run(args, extra) -> int:
     import httpx
-    from serving.errors import ApiError
-    from serving.store import validate_adapter_id
+
+    from petserve.serving.errors import ApiError
+    from petserve.serving.store import validate_adapter_id
     try:
         adapter_id = validate_adapter_id(args.adapter_id)
     except ApiError as e:

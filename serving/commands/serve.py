@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from serving.cli import CliError
+from petserve.serving.cli import CliError
 
 APP_NAME = "petserve"
 
@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 def server_config(args):
     """ServerConfig from --config plus the flags given (validated: errors are CliErrors)."""
-    from serving.server_config import ServerConfig
+    from petserve.serving.server_config import ServerConfig
     try:
         data = {}
         if args.config is not None:
@@ -58,7 +58,7 @@ def server_config(args):
 
 def check_backbone(spec: str | None) -> None:
     """Fail fast (before Ray starts) on a backbone that is neither a preset nor a directory."""
-    from adapters.backbone.config import PRESETS
+    from petserve.adapters.backbone.config import PRESETS
     if spec is None or Path(spec).is_dir() or spec.split("+")[0] in PRESETS:
         return
     raise CliError(f"--backbone {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a "
@@ -66,7 +66,7 @@ def check_backbone(spec: str | None) -> None:
 
 
 def run(args, extra) -> int:
-    from serving.deployments import prepare_server
+    from petserve.serving.deployments import prepare_server
     started = time.monotonic()
     config = server_config(args)
     check_backbone(config.backbone)
@@ -101,7 +101,8 @@ def _stop_on_sigterm(signum, frame) -> None:
 def _serve_on_ray(prepared, started: float) -> int:
     import ray
     from ray import serve
-    from serving.deployments import build_app
+
+    from petserve.serving.deployments import build_app
     cfg = prepared.config
     context = ray.init(logging_level="WARNING")     # an existing cluster if reachable
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # containers stop us with SIGTERM
@@ -122,9 +123,10 @@ def _serve_on_ray(prepared, started: float) -> int:
 
 def _serve_in_process(prepared, started: float) -> int:
     import uvicorn
-    from serving.api import create_app
-    from serving.auth import TokenCheck
-    from serving.deployments import LocalBackend
+
+    from petserve.serving.api import create_app
+    from petserve.serving.auth import TokenCheck
+    from petserve.serving.deployments import LocalBackend
     cfg = prepared.config
     backend = LocalBackend.from_config(cfg)
     backend.start()

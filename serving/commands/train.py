@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving.cli import CliError
-from serving.commands.options import make_config, parse_kind_options
+from petserve.serving.cli import CliError
+from petserve.serving.commands.options import make_config, parse_kind_options
 
 FLAGS = ("kind", "task", "data", "out", "backbone", "steps", "epochs", "batch_size", "lr",
          "warmup_ratio", "clip_grad", "weight_decay", "seed", "train_size", "eval_data", "eval_size",
@@ -91,7 +91,7 @@ def parse_args(args) -> TrainArgs:
 
 
 def run(args, extra: list[str]) -> int:
-    from adapters.kinds import KINDS
+    from petserve.adapters.kinds import KINDS
     a = parse_args(args)
     if a.kind not in KINDS:
         raise CliError(f"unknown kind {a.kind!r}; known kinds: {', '.join(sorted(KINDS))}")
@@ -100,7 +100,7 @@ def run(args, extra: list[str]) -> int:
     train, held_out = load_sources(a)
     model = load_backbone(a.backbone, a.quiet)
     result = _train(model, kind_cls, cfg, train, held_out, a)
-    from adapters.training import save_trained
+    from petserve.adapters.training import save_trained
     save_trained(a.out, result, model, name=a.id or a.out.stem)
     summary = {"out": str(a.out), "kind": result.kind, "task": result.task,
                "steps": result.steps_done,
@@ -114,7 +114,7 @@ def run(args, extra: list[str]) -> int:
 
 
 def _train(model, kind_cls, cfg, train, held_out, a: TrainArgs):
-    from adapters.training import TrainConfig, train_adapter
+    from petserve.adapters.training import TrainConfig, train_adapter
     tc = TrainConfig(steps=a.steps, epochs=a.epochs or 1.0, batch_size=a.batch_size, lr=a.lr,
                      warmup_ratio=a.warmup_ratio, clip_grad=a.clip_grad, weight_decay=a.weight_decay,
                      seed=a.seed, eval_every=a.eval_every, num_beams=a.num_beams,
@@ -127,10 +127,10 @@ def _train(model, kind_cls, cfg, train, held_out, a: TrainArgs):
 
 def load_backbone(spec: str, quiet: bool = False):
     """``demo``: the embedded default (tiny VL-T5 pre-trained on shapes); else a preset or dir."""
-    from adapters.backbone import build_backbone
+    from petserve.adapters.backbone import build_backbone
     try:
         if spec == "demo":
-            from adapters.demo import ensure_demo_assets
+            from petserve.adapters.demo import ensure_demo_assets
             return build_backbone(ensure_demo_assets(progress=not quiet).backbone_dir)
         return build_backbone(spec)
     except (FileNotFoundError, ValueError) as e:
@@ -151,7 +151,7 @@ def load_sources(a: TrainArgs):
 
 def load_source(spec: str, size: int, seed: int, flag: str) -> list:
     """Examples of a data source (see SOURCES); any problem -> CliError naming it."""
-    from adapters import data
+    from petserve.adapters import data
     scheme, _, rest = spec.partition(":")
     try:
         if scheme in ("demo", "demo-video"):

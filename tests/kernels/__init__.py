@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.segments import SegmentMeta
-from kernels.stacks import BottleneckStack, LowRankStack
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import BottleneckStack, LowRankStack
 
 POPULARITIES = ("identical", "distinct", "uniform", "zipf", "skewed")
 TOKENS = (1, 7, 64, 130)
@@ -137,7 +137,7 @@ def aot_compile_check(op: str, arch: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_bottleneck, triton_lowrank
+    from petserve.kernels import triton_bottleneck, triton_lowrank
 
     mod = triton_lowrank if op == "add_lowrank" else triton_bottleneck
     types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
@@ -161,8 +161,8 @@ def aot_compile_check(op: str, arch: int = 90) -> int:
 def _drive_every_code_path(mod, op: str) -> None:
     """Call the ``op`` wrapper of ``mod`` for each dtype; tile heights and gate mixes only change
     constexprs, so the extremes (16 rows, no gate; 64 rows, every gate) cover the code paths."""
-    from kernels.segments import SegmentMeta
-    from kernels.stacks import GATE_NAMES
+    from petserve.kernels.segments import SegmentMeta
+    from petserve.kernels.stacks import GATE_NAMES
 
     cases = [(16, [GATE_NAMES["none"]]), (64, list(GATE_NAMES.values()))]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -2,9 +2,8 @@
 
 TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, i.e. when kernels.triton_* is
 first imported, so it is set here, before any test module of this directory imports them. With
-CUDA the compiled kernels are tested instead (the interpreter would also mangle bf16). The test
-modules skip themselves (``pytest.importorskip``) when triton is not installed, and their
-``@pytest.mark.gpu`` tests skip themselves without CUDA.
+CUDA the compiled kernels are tested instead (the interpreter would also mangle bf16). Triton is a hard
+dependency (imported, never skipped); the ``@pytest.mark.gpu`` tests skip themselves without CUDA.
 """
 import os
 

@@ -3,15 +3,25 @@ import itertools
 
 import pytest
 import torch
+import triton  # noqa: F401  (a hard dependency: its absence fails here)
 
-pytest.importorskip("triton")
-
-from kernels.lowrank import add_lowrank_reference  # noqa: E402
-from kernels.segments import SegmentMeta  # noqa: E402
-from kernels.triton_lowrank import add_lowrank_triton  # noqa: E402
-from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS, TOKENS,  # noqa: E402
-                           aot_compile_in_subprocess, compiled_gpu_only, device, generator,
-                           lowrank_stack, slot_ranks, token_slots, tolerance)
+from petserve.kernels.lowrank import add_lowrank_reference  # noqa: E402
+from petserve.kernels.segments import SegmentMeta  # noqa: E402
+from petserve.kernels.triton_lowrank import add_lowrank_triton  # noqa: E402
+from tests.kernels import (  # noqa: E402
+    NUM_SLOTS,
+    POPULARITIES,
+    RANKS,
+    TOKENS,
+    aot_compile_in_subprocess,
+    compiled_gpu_only,
+    device,
+    generator,
+    lowrank_stack,
+    slot_ranks,
+    token_slots,
+    tolerance,
+)
 
 D_IN, D_OUT = 48, 80  # not multiples of the 64-wide tiles: every column mask is exercised
 

@@ -5,11 +5,15 @@ import itertools
 import pytest
 import torch
 
-import kernels.bottleneck as bottleneck
-from kernels.bottleneck import (bottleneck_residual, bottleneck_residual_gathered,
-                                bottleneck_residual_reference, prefers_gathered)
-from kernels.segments import SegmentMeta
-from kernels.stacks import GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NONE, GATE_SMALL
+import petserve.kernels.bottleneck as bottleneck
+from petserve.kernels.bottleneck import (
+    bottleneck_residual,
+    bottleneck_residual_gathered,
+    bottleneck_residual_reference,
+    prefers_gathered,
+)
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NONE, GATE_SMALL
 from tests.kernels import bottleneck_stack, generator, heuristic_cases, record_paths
 
 D = 40

@@ -3,17 +3,32 @@ import itertools
 
 import pytest
 import torch
+import triton  # noqa: F401  (a hard dependency: its absence fails here)
 
-pytest.importorskip("triton")
-
-from kernels.bottleneck import bottleneck_residual_reference  # noqa: E402
-from kernels.segments import SegmentMeta  # noqa: E402
-from kernels.stacks import (GATE_LARGE, GATE_MIDDLE_X, GATE_MIDDLE_Y, GATE_NAMES,  # noqa: E402
-                            GATE_NONE, GATE_SMALL)
-from kernels.triton_bottleneck import bottleneck_residual_triton  # noqa: E402
-from tests.kernels import (NUM_SLOTS, POPULARITIES, RANKS,  # noqa: E402
-                           aot_compile_in_subprocess, assign, bottleneck_stack,
-                           compiled_gpu_only, device, generator, slot_ranks, tolerance)
+from petserve.kernels.bottleneck import bottleneck_residual_reference  # noqa: E402
+from petserve.kernels.segments import SegmentMeta  # noqa: E402
+from petserve.kernels.stacks import (  # noqa: E402
+    GATE_LARGE,
+    GATE_MIDDLE_X,
+    GATE_MIDDLE_Y,
+    GATE_NAMES,
+    GATE_NONE,
+    GATE_SMALL,
+)
+from petserve.kernels.triton_bottleneck import bottleneck_residual_triton  # noqa: E402
+from tests.kernels import (  # noqa: E402
+    NUM_SLOTS,
+    POPULARITIES,
+    RANKS,
+    aot_compile_in_subprocess,
+    assign,
+    bottleneck_stack,
+    compiled_gpu_only,
+    device,
+    generator,
+    slot_ranks,
+    tolerance,
+)
 
 D = 72  # not a multiple of the 64-wide tiles
 ROWS_BY_TOKENS = {1: (1, 1), 7: (1, 7), 64: (8, 8), 130: (10, 13)}  # tokens -> (rows, row length)

@@ -7,15 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton  # noqa: F401  (a hard dependency: its absence fails here)
 
-pytest.importorskip("triton")
-
-from kernels.grouped_linear import grouped_linear, grouped_linear_reference  # noqa: E402
-from kernels.segments import SegmentMeta  # noqa: E402
-from kernels.stacks import LinearStack  # noqa: E402
-from kernels.triton_grouped_linear import grouped_linear_triton  # noqa: E402
-from tests.kernels import (NUM_SLOTS, POPULARITIES, TOKENS, compiled_gpu_only,  # noqa: E402
-                           device, generator, token_slots, tolerance)
+from petserve.kernels.grouped_linear import grouped_linear, grouped_linear_reference  # noqa: E402
+from petserve.kernels.segments import SegmentMeta  # noqa: E402
+from petserve.kernels.stacks import LinearStack  # noqa: E402
+from petserve.kernels.triton_grouped_linear import grouped_linear_triton  # noqa: E402
+from tests.kernels import (  # noqa: E402
+    NUM_SLOTS,
+    POPULARITIES,
+    TOKENS,
+    compiled_gpu_only,
+    device,
+    generator,
+    token_slots,
+    tolerance,
+)
 
 D_IN, D_OUT = 40, 72  # not multiples of the 64-wide tiles: every row / column mask is exercised
 
@@ -117,7 +124,7 @@ def test_dispatch(monkeypatch):
     """PETSERVE_KERNELS=triton takes the kernel; a differentiable call takes the reference."""
     x, w, seg, _ = make_case(64, 4, "uniform", torch.float32)
     calls = []
-    import kernels.triton_grouped_linear as mod
+    import petserve.kernels.triton_grouped_linear as mod
     monkeypatch.setattr(mod, "grouped_linear_triton",
                         lambda *a: calls.append(1) or grouped_linear_triton(*a))
     monkeypatch.setenv("PETSERVE_KERNELS", "triton")
@@ -136,7 +143,7 @@ _AOT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.triton_grouped_linear import _grouped_linear_kernel as k
+from petserve.kernels.triton_grouped_linear import _grouped_linear_kernel as k
 n = 0
 for dt in ("fp16", "bf16", "fp32"):
     for bm in (16, 64):

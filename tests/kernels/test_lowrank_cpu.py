@@ -5,13 +5,16 @@ import itertools
 import pytest
 import torch
 
-import kernels.lowrank as lowrank
-from kernels.lowrank import (add_lowrank, add_lowrank_gathered, add_lowrank_reference,
-                             prefers_gathered)
-from kernels.segments import SegmentMeta
-from kernels.stacks import LowRankStack
-from tests.kernels import (POPULARITIES, generator, heuristic_cases, record_paths,
-                           token_slots)
+import petserve.kernels.lowrank as lowrank
+from petserve.kernels.lowrank import (
+    add_lowrank,
+    add_lowrank_gathered,
+    add_lowrank_reference,
+    prefers_gathered,
+)
+from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.stacks import LowRankStack
+from tests.kernels import POPULARITIES, generator, heuristic_cases, record_paths, token_slots
 
 D_IN, D_OUT = 48, 80
 RANKS = (1, 4, 8, 16, "mixed", "with-zeros")

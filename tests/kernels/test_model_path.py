@@ -11,15 +11,14 @@ import random
 
 import pytest
 import torch
+import triton  # noqa: F401  (a hard dependency: its absence fails here)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-pytest.importorskip("triton")
-
-import kernels.triton_bottleneck as triton_bottleneck  # noqa: E402
-import kernels.triton_grouped_linear as triton_grouped_linear  # noqa: E402
-import kernels.triton_lowrank as triton_lowrank  # noqa: E402
-from adapters.generation import GenerationRequest, generate  # noqa: E402
-from adapters.runtime.bank import SlotBank  # noqa: E402
+import petserve.kernels.triton_bottleneck as triton_bottleneck  # noqa: E402
+import petserve.kernels.triton_grouped_linear as triton_grouped_linear  # noqa: E402
+import petserve.kernels.triton_lowrank as triton_lowrank  # noqa: E402
+from petserve.adapters.generation import GenerationRequest, generate  # noqa: E402
+from petserve.adapters.runtime.bank import SlotBank  # noqa: E402
 from tests.conftest import KIND_VARIANTS, compiled_adapter  # noqa: E402
 from tests.test_mixed_batch import _rows, _teacher_forced_logits, popularity  # noqa: E402
 
@@ -117,7 +116,7 @@ def test_triton_model_path_in_fp16(family, monkeypatch):
     """The whole mixed batch in fp16 (what a GPU serves; bf16 is checked on CUDA only, the
     interpreter mangles it): the Triton path stays within a small multiple of the torch fp16
     path's own distance from the fp32 result."""
-    from adapters.backbone import build_backbone
+    from petserve.adapters.backbone import build_backbone
     models = {dtype: build_backbone(family, dtype=dtype) for dtype in (torch.float32, torch.float16)}
     compiled = [compiled_adapter(models[torch.float32], kind, options, seed=i)
                 for i, (kind, options) in enumerate(KIND_VARIANTS)]
