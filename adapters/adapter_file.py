@@ -18,10 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from petserve.adapters.atomic_file import write_atomically
-from petserve.adapters.backbone.model import TASK_PREFIX, VLModel
+from petserve.adapters.backbone.model import VLModel
 from petserve.adapters.kinds import KINDS, get_kind
 from petserve.adapters.kinds.base import KindConfig
 from petserve.adapters.runtime.forms import CompiledAdapter
+from petserve.adapters.tasks import TASK_NAMES
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -185,9 +186,9 @@ def _parse_meta(raw) -> AdapterMeta:
     if meta.format_version != FORMAT_VERSION:
         raise AdapterFileError("unsupported_format_version", f"adapter format version "
                                f"{meta.format_version} is not supported (this server reads {FORMAT_VERSION})")
-    if meta.task not in TASK_PREFIX:
+    if meta.task not in TASK_NAMES:
         raise AdapterFileError("invalid_task",
-                               f"adapter task {meta.task!r} is not one of {sorted(TASK_PREFIX)}")
+                               f"adapter task {meta.task!r} is not one of {list(TASK_NAMES)}")
     return meta
 
 

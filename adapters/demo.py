@@ -6,7 +6,7 @@ cached ones (``$PETSERVE_CACHE/demo``, default ``~/.cache/petserve/demo``), else
 ``python -m petserve.adapters.demo --out DIR [--check]`` rebuilds them deterministically (single-threaded, so
 the same machine gives the same bytes) and ``--check`` scores them against the targets of the issue.
 
-Demo adapters (METHODS.md §4), each of another kind, all served together from one slot bank:
+Demo adapters (docs/METHODS.md, "Demo tasks"), each of another kind, all served together from one slot bank:
 colors = LoRA, shapes = VL-PET large, count = bottleneck adapter, caption = Compacter.
 """
 from __future__ import annotations
@@ -174,12 +174,12 @@ def _lock_path(out_dir: Path) -> Path:
 
 def _build_into(work: Path, progress: bool) -> dict:
     from petserve.adapters.backbone import build_backbone, save_backbone
-    from petserve.adapters.training import FeatureCache, save_trained
+    from petserve.adapters.training import ExampleFeatures, save_trained
     started = time.time()
     with single_thread():
         save_backbone(pretrained_base(progress), work / "backbone")
         model = build_backbone(work / "backbone")        # as served: fingerprint of the saved bytes
-        cache, files = FeatureCache(model), {}
+        cache, files = ExampleFeatures(model), {}
         for recipe in RECIPES:
             result = train_demo_adapter(model, recipe, cache, progress)
             files[recipe.task_id] = save_trained(work / f"{recipe.task_id}.safetensors", result, model,
@@ -245,14 +245,14 @@ def demo_scores(assets: DemoAssets, n: int = 60, seed: int = HELD_OUT_SEED,
     from petserve.adapters.backbone import build_backbone
     from petserve.adapters.generation import GenerationRequest, generate
     from petserve.adapters.runtime.bank import SlotBank
-    from petserve.adapters.training import BatchBuilder, FeatureCache
+    from petserve.adapters.training import BatchBuilder, ExampleFeatures
     from petserve.adapters.training.evaluation import default_max_new_tokens
     model = build_backbone(assets.backbone_dir)
     tasks = sorted(assets.adapters)
     bank = SlotBank(model, len(tasks))
     for slot, task in enumerate(tasks):
         bank.set(slot, load_adapter(assets.adapters[task], model).compile(model))
-    cache, requests, examples = FeatureCache(model), [], {}
+    cache, requests, examples = ExampleFeatures(model), [], {}
     for k, task in enumerate(TARGETS):
         examples[task] = make_held_out(task, n, seed + k)
         examples["video", task] = make_held_out(task, n, seed + k, video=True)

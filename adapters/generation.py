@@ -116,10 +116,10 @@ class BeamSearch:
         return GenerationResult(best.tokens, best.logprob)
 
 
-def make_searcher(req: GenerationRequest, eos_id: int):
-    if req.num_beams > 1:
-        return BeamSearch(req.num_beams, req.max_new_tokens, eos_id)
-    return GreedySearch(req.max_new_tokens, eos_id)
+def make_searcher(num_beams: int, max_new_tokens: int, eos_id: int):
+    if num_beams > 1:
+        return BeamSearch(num_beams, max_new_tokens, eos_id)
+    return GreedySearch(max_new_tokens, eos_id)
 
 
 @dataclass
@@ -182,24 +182,41 @@ def decode_step(model: VLModel, state: DecodeState) -> torch.Tensor:
     return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
 
-def advance(state: DecodeState, searchers: list, logprobs: torch.Tensor):
-    """Let each searcher pick its rows' continuations; return the next state (None when no row is
-    left) and the searchers still running."""
-    rows, toks, live, offset = [], [], [], 0
+def advance(state: DecodeState, searchers: list, logprobs: torch.Tensor) -> DecodeState | None:
+    """The one decode driver step (``generate`` and the serving scheduler both use it).
+
+    ``searchers`` own the rows of ``state`` in order (``width`` rows each); ``logprobs`` is (R, V).
+    Each searcher picks its rows' continuations: one batched max over every greedy row (one device
+    sync per step, not one per row), one topk per beam search. Returns the next state, None when
+    no row is left; a searcher with ``done`` set has finished and owns no row of it."""
+    greedy_lp = greedy_tok = None
+    if any(isinstance(s, GreedySearch) for s in searchers):
+        lp, tok = logprobs.max(-1)
+        greedy_lp, greedy_tok = lp.tolist(), tok.tolist()
+    parents, toks, offset = [], [], 0
     for s in searchers:
-        parents, nxt = s.step(logprobs[offset:offset + s.width])
-        rows += [offset + p for p in parents]
-        toks += nxt
-        if not s.done:
-            live.append(s)
+        if isinstance(s, GreedySearch):
+            p, t = s.take(greedy_lp[offset], greedy_tok[offset])
+        else:
+            p, t = s.step(logprobs[offset:offset + s.width])
+        parents += [offset + i for i in p]
+        toks += t
         offset += s.width
-    if not rows:
-        return None, live
+    return _carry(state, parents, toks) if parents else None
+
+
+def _carry(state: DecodeState, parents: list[int], toks: list[int]) -> DecodeState:
+    """The kept rows with their next tokens: a copy only when rows left or beams reordered, and
+    compacted when rows left (so a batch that never drains does not grow its cache forever)."""
     dev = state.tokens.device
-    idx = torch.tensor(rows, device=dev)
-    nxt = DecodeState(state.cache.select(idx), state.ctx.select(idx),
-                      torch.tensor(toks, dtype=torch.long, device=dev), state.pos.index_select(0, idx) + 1)
-    return nxt, live
+    tokens = torch.tensor(toks, dtype=torch.long, device=dev)
+    n = state.tokens.shape[0]
+    if len(parents) == n and parents == list(range(n)):
+        return DecodeState(state.cache, state.ctx, tokens, state.pos + 1)
+    idx = torch.tensor(parents, device=dev)
+    kept = DecodeState(state.cache.select(idx), state.ctx.select(idx), tokens,
+                       state.pos.index_select(0, idx) + 1)
+    return kept.compact() if len(parents) < n else kept
 
 
 @torch.no_grad()
@@ -207,11 +224,12 @@ def generate(model: VLModel, weights: RuntimeWeights,
              requests: list[GenerationRequest]) -> list[GenerationResult]:
     """Generate for a batch of requests that may each use a different adapter slot."""
     eos = model.cfg.lm.eos_id
-    searchers = [make_searcher(r, eos) for r in requests]
+    searchers = [make_searcher(r.num_beams, r.max_new_tokens, eos) for r in requests]
     state = prefill(model, weights, requests, searchers)
     live = searchers
     while state is not None:
-        state, live = advance(state, live, decode_step(model, state))
+        state = advance(state, live, decode_step(model, state))
+        live = [s for s in live if not s.done]
     results = [s.result() for s in searchers]
     for r in results:
         r.text = model.decode_text(r.tokens)

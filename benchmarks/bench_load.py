@@ -63,7 +63,7 @@ def measure(model, store, ids: list[str], evict: bool) -> list[dict]:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        slot, _ = pool.acquire(aid, "vqa")
+        slot = pool.acquire(aid, store.get(aid).version, "vqa")
         if cuda:
             torch.cuda.synchronize()
         total = (time.perf_counter() - t0) * 1e3

@@ -18,7 +18,6 @@ Adapter kinds: ``lora`` (rank 8 on q and v of every attention, as PEFT's default
 """
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -189,9 +188,3 @@ def fill_store(store, model, w: Workload, blobs: dict[str, bytes] | None = None)
         store.put(aid, blob, meta)
         ids.append(aid)
     return ids
-
-
-def seeded(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

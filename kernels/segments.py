@@ -70,15 +70,6 @@ class SegmentMeta:
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
 
-    def device_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slots, starts, counts) as int32 tensors on the tokens' device, for kernels."""
-        if "arrays" not in self._device_cache:
-            dev = self.token_slots.device
-            self._device_cache["arrays"] = tuple(
-                torch.tensor(v, dtype=torch.int32, device=dev)
-                for v in (self.slots, self.starts, self.counts))
-        return self._device_cache["arrays"]
-
     # ---- CPU gathered paths (kernels.lowrank / kernels.bottleneck) ---------------------------
     def groups(self, keys: tuple) -> list[tuple[object, torch.Tensor | None, torch.Tensor]]:
         """Tokens grouped by a per-slot key: ``[(key, token indices or None, slot of each)]``.

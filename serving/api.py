@@ -1,4 +1,4 @@
-"""The FastAPI app (DESIGN.md "HTTP API"): `create_app(backend, config)`.
+"""The FastAPI app (README.md "API", docs/ARCHITECTURE.md): `create_app(backend, config)`.
 
 The app does auth, validation and media decoding, then calls a `Backend`. The same app runs
 in-process on a `LocalBackend` (tests, single-process servers) and in the Ray Serve ingress on a
@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from petserve.serving.auth import TokenCheck, resolve_token
 from petserve.serving.errors import ApiError
-from petserve.serving.metrics import CONTENT_TYPE, Exposition, HttpMetrics, RecordMetrics, export_engine_stats
+from petserve.serving.media import MediaLimits
+from petserve.serving.metrics import CONTENT_TYPE, HttpMetrics, RecordMetrics, render
 from petserve.serving.schemas import (
     CAPTION_FORM_SCHEMA,
     VQA_FORM_SCHEMA,
@@ -82,7 +83,8 @@ def _content_type(request: Request) -> str:
 
 def _parse_json_body(raw: bytes, model_cls, limits) -> tuple:
     try:
-        body = model_cls.model_validate_json(raw or b"null")
+        # strict: JSON `true` or "2" is not a number (form fields are strings, so forms stay lax)
+        body = model_cls.model_validate_json(raw or b"null", strict=True)
     except ValidationError as e:
         raise validation_api_error(e) from None
     return body, media_from_json(body, limits)
@@ -111,7 +113,7 @@ def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple
         if key in text:
             try:
                 text[key] = json.loads(text[key])
-            except ValueError:
+            except (ValueError, RecursionError):     # 10,000 nested brackets: RecursionError
                 raise ApiError.unprocessable("invalid_request", f"{key}: not valid JSON") from None
     if files["file"]:
         raise ApiError.unprocessable("invalid_request", "file: not a field of this route (the "
@@ -132,9 +134,9 @@ def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple
     return body, media
 
 
-async def read_generation_body(request: Request, model_cls, config: ServerConfig) -> tuple:
+async def read_generation_body(request: Request, model_cls, config: ServerConfig,
+                               limits: MediaLimits) -> tuple:
     """(validated body, raw media) from a JSON or a multipart request."""
-    limits = config.media.limits()
     ctype = _content_type(request)
     if ctype in _FORM_TYPES:
         text, files = await _read_form(request, config.max_body_bytes)
@@ -147,15 +149,19 @@ async def read_generation_body(request: Request, model_cls, config: ServerConfig
 
 
 async def read_adapter_upload(request: Request, config: ServerConfig) -> bytes:
-    """The adapter file: the raw body, or the `file` part of a multipart form."""
-    if _content_type(request) in _FORM_TYPES:
-        text, files = await _read_form(request, config.max_adapter_bytes)
+    """The adapter file: the raw body, or the `file` part of a multipart form.
+
+    Told apart by content, not label (`curl --data-binary @f` labels any file a urlencoded form):
+    only a multipart/form-data body that opens with '--' (its boundary) is parsed as a form. An
+    adapter file never opens so (safetensors: a little-endian header length; zip: 'PK\\x03\\x04'),
+    so it is taken raw whatever its content type. BodyLimit caps the body while it is read."""
+    data = await request.body()
+    if _content_type(request) == "multipart/form-data" and data.startswith(b"--"):
+        text, files = await _read_form(request, config.max_adapter_bytes)   # parses `data`
         if len(files["file"]) != 1 or text or any(files[k] for k in _MEDIA_PARTS):
             raise ApiError.unprocessable(
                 "invalid_request", "a multipart upload carries exactly one part, named 'file'")
         data = files["file"][0]
-    else:
-        data = await request.body()
     if not data:
         raise ApiError.bad_request("empty_upload", "the body is empty; send the adapter file")
     return data
@@ -171,7 +177,6 @@ _ERROR_STATUSES = {
     415: "unsupported content type, image or video format",
     422: "a field is invalid or the fields do not fit together (the message names the field)",
     500: "server bug (never caused by input alone)",
-    501: "this server cannot decode video",
     503: "overloaded: retry after the Retry-After header's seconds",
 }
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text}
@@ -210,7 +215,7 @@ def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck |
         "Writes need 'Authorization: Bearer <token>'."))
     _add_inference_routes(app, backend, config, token_check)
     _add_adapter_routes(app, backend, config, token_check)
-    _add_service_routes(app, backend, metrics)
+    _add_service_routes(app, backend, metrics, config.metrics_max_adapters)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, default_limit=config.max_body_bytes,
                        upload_limit=config.max_adapter_bytes)
@@ -227,12 +232,13 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
     async def generate(request: Request, model_cls):
         if config.auth_reads:
             token_check.require(request.headers.get("authorization"))
-        body, media = await read_generation_body(request, model_cls, config)
+        body, media = await read_generation_body(request, model_cls, config, limits)
         request.state.adapter = body.adapter
         if not known_inputs:
             info = await backend.info()
-            known_inputs.append(
-                ModelInputs(info.feature_dim, info.accepts_pixels, config.media.video_frames))
+            known_inputs.append(ModelInputs(
+                info.feature_dim, info.accepts_pixels, config.media.video_frames,
+                config.engine.max_new_tokens_cap, config.engine.max_beams))
         engine_request = await run_in_threadpool(
             build_inference_request, body, media, known_inputs[0], limits)
         return await backend.generate(engine_request)
@@ -293,7 +299,8 @@ def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         return AdapterInfo.from_stored(await backend.delete(adapter_id))
 
 
-def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) -> None:
+def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics,
+                        max_adapters: int) -> None:
     @app.get("/healthz", response_model=HealthResponse, responses=ERROR_RESPONSES,
              summary="Liveness and what the backbone accepts")
     async def healthz() -> HealthResponse:
@@ -304,14 +311,11 @@ def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) ->
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-              "description": "Prometheus text exposition format 0.0.4"}, **ERROR_RESPONSES},
-        summary="Prometheus metrics")
+              "description": "Prometheus text exposition format (README.md, Metrics)"},
+        **ERROR_RESPONSES}, summary="Prometheus metrics")
     async def prometheus_metrics() -> PlainTextResponse:
-        exposition = Exposition()
-        metrics.export(exposition)
-        for replica, stats in sorted((await backend.stats()).items()):
-            export_engine_stats(exposition, replica, stats)
-        return PlainTextResponse(exposition.render(), media_type=CONTENT_TYPE)
+        body = render(metrics, await backend.stats(), max_adapters)
+        return PlainTextResponse(body, media_type=CONTENT_TYPE)
 
 
 def _error(status: int, code: str, message: str, headers=None) -> JSONResponse:

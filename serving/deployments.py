@@ -11,9 +11,15 @@ Ray Serve app (`build_app`)::
             MetricsBoard (one replica, no resources): latest engine stats of every replica
 
 Adapter affinity: the adapter id is the multiplexed model id, so Serve prefers a replica that
-already holds the adapter; the replica's multiplexed loader pins the adapter in its slot pool and
-returns a lease whose release unpins it. `@serve.batch` is deliberately not used: it would split
-batches by multiplexed id, while our engine mixes adapters in one batch.
+already holds the adapter. The replica's multiplexed loader only warms the adapter
+(`Engine.prefetch`: read and parsed into the CPU cache) and returns its version, a plain value:
+Serve's per-replica LRU of ids feeds routing, while the slot pool's LRU alone decides what stays
+resident. Nothing is held between requests; each request's slot reference is taken and released
+by the engine's scheduler. `@serve.batch` is deliberately not used: it would split batches by
+multiplexed id, while our engine mixes adapters in one batch.
+
+Only the Backbone replicas import torch (the model, the engine). Ingress and MetricsBoard exchange
+plain values with them (serving.engine_io, dicts), so their processes stay torch-free.
 
 ApiError does not survive Ray's exception wrapping, so replica methods return an `Outcome` and the
 ingress re-raises the error. Ray is imported only inside functions: LocalBackend needs none.
@@ -25,7 +31,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from petserve.serving.api import BackendInfo, create_app
@@ -53,7 +59,7 @@ class LocalBackend:
         from petserve.adapters.backbone import build_backbone
         model = build_backbone(config.backbone or "tiny", device=config.resolved_device())
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
-        return cls(model, store, config.engine.to_engine_config(), config.max_adapter_bytes,
+        return cls(model, store, config.engine, config.max_adapter_bytes,
                    replica)
 
     def start(self) -> None:
@@ -101,12 +107,6 @@ class LocalBackend:
 
     async def stats(self) -> dict[str, dict]:
         return {self.replica: self.engine.stats()}
-
-    def pin(self, adapter_id: str) -> None:
-        self.engine.pool.pin(adapter_id)
-
-    def unpin(self, adapter_id: str) -> None:
-        self.engine.pool.unpin(adapter_id)
 
 
 def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
@@ -160,25 +160,17 @@ class PreparedServer:
 
 
 def prepare_server(config: ServerConfig) -> PreparedServer:
-    """Resolve the token; with no backbone, use the demo assets (seeding the store with the demo
-    adapters) when adapters.demo is available, else the tiny preset with no adapters."""
+    """Resolve the token; with no backbone, use the embedded default: the shipped demo backbone,
+    with the store seeded with the demo adapters."""
+    from petserve.adapters.demo import ensure_demo_assets
     from petserve.serving.auth import resolve_token
     resolved = resolve_token(config.token, config.token_env)
     notes, demo = [], []
     if config.backbone is None:
-        try:
-            from petserve.adapters.demo import ensure_demo_assets
-        except ImportError:
-            ensure_demo_assets = None
-        if ensure_demo_assets is None:
-            notes.append("demo assets unavailable (adapters.demo missing): serving the tiny "
-                         "backbone with no adapters")
-            config = config.model_copy(update={"backbone": "tiny"})
-        else:
-            assets = ensure_demo_assets()
-            config = config.model_copy(update={"backbone": str(assets.backbone_dir)})
-            store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
-            demo = seed_store(store, assets.adapters, config.backbone, config.max_adapter_bytes)
+        assets = ensure_demo_assets()
+        config = config.model_copy(update={"backbone": str(assets.backbone_dir)})
+        store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        demo = seed_store(store, assets.adapters, config.backbone, config.max_adapter_bytes)
     return PreparedServer(config, resolved.token, resolved.generated, demo, notes)
 
 
@@ -205,21 +197,6 @@ async def _outcome(awaitable) -> Outcome:
         return Outcome(error=(e.status, e.code, e.message, e.headers))
 
 
-@dataclass
-class AdapterLease:
-    """What the multiplexed loader returns: the adapter stays pinned until Serve unloads it."""
-
-    backend: LocalBackend
-    adapter_id: str
-    released: bool = field(default=False)
-
-    def __del__(self) -> None:
-        # Serve calls __del__ on unload; the garbage collector may call it again later.
-        if not self.released:
-            self.released = True
-            self.backend.unpin(self.adapter_id)
-
-
 class BackboneReplica:
     """Body of the Backbone deployment: one model + engine per replica (per GPU)."""
 
@@ -231,28 +208,25 @@ class BackboneReplica:
         self.name = f"{context.deployment}#{context.replica_id.unique_id}"
         self.backend = LocalBackend.from_config(self.config, replica=self.name)
         self.backend.start()
-        slots = self.config.engine.num_slots
 
-        async def load_lease(adapter_id: str) -> AdapterLease:
+        async def warm(adapter_id: str) -> int:
             # A plain function: Serve stores its LRU cache as an attribute of what it wraps,
-            # which a bound method cannot take.
-            return await self._load_lease(adapter_id)
+            # which a bound method cannot take. The version it returns has no __del__: Serve
+            # dropping an id from its LRU releases nothing.
+            return await asyncio.to_thread(self.backend.engine.prefetch, adapter_id)
 
-        # One slot always stays unpinned (the pool refuses to pin more).
-        self._lease = serve.multiplexed(max_num_models_per_replica=max(1, slots - 1))(load_lease)
+        # As many ids as the replica has slots: what Serve reports as held here (and routes
+        # here) is about what the slot pool can keep resident.
+        self._warm = serve.multiplexed(
+            max_num_models_per_replica=self.config.engine.num_slots)(warm)
         self._board = board
         self._pusher = asyncio.get_running_loop().create_task(self._push_stats_forever())
-
-    async def _load_lease(self, adapter_id: str) -> AdapterLease:
-        if self.config.engine.num_slots > 1:
-            await asyncio.to_thread(self.backend.pin, adapter_id)
-        return AdapterLease(self.backend, adapter_id)
 
     async def _with_adapter(self, request):
         from ray import serve
         adapter_id = serve.get_multiplexed_model_id()
         if adapter_id:
-            await self._lease(adapter_id)
+            await self._warm(adapter_id)      # once per id while Serve's LRU keeps it
         return await self.backend.generate(request)
 
     async def _push_stats_forever(self) -> None:

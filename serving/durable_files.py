@@ -1,14 +1,11 @@
-"""Durable file primitives of the adapter store: atomic replace, fsync, flock'd temp files.
-
-Everything here follows one rule: a reader (maybe another process) sees either the old file or the
-complete new one, never a partial write, and an acknowledged write survives a crash.
+"""The adapter store's own file primitives: per-id flock, streaming a blob with its sha256 under a
+size cap. Atomic writes and temp files are petserve.adapters.atomic_file's (the one writer).
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +13,7 @@ from typing import BinaryIO
 
 from petserve.serving.errors import ApiError
 
-TMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -40,39 +28,10 @@ def locked(lock_path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def new_temp(directory: Path) -> tuple[Path, int]:
-    """Create an empty temp file, flock'd for as long as the fd stays open.
-
-    The lock tells start-up cleanup (maybe in another process) a live write
-    from a crash leftover; create temps under the id lock so cleanup never
-    sees one before it is locked.
-    """
-    path = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return path, fd
-
-
 def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` durably. Caller holds the id lock."""
-    tmp, fd = new_temp(path.parent)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
 
 
 def stream_to_fd(fd: int, data: bytes | BinaryIO, max_bytes: int) -> tuple[str, int]:

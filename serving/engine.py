@@ -1,8 +1,11 @@
 """Engine: one frozen backbone on one device serving many adapters, with continuous batching.
 
-``submit`` validates a request on the caller's thread (raising ApiError synchronously), tokenizes it
-and hashes its visual content, then queues it for the scheduler thread (serving/scheduler.py),
-which mixes every adapter and kind in one batch. ``run_alone`` is the oracle: the same request alone
+Requests arrive as admission built them (serving/schemas.py ``build_inference_request`` checked
+every field against this engine's EngineConfig and the backbone); the engine trusts them. ``submit``
+reads the adapter's stored version (the one store read of a request), tokenizes the prompt and
+hashes the visual content on the caller's thread (``generate`` runs it in a worker thread, off the
+event loop), then queues a Job for the scheduler thread (serving/scheduler.py), which mixes every
+adapter and kind in one batch. ``run_alone`` is the oracle: the same request alone
 with its adapter in a private one-slot SlotBank; a result from ``submit`` must equal it (tokens
 exactly, log-probability within float noise).
 """
@@ -13,74 +16,27 @@ import math
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from petserve.adapters.backbone.model import TASK_PREFIX, RowInput
+from petserve.adapters.backbone.feature_cache import (
+    FeatureCache,
+    encode_visual,
+    features_key,
+    frames_key,
+    images_key,
+)
+from petserve.adapters.backbone.model import RowInput
 from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
-from petserve.adapters.kinds import KINDS
 from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.tasks import get_task
+from petserve.serving.engine_io import InferenceRequest, InferenceResult
 from petserve.serving.errors import ApiError
-from petserve.serving.feature_cache import FeatureCache, encode_visual, features_key, frames_key, images_key
+from petserve.serving.metrics import BACKBONE_LABEL
 from petserve.serving.scheduler import Job, Scheduler
+from petserve.serving.server_config import EngineConfig
 from petserve.serving.slot_pool import SlotPool, compile_on_cpu, parse_stored
 from petserve.serving.store import AdapterStore
-
-VIDEO_TASKS = ("video_qa", "video_caption")
-CAPTION_TASKS = ("caption", "video_caption")
-MAX_FRAMES = 256
-BACKBONE_LABEL = "_backbone"        # stats key of requests without adapter (ids cannot start with _)
-
-
-@dataclass
-class EngineConfig:
-    num_slots: int = 16              # adapter slots on the device (SlotBank size)
-    cpu_cache_adapters: int = 64     # compiled adapters kept in CPU memory (behind the device slots)
-    max_batch_rows: int = 32         # decoder rows per step (a beam search request takes num_beams rows)
-    max_prefill_tokens: int = 4096   # encoder tokens admitted in one step (token budget)
-    max_queue: int = 256             # waiting requests; beyond it submit() raises ApiError.overloaded
-    feature_cache_items: int = 1024  # vision features cached by image content hash
-    max_new_tokens_cap: int = 64
-    max_beams: int = 5
-    unhealthy_after_failures: int = 5   # prefill/decode phases failing in a row (check_health)
-    stall_timeout_s: float = 300.0      # one scheduler iteration running longer is a hang
-
-    def __post_init__(self):
-        if self.num_slots < 1 or self.max_batch_rows < 1 or self.max_queue < 1:
-            raise ValueError("num_slots, max_batch_rows and max_queue must be >= 1")
-        if self.unhealthy_after_failures < 1 or self.stall_timeout_s <= 0:
-            raise ValueError("unhealthy_after_failures must be >= 1 and stall_timeout_s > 0")
-        if not 1 <= self.max_beams <= self.max_batch_rows:
-            raise ValueError(f"max_beams must be in 1..max_batch_rows ({self.max_batch_rows})")
-
-
-@dataclass
-class InferenceRequest:
-    adapter: str | None              # adapter id; None = frozen backbone alone
-    task: str                        # "vqa" | "gqa" | "nlvr" | "caption" | "video_qa" | "video_caption"
-    text: str                        # question / statement / caption prompt ("" allowed for captions)
-    images: list = field(default_factory=list)       # 0, 1 or 2 PIL RGB images (2 = NLVR2 style)
-    frames: np.ndarray | None = None                # video: (T, H, W, 3) uint8 frames already sampled
-    features: np.ndarray | None = None              # precomputed visual features (N, feat_dim)
-    boxes: np.ndarray | None = None                 # optional (N, 4) boxes for features
-    max_new_tokens: int | None = None                 # None: 20, captions 40 (clamped to the cap)
-    num_beams: int = 1
-
-
-@dataclass
-class InferenceResult:
-    text: str
-    logprob: float                   # sum of the generated tokens' log-probabilities
-    adapter: str | None
-    adapter_version: int | None
-    timings_ms: dict[str, float]     # queue, vision, prefill, decode, total
-    tokens: list[int] = field(default_factory=list)   # generated ids, end-of-sequence excluded
-
-
-def _bad(code: str, message: str) -> ApiError:
-    return ApiError.unprocessable(code, message)
 
 
 class Engine:
@@ -105,32 +61,35 @@ class Engine:
     def stop(self) -> None:
         self.scheduler.stop()
 
-    def pin(self, adapter_id: str) -> None:
-        """Keep ``adapter_id`` resident (Ray Serve multiplexing); see SlotPool.pin."""
-        self.pool.pin(adapter_id)
-
-    def unpin(self, adapter_id: str) -> None:
-        self.pool.unpin(adapter_id)
+    def prefetch(self, adapter_id: str) -> int:
+        """Warm the CPU cache with the latest version of ``adapter_id`` and return that version
+        (Ray Serve's multiplexed loader, serving/deployments.py). Holds nothing: no slot taken,
+        no reference kept, the pool's LRU may drop it again. Raises ApiError (400 bad id, 404
+        unknown)."""
+        version = self.store.get(adapter_id).version
+        self.pool.prefetch(adapter_id, version)
+        return version
 
     # ---- requests ------------------------------------------------------------------------
     def submit(self, req: InferenceRequest) -> Future:
-        """Validate and queue ``req``; the future resolves to an InferenceResult (or an ApiError).
-        Raises ApiError now for bad values (4xx), an unknown adapter (404) or a full queue (503)."""
+        """Queue ``req``; the future resolves to an InferenceResult (or an ApiError). Raises
+        ApiError now for an unknown adapter (404), a task the adapter lacks (422), too many encoder
+        tokens (413) or a full queue (503)."""
         job = self._job(req)
         self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
         return job.future
 
     async def generate(self, req: InferenceRequest) -> InferenceResult:
-        return await asyncio.wrap_future(self.submit(req))
+        """``submit`` in a worker thread (tokenizing and hashing stay off the event loop)."""
+        return await asyncio.wrap_future(await asyncio.to_thread(self.submit, req))
 
     def run_alone(self, req: InferenceRequest) -> InferenceResult:
         """``req`` alone, bypassing the scheduler and caches: its adapter (latest version) read
         from the store into a private one-slot SlotBank, then adapters.generation.generate."""
         t0 = time.perf_counter()
         job = self._job(req)
-        bank, slot, version = SlotBank(self.model, 1), -1, None
+        bank, slot, version = SlotBank(self.model, 1), -1, job.version
         if req.adapter is not None:
-            version = self.store.get(req.adapter).version
             af = parse_stored(self.store.read(req.adapter, version), self.model)
             task = req.task if af.task_conditioned else None
             bank.set(0, compile_on_cpu(af, self.model, task))
@@ -161,134 +120,44 @@ class Engine:
         batches = math.ceil(max(1, self.scheduler.queue_length()) / self.config.max_batch_rows)
         return max(1.0, self._latency_ema_s * batches)
 
-    # ---- validation ----------------------------------------------------------------------
+    # ---- request -> job ------------------------------------------------------------------
     def _job(self, req: InferenceRequest) -> Job:
-        """A validated Job (tokenized, content hashed) or ApiError."""
-        if req.task not in TASK_PREFIX:
-            raise _bad("invalid_task", f"unknown task {req.task!r}; choose one of {sorted(TASK_PREFIX)}")
-        if not isinstance(req.text, str):
-            raise _bad("invalid_text", "text must be a string")
-        if len(req.text) > 8 * self.config.max_prefill_tokens:   # before spending time tokenizing it
-            raise ApiError.payload_too_large(f"text of {len(req.text)} characters is far over this "
-                                             f"replica's limit of {self.config.max_prefill_tokens} "
-                                             "encoder tokens", code="input_too_long")
-        max_new = self._max_new_tokens(req)
-        beams = req.num_beams
-        if not isinstance(beams, int) or not 1 <= beams <= self.config.max_beams:
-            raise _bad("invalid_num_beams", f"num_beams must be an integer in 1..{self.config.max_beams}, "
-                       f"got {beams!r}")
-        if req.adapter is not None:
-            self._check_adapter(req.adapter, req.task)
-        images, frames, feats, boxes = self._visual_inputs(req)
-        key, n_visual = self._visual_key(images, frames, feats, boxes)
+        """A Job: the adapter's latest stored version, the prompt tokenized, the visual content
+        hashed. ``req`` is trusted (admission built it); what only the engine knows is checked."""
+        version = None if req.adapter is None else self._adapter_version(req.adapter, req.task)
+        key, n_visual = self._visual_key(req)
         ids = self.model.row_input(req.task, req.text, None).ids
         n_tokens = len(ids) + n_visual
         if n_tokens > self.config.max_prefill_tokens:
             raise ApiError.payload_too_large(f"the request has {n_tokens} encoder tokens, over this "
                                              f"replica's limit of {self.config.max_prefill_tokens}",
                                              code="input_too_long")
-        model = self.model
-        return Job(req.adapter, req.task, ids, key,
-                   lambda: encode_visual(model, images, frames, feats, boxes),
-                   n_tokens, max_new, beams)
+        max_new = req.max_new_tokens or min(get_task(req.task).default_new_tokens,
+                                            self.config.max_new_tokens_cap)
+        model, images, frames, feats, boxes = self.model, req.images, req.frames, req.features, req.boxes
+        job = Job(req.adapter, req.task, ids, key,
+                  lambda: encode_visual(model, images, frames, feats, boxes),
+                  n_tokens, max_new, req.num_beams)
+        job.version = version
+        return job
 
-    def _check_adapter(self, adapter_id: str, task: str) -> None:
-        """400 invalid id, 404 unknown or deleted, 422 a task-conditioned adapter without ``task``
-        (known from the kind the upload recorded in the store's metadata)."""
+    def _adapter_version(self, adapter_id: str, task: str) -> int:
+        """The latest version (400 invalid id, 404 unknown or deleted); 422 when a
+        task-conditioned adapter (as recorded in the store's metadata) has no entry for ``task``."""
         stored = self.store.get(adapter_id)
-        kind = KINDS.get(stored.meta.get("kind", ""))
-        if kind is None:
-            return
-        try:
-            conditioned = kind.is_task_conditioned(kind.Config(**stored.meta.get("config", {})))
-        except ValueError:      # metadata of an older upload: the pool checks when it loads
-            conditioned = kind.task_conditioned
-        if conditioned:
+        # None: stored before uploads recorded it; the pool then parses the file to find out
+        if stored.meta.get("task_conditioned", True):
             self.pool.check_task(adapter_id, stored.version, task)
+        return stored.version
 
-    def _max_new_tokens(self, req: InferenceRequest) -> int:
-        cap = self.config.max_new_tokens_cap
-        if req.max_new_tokens is None:
-            return min(40 if req.task in CAPTION_TASKS else 20, cap)
-        n = req.max_new_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= cap:
-            raise _bad("invalid_max_new_tokens", f"max_new_tokens must be an integer in 1..{cap}, "
-                       f"got {n!r}")
-        return n
-
-    def _visual_inputs(self, req: InferenceRequest):
-        """(images as RGB, frames, features, boxes) checked against the task and the backbone;
-        arrays are copied so a caller mutating them later cannot change a queued request."""
-        given = [n for n, v in (("images", req.images), ("frames", req.frames),
-                                ("features", req.features)) if v is not None and len(v)]
-        if len(given) > 1:
-            raise _bad("ambiguous_visual_input", f"give one of images, frames or features, not {given}")
-        video = req.task in VIDEO_TASKS
-        if video and not given:
-            raise _bad("missing_frames", f"task {req.task!r} needs video frames")
-        if video and given == ["images"]:
-            raise _bad("missing_frames", f"task {req.task!r} takes video frames, not images")
-        if not video and given == ["frames"]:
-            raise _bad("unexpected_frames", f"video frames need task video_qa or video_caption, "
-                       f"not {req.task!r}")
-        if given in (["images"], ["frames"]) and self.model.vision is None:
-            raise _bad("features_required", "this backbone has no image encoder: it takes precomputed "
-                       f"features (N, {self.model.cfg.vision.feat_dim}), not images or frames")
-        if given == ["features"]:
-            return [], None, *self._features(req)
-        if given == ["frames"]:
-            return [], self._frames(req.frames), None, None
-        return self._images(req.images or []), None, None, None
-
-    def _images(self, images: list) -> list:
-        if len(images) > self.model.cfg.n_images:
-            raise _bad("too_many_images", f"at most {self.model.cfg.n_images} images per request, "
-                       f"got {len(images)}")
-        out = []
-        for i, im in enumerate(images):
-            if hasattr(im, "convert"):
-                out.append(im if im.mode == "RGB" else im.convert("RGB"))
-                continue
-            a = np.asarray(im)
-            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or 0 in a.shape:
-                raise _bad("invalid_image", f"image {i} must be a PIL image or an (H, W, 3) uint8 "
-                           f"array, got {type(im).__name__} {getattr(a, 'shape', '')}")
-            out.append(a.copy())
-        return out
-
-    def _frames(self, frames) -> np.ndarray:
-        a = np.asarray(frames)
-        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3 or 0 in a.shape:
-            raise _bad("invalid_frames", f"frames must be a (T, H, W, 3) uint8 array, got "
-                       f"{a.dtype} {a.shape}")
-        if a.shape[0] > MAX_FRAMES:
-            raise _bad("too_many_frames", f"at most {MAX_FRAMES} frames, got {a.shape[0]}")
-        return a.copy()
-
-    def _features(self, req: InferenceRequest) -> tuple[np.ndarray, np.ndarray | None]:
-        f_dim = self.model.cfg.vision.feat_dim
-        try:
-            feats = np.array(req.features, dtype=np.float32)
-            boxes = None if req.boxes is None else np.array(req.boxes, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise _bad("invalid_features", f"features/boxes must be numeric arrays: {e}") from e
-        if feats.ndim != 2 or feats.shape[1] != f_dim:
-            raise _bad("invalid_features", f"features must have shape (N, {f_dim}) for this "
-                       f"backbone, got {feats.shape}")
-        if boxes is not None and boxes.shape != (feats.shape[0], 4):
-            raise _bad("invalid_boxes", f"boxes must have shape ({feats.shape[0]}, 4), got {boxes.shape}")
-        if not np.isfinite(feats).all() or (boxes is not None and not np.isfinite(boxes).all()):
-            raise _bad("invalid_features", "features and boxes must be finite")
-        return feats, boxes
-
-    def _visual_key(self, images, frames, feats, boxes) -> tuple[str | None, int]:
+    def _visual_key(self, req: InferenceRequest) -> tuple[str | None, int]:
         """(feature-cache key, number of visual tokens)."""
-        if feats is not None:
-            return features_key(feats, boxes), feats.shape[0]
-        if frames is not None:
-            return frames_key(frames), frames.shape[0]
-        if images:
-            return images_key(images), len(images) * self.model.vision.boxes.shape[0]
+        if req.features is not None:
+            return features_key(req.features, req.boxes), req.features.shape[0]
+        if req.frames is not None:
+            return frames_key(req.frames), req.frames.shape[0]
+        if req.images:
+            return images_key(req.images), len(req.images) * self.model.vision.boxes.shape[0]
         return None, 0
 
     def check_health(self) -> None:
@@ -306,7 +175,8 @@ class Engine:
         """Counters for Prometheus (a snapshot; counters only grow):
 
         - ``queue_length``, ``running_rows``, ``running_requests``: gauges now;
-        - ``requests``: {adapter id or "_backbone": {"count", "latency_ms_sum"}} of completed requests;
+        - ``requests``: {adapter id or "_backbone": {"count", "latency_ms_sum"}} of completed requests
+          (every id ever served here; /metrics labels only the most active: serving.metrics);
         - ``failed``: {error code: requests failed after they were queued};
         - ``steps_total``, ``prefills_total``: decoder steps and prefill passes run;
           ``prefills_joining_total``: prefills whose rows joined rows already decoding;
@@ -314,7 +184,7 @@ class Engine:
           adapters (slots) per step; ``prefill_batch_size``: of requests per prefill. Each histogram is
           {"buckets": {le: cumulative count, ..., "+Inf": n}, "sum", "count"};
         - ``slot_pool``: hits, misses, evictions, busy, cpu_hits, store_reads, load_count,
-          load_ms_sum, load_ms_last, read_ms_sum, compile_ms_sum, copy_ms_sum, resident, pinned,
+          load_ms_sum, load_ms_last, read_ms_sum, compile_ms_sum, copy_ms_sum, resident,
           slots, referenced, cpu_cached;
         - ``feature_cache``: hits, misses, items, capacity.
         """

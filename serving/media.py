@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from petserve.adapters.data.video import VideoError, VideoInfo, read_video
 from petserve.serving.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # PIL plugin names we accept
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-_DECODE_THREADS = 1  # requests already decode in parallel; don't oversubscribe
 _NOT_B64 = re.compile(r"[^A-Za-z0-9+/=]")
 _WHITESPACE = re.compile(r"[ \t\r\n]+")
 
@@ -194,17 +194,11 @@ def _invalid_image(field: str, e: Exception) -> ApiError:
 # --- videos -------------------------------------------------------------------
 
 
-def sample_frame_indices(total: int, num: int) -> list[int]:
-    """`num` frame indices spread uniformly over `total` frames: the centre of
-    each of `num` equal segments. Non-decreasing; strictly increasing when
-    total >= num (shorter videos repeat frames)."""
-    return [((2 * i + 1) * total) // (2 * num) for i in range(num)]
-
-
 def decode_video(
     data: bytes, limits: MediaLimits, num_frames: int, *, field: str = "video"
 ) -> np.ndarray:
-    """Decode `num_frames` frames sampled uniformly over the whole video.
+    """Decode `num_frames` frames sampled uniformly over the whole video (the one decoder,
+    petserve.adapters.data.video.read_video, as in training).
 
     Returns a (num_frames, H, W, 3) uint8 RGB array at the video's own size.
     Errors: bad num_frames, empty input or zero frames -> 400; too many bytes,
@@ -219,53 +213,28 @@ def decode_video(
         raise ApiError.bad_request("invalid_video", f"{field}: is empty")
     if len(data) > limits.max_video_bytes:
         raise _too_large(field, limits.max_video_bytes)
+
+    def check(info: VideoInfo) -> None:
+        if info.fps > 0 and info.frames / info.fps > limits.max_video_seconds:
+            raise ApiError.payload_too_large(
+                f"{field}: video is {info.frames / info.fps:.0f} s long; the limit is "
+                f"{limits.max_video_seconds:.0f} s", code="video_too_long")
+        _check_frame_size(info.width, info.height, limits, field)
+
     # decord can read from memory, but then logs the input bytes (up to the
     # first NUL) to stderr when they are not a video; a temp file keeps junk
     # uploads out of the logs.
     with tempfile.NamedTemporaryFile(prefix="petserve-", suffix=".video") as f:
         f.write(data)
         f.flush()
-        return _read_frames(f.name, limits, num_frames, field)
-
-
-def _read_frames(path: str, limits: MediaLimits, num_frames: int, field: str) -> np.ndarray:
-    reader = _open_video(path, field)
-    total = len(reader)
-    fps = reader.get_avg_fps()
-    if fps > 0 and total / fps > limits.max_video_seconds:
-        raise ApiError.payload_too_large(
-            f"{field}: video is {total / fps:.0f} s long; the limit is "
-            f"{limits.max_video_seconds:.0f} s",
-            code="video_too_long",
-        )
-    try:
-        # Decoding frame 0 is the only way decord tells us the frame size.
-        height, width = reader.next().shape[:2]
-        _check_frame_size(width, height, limits, field)
-        frames = reader.get_batch(sample_frame_indices(total, num_frames)).asnumpy()
-    except ApiError:
-        raise
-    except Exception as e:
-        log.info("%s: decord cannot decode frames: %s", field, e)
-        raise _unsupported_video(field, "its frames cannot be decoded") from None
-    return frames
-
-
-def _open_video(path: str, field: str):  # -> decord.VideoReader
-    try:
-        import decord  # imported here: only built for x86_64
-    except ImportError:
-        raise ApiError(501, "video_not_supported", f"{field}: this server cannot decode video") from None
-    try:
-        reader = decord.VideoReader(path, num_threads=_DECODE_THREADS)
-    except AssertionError:  # decord asserts frame count > 0
-        raise ApiError.bad_request("empty_video", f"{field}: the video has no frames") from None
-    except Exception as e:
-        log.info("%s: decord cannot open the upload: %s", field, e)
-        raise _unsupported_video(field, "unknown container format or no video stream") from None
-    if len(reader) == 0:  # in case asserts are compiled out (python -O)
-        raise ApiError.bad_request("empty_video", f"{field}: the video has no frames")
-    return reader
+        try:
+            return read_video(f.name, num_frames, limits.max_video_frame_pixels, check)
+        except VideoError as e:
+            if e.code == "empty_video":
+                raise ApiError.bad_request("empty_video", f"{field}: {e}") from None
+            if e.code == "video_too_large":
+                raise ApiError.payload_too_large(f"{field}: {e}", code="video_too_large") from None
+            raise _unsupported_video(field, str(e)) from None
 
 
 def _check_frame_size(width: int, height: int, limits: MediaLimits, field: str) -> None:

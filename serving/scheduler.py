@@ -26,19 +26,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from petserve.adapters.backbone.feature_cache import FeatureCache
 from petserve.adapters.backbone.model import RowInput
 from petserve.adapters.backbone.visual import VisualTokens
 from petserve.adapters.generation import (
-    BeamSearch,
     DecodeState,
     GenerationRequest,
     GenerationResult,
-    GreedySearch,
+    advance,
     decode_step,
+    make_searcher,
     prefill,
 )
 from petserve.serving.errors import ApiError
-from petserve.serving.feature_cache import FeatureCache
+from petserve.serving.metrics import Histogram
 from petserve.serving.slot_pool import SlotPool
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,9 @@ class Job:
     num_beams: int
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
+    version: int | None = None           # the adapter's stored version, read once at submit
     # set by the scheduler
     slot: int = -1
-    version: int | None = None
     searcher: object = None
     visual: VisualTokens | None = None
     bypassed: int = 0
@@ -69,25 +70,11 @@ class Job:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class Histogram:
-    """Prometheus-style histogram: cumulative counts per upper bound ``le``."""
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)    # rows, adapters or requests in one step
 
-    def __init__(self, bounds: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)):
-        self.bounds, self.counts = bounds, [0] * (len(bounds) + 1)
-        self.sum, self.count = 0.0, 0
 
-    def observe(self, value: float) -> None:
-        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
-        self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def snapshot(self) -> dict:
-        cum, acc = {}, 0
-        for b, c in zip([*map(str, self.bounds), "+Inf"], self.counts):
-            acc += c
-            cum[b] = acc
-        return {"buckets": cum, "sum": self.sum, "count": self.count}
+def _sizes() -> Histogram:
+    return Histogram(SIZE_BUCKETS)
 
 
 @dataclass
@@ -98,9 +85,9 @@ class StepCounters:
     steps: int = 0
     prefills: int = 0
     prefills_joining: int = 0    # prefills merged into rows that were already decoding
-    batch_rows: Histogram = field(default_factory=Histogram)
-    adapters_per_step: Histogram = field(default_factory=Histogram)
-    prefill_batch: Histogram = field(default_factory=Histogram)
+    batch_rows: Histogram = field(default_factory=_sizes)
+    adapters_per_step: Histogram = field(default_factory=_sizes)
+    prefill_batch: Histogram = field(default_factory=_sizes)
     failed: dict[str, int] = field(default_factory=dict)          # error code -> jobs
 
 
@@ -261,13 +248,13 @@ class Scheduler:
         if job.adapter is None:
             return "ok"
         try:
-            got = self.pool.acquire(job.adapter, job.task, share_only=share_only)
+            slot = self.pool.acquire(job.adapter, job.version, job.task, share_only=share_only)
         except Exception as e:  # noqa: BLE001 - 404 deleted, unusable file, store trouble
             self._fail(job, e)
             return "failed"
-        if got is None:
+        if slot is None:
             return "busy"
-        job.slot, job.version = got
+        job.slot = slot
         return "ok"
 
     def _start(self, job: Job) -> bool:
@@ -290,7 +277,7 @@ class Scheduler:
     def _prefill(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
         try:
-            searchers = [new_searcher(j.num_beams, j.max_new_tokens, self.model.cfg.lm.eos_id)
+            searchers = [make_searcher(j.num_beams, j.max_new_tokens, self.model.cfg.lm.eos_id)
                          for j in jobs]
             gen = [GenerationRequest(RowInput(j.ids, j.visual), j.slot, j.max_new_tokens, j.num_beams)
                    for j in jobs]
@@ -320,7 +307,7 @@ class Scheduler:
         rows, jobs = self.running_rows, self._running
         try:
             logprobs = decode_step(self.model, self._state)
-            self._state, finished = self._advance(logprobs)
+            self._state = advance(self._state, [j.searcher for j in jobs], logprobs)
         except Exception as e:  # noqa: BLE001
             log.exception("decode step over %d rows failed", rows)
             self.progress.failed("decode", e)
@@ -329,47 +316,15 @@ class Scheduler:
                 self._fail(j, e)
             return
         self.progress.succeeded("decode")
+        self._running = [j for j in jobs if not j.searcher.done]
+        self.running_rows = 0 if self._state is None else self._state.tokens.shape[0]
         with self.counters.lock:
             self.counters.steps += 1
             self.counters.batch_rows.observe(rows)
             self.counters.adapters_per_step.observe(len({j.slot for j in jobs if j.slot >= 0}))
-        for j in finished:
-            self._finish(j)
-
-    def _advance(self, logprobs: torch.Tensor) -> tuple[DecodeState | None, list[Job]]:
-        """Each job's searcher picks its rows' continuations: O(jobs) Python, one batched max for
-        every greedy row, one topk per beam job. Returns the next state and the finished jobs."""
-        greedy_lp = greedy_tok = None
-        if any(isinstance(j.searcher, GreedySearch) for j in self._running):
-            lp, tok = logprobs.max(-1)
-            greedy_lp, greedy_tok = lp.tolist(), tok.tolist()
-        parents, toks, live, finished, offset = [], [], [], [], 0
-        for j in self._running:
-            s = j.searcher
-            if isinstance(s, GreedySearch):
-                p, t = s.take(greedy_lp[offset], greedy_tok[offset])
-            else:
-                p, t = s.step(logprobs[offset:offset + s.width])
-            parents += [offset + i for i in p]
-            toks += t
-            (finished if s.done else live).append(j)
-            offset += s.width
-        self._running = live
-        state = self._carry(parents, toks) if parents else None
-        self.running_rows = 0 if state is None else state.tokens.shape[0]
-        return state, finished
-
-    def _carry(self, parents: list[int], toks: list[int]) -> DecodeState:
-        """Next state: the kept rows (a copy only when rows left or beams reordered)."""
-        st, dev = self._state, self._state.tokens.device
-        tokens = torch.tensor(toks, dtype=torch.long, device=dev)
-        n = st.tokens.shape[0]
-        if len(parents) == n and parents == list(range(n)):
-            return DecodeState(st.cache, st.ctx, tokens, st.pos + 1)
-        idx = torch.tensor(parents, device=dev)
-        kept = DecodeState(st.cache.select(idx), st.ctx.select(idx), tokens,
-                           st.pos.index_select(0, idx) + 1)
-        return kept.compact() if len(parents) < n else kept
+        for j in jobs:
+            if j.searcher.done:
+                self._finish(j)
 
     # ---- completion ----------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
@@ -398,10 +353,3 @@ class Scheduler:
             job.future.set_exception(err)
         except InvalidStateError:
             pass                       # cancelled meanwhile
-
-
-def new_searcher(num_beams: int, max_new_tokens: int, eos_id: int):
-    if num_beams > 1:
-        return BeamSearch(num_beams, max_new_tokens, eos_id)
-    return GreedySearch(max_new_tokens, eos_id)
-

@@ -1,4 +1,4 @@
-"""The HTTP boundary: pydantic models of every request and response body (DESIGN.md "HTTP API").
+"""The HTTP boundary: pydantic models of every request and response body, and admission.
 
 Field-level rules (lengths, ranges, id syntax) live on the models, so they show in /docs and fail
 with a 422 naming the field. Rules that span fields (exactly one media source, nlvr needs two
@@ -13,13 +13,13 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from petserve.adapters.tasks import QUESTION_TASKS
 from petserve.serving.errors import ApiError
 from petserve.serving.media import MediaLimits, decode_base64, decode_image, decode_video
+from petserve.serving.server_config import MAX_BEAMS, MAX_NEW_TOKENS
 from petserve.serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
 
 MAX_TEXT_CHARS = 1024
-MAX_NEW_TOKENS = 64
-MAX_BEAMS = 5
 MAX_FEATURE_TOKENS = 1024
 MAX_FEATURE_DIM = 8192
 
@@ -86,7 +86,7 @@ class VqaRequest(GenerationFields):
     images: list[str] | None = Field(
         None, min_length=2, max_length=2,
         description="exactly two images for task nlvr, each" + _B64_DOC)
-    task: Literal["vqa", "gqa", "nlvr"] | None = Field(
+    task: Literal[QUESTION_TASKS] | None = Field(
         None, description="vqa (default), gqa, or nlvr (needs `images`); a video question "
                           "is always video_qa")
 
@@ -198,7 +198,7 @@ def _form_schema(title: str, text_fields: dict, required: list[str]) -> dict:
 
 VQA_FORM_SCHEMA = _form_schema("VqaForm", {
     "question": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS},
-    "task": {"type": "string", "enum": ["vqa", "gqa", "nlvr"]},
+    "task": {"type": "string", "enum": list(QUESTION_TASKS)},
     "images": {"type": "array", "items": {"type": "string", "format": "binary"},
                "minItems": 2, "maxItems": 2, "description": "two image files (nlvr)"},
 }, ["question"])
@@ -221,11 +221,14 @@ class MediaBytes:
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """What the ingress must know about the backbone to check a request before queueing it."""
+    """What admission checks a request against: the backbone (BackendInfo) and the limits of the
+    engine it will run on (EngineConfig), so the engine can trust what admission built."""
 
     feature_dim: int
     accepts_pixels: bool
     video_frames: int
+    max_new_tokens: int          # EngineConfig.max_new_tokens_cap
+    max_beams: int               # EngineConfig.max_beams
 
 
 def media_from_json(body: GenerationFields, limits: MediaLimits) -> MediaBytes:
@@ -241,13 +244,16 @@ def media_from_json(body: GenerationFields, limits: MediaLimits) -> MediaBytes:
 
 def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes,
                             inputs: ModelInputs, limits: MediaLimits):
-    """Check the cross-field rules, decode the media, and return a serving.engine request.
+    """Admission: check the cross-field rules and the engine's limits, decode the media, and
+    return the serving.engine_io request the engine trusts.
 
     Raises ApiError: 422 for a missing/ambiguous media source, a task that does not fit the
-    media, or features of the wrong shape; 4xx from serving.media for undecodable media.
-    CPU-heavy (image/video decoding): call it off the event loop.
+    media, features of the wrong shape, or generation settings over this server's caps; 4xx from
+    serving.media for undecodable media. CPU-heavy (image/video decoding): call it off the event
+    loop.
     """
-    from petserve.serving.engine import InferenceRequest
+    from petserve.serving.engine_io import InferenceRequest
+    _check_generation(body, inputs)
     source = _single_source(body, media)
     if source in ("image", "images", "video") and not inputs.accepts_pixels:
         raise ApiError.unprocessable("features_only", "this backbone has no vision encoder; "
@@ -266,6 +272,17 @@ def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes
     return InferenceRequest(adapter=body.adapter, task=task, text=text, images=images,
                             frames=frames, features=features, boxes=boxes,
                             max_new_tokens=body.max_new_tokens, num_beams=body.num_beams)
+
+
+def _check_generation(body: GenerationFields, inputs: ModelInputs) -> None:
+    if body.max_new_tokens is not None and body.max_new_tokens > inputs.max_new_tokens:
+        raise ApiError.unprocessable(
+            "invalid_max_new_tokens", f"max_new_tokens: this server generates at most "
+            f"{inputs.max_new_tokens} tokens, got {body.max_new_tokens}")
+    if body.num_beams > inputs.max_beams:
+        raise ApiError.unprocessable(
+            "invalid_num_beams", f"num_beams: this server allows at most {inputs.max_beams} "
+            f"beams, got {body.num_beams}")
 
 
 def _single_source(body: GenerationFields, media: MediaBytes) -> str:

@@ -27,29 +27,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EngineSettings(_Strict):
-    """Mirror of serving.engine.EngineConfig (see there for what each knob does)."""
+# Hard caps of what one request may ask, whatever a replica is configured to allow.
+MAX_NEW_TOKENS = 64
+MAX_BEAMS = 5
 
-    num_slots: int = Field(16, ge=1, le=4096)
-    cpu_cache_adapters: int = Field(64, ge=0)
-    max_batch_rows: int = Field(32, ge=1)
-    max_prefill_tokens: int = Field(4096, ge=1)
-    max_queue: int = Field(256, ge=1)
-    feature_cache_items: int = Field(1024, ge=0)
-    max_new_tokens_cap: int = Field(64, ge=1, le=64)
-    max_beams: int = Field(5, ge=1, le=5)
-    unhealthy_after_failures: int = Field(5, ge=1)
-    stall_timeout_s: float = Field(300.0, gt=0)
+
+class EngineConfig(_Strict):
+    """One backbone replica's engine (serving/engine.py): slots, batching, queue and limits.
+    Admission (serving/schemas.py) checks requests against the same object the engine runs with."""
+
+    num_slots: int = Field(16, ge=1, le=4096, description="adapter slots on the device")
+    cpu_cache_adapters: int = Field(64, ge=0, description="compiled adapters kept in CPU memory")
+    max_batch_rows: int = Field(32, ge=1, description="decoder rows per step (a beam is a row)")
+    max_prefill_tokens: int = Field(4096, ge=1, description="encoder tokens admitted per step")
+    max_queue: int = Field(256, ge=1, description="waiting requests; beyond it 503 overloaded")
+    feature_cache_items: int = Field(1024, ge=0, description="vision features cached by content")
+    max_new_tokens_cap: int = Field(MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    max_beams: int = Field(MAX_BEAMS, ge=1, le=MAX_BEAMS)
+    unhealthy_after_failures: int = Field(5, ge=1, description="failed phases in a row: unhealthy")
+    stall_timeout_s: float = Field(300.0, gt=0, description="one scheduler iteration this long: hung")
 
     @model_validator(mode="after")
-    def _beams_fit_a_batch(self) -> EngineSettings:
+    def _beams_fit_a_batch(self) -> EngineConfig:
         if self.max_beams > self.max_batch_rows:
             raise ValueError("max_beams must not exceed max_batch_rows (a beam is a batch row)")
         return self
-
-    def to_engine_config(self):
-        from petserve.serving.engine import EngineConfig
-        return EngineConfig(**self.model_dump())
 
 
 class MediaSettings(_Strict):
@@ -98,11 +100,13 @@ class ServerConfig(_Strict):
     ingress_cpus: float = Field(0.5, ge=0, description="CPUs reserved per ingress replica")
     autoscaling: AutoscalingSettings | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine: EngineSettings = Field(default_factory=EngineSettings)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     media: MediaSettings = Field(default_factory=MediaSettings)
     max_body_bytes: int = Field(128 * 2**20, ge=1024, description="largest inference request")
     max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload")
     metrics_push_interval_s: float = Field(1.0, gt=0)
+    metrics_max_adapters: int = Field(100, ge=1, description="adapters /metrics labels by id "
+                                      "(the most active); the rest count as adapter=_other")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Serve replica logs (INFO adds one access line per request)")
 

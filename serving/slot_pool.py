@@ -5,16 +5,17 @@
 
 A slot is keyed by ``(adapter_id, version, task)`` where ``task`` is None unless the adapter's kind is
 task-conditioned. ``acquire`` makes an adapter resident and takes a reference; ``release`` drops it.
-Only slots without references and whose adapter is not pinned are ever evicted, so rows in flight
-keep their weights. ``acquire`` never waits: when every slot is referenced it returns None and the
-caller keeps its request queued.
+Only slots without references are ever evicted, so rows in flight keep their weights. ``acquire``
+never waits: when every slot is referenced it returns None and the caller keeps its request queued.
 
-Versions: every acquire asks the store for the latest version (one small metadata read). A resident
-older version is freed at once if unreferenced, or when its last reference is released. A deleted
-adapter raises the store's ApiError 404 on acquire; rows already holding its slot finish.
+Versions: the engine reads the latest version from the store once per request, at submit, and
+acquires that version. Resident older versions are freed at once if unreferenced, or when their
+last reference is released. A request for an adapter deleted after its submit fails with the
+store's 404 when its blob is gone (rows already holding its slot finish); the slots of deleted
+adapters are reclaimed by the LRU.
 
 Threads: acquire/release (and so every SlotBank write) belong to the engine's scheduler thread;
-pin/unpin/counters may be called from any thread. One lock guards the bookkeeping.
+prefetch/check_task/counters may be called from any thread. One lock guards the bookkeeping.
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ class PoolCounters:
     hits: int = 0            # acquires that found their adapter resident
     misses: int = 0          # acquires that wrote a slot
     evictions: int = 0       # resident adapters dropped to make room
-    busy: int = 0            # acquires refused because every slot was referenced or pinned
-    cpu_hits: int = 0        # CPU-cache lookups that hit (slot loads, pins, task checks)
+    busy: int = 0            # acquires refused because every slot was referenced
+    cpu_hits: int = 0        # CPU-cache lookups that hit (slot loads, prefetches, task checks)
     store_reads: int = 0     # CPU-cache misses: store read + parse
     load_count: int = 0      # slot writes (== misses)
     load_ms_sum: float = 0.0  # store read + compile + copy into the slot, per slot write
@@ -105,29 +106,30 @@ class SlotPool:
         self._where: dict[SlotKey, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()       # resident, unreferenced; LRU first
         self._cpu: OrderedDict[tuple[str, int], _CpuEntry] = OrderedDict()
-        self._pinned: set[str] = set()
         self._stats = PoolCounters()
         self._lock = threading.RLock()
 
     # ---- the scheduler's side ------------------------------------------------------------
-    def acquire(self, adapter_id: str, task: str, share_only: bool = False) -> tuple[int, int] | None:
-        """Make the latest version of ``adapter_id`` resident and reference its slot.
+    def acquire(self, adapter_id: str, version: int, task: str,
+                share_only: bool = False) -> int | None:
+        """Make ``version`` of ``adapter_id`` (the store's latest when the request came in)
+        resident and reference its slot; older versions are dropped (freed once unreferenced).
 
-        Returns (slot, version), or None when no slot can be had now (every slot referenced or
-        pinned), or with ``share_only`` when the adapter is not already held by rows in flight.
-        Raises ApiError (404 deleted / unknown, 4xx unusable file)."""
+        Returns the slot, or None when no slot can be had now (every slot referenced),
+        or with ``share_only`` when the adapter is not already held by rows in flight. Raises
+        ApiError (404 deleted since, 4xx unusable file)."""
         with self._lock:
-            version = self._latest_version(adapter_id)
+            self._forget(adapter_id, older_than=version)
             slot = self._resident_slot(adapter_id, version, task)
             if slot is not None and (not share_only or self._slots[slot].refs > 0):
                 self._stats.hits += 1
-                return self._reference(slot), version
+                return self._reference(slot)
             if slot is not None or share_only:
                 return None
             if not self._has_room():
                 self._stats.busy += 1
                 return None
-            return self._load_into_slot(adapter_id, version, task), version
+            return self._load_into_slot(adapter_id, version, task)
 
     def release(self, slot: int) -> None:
         """Drop one reference taken by ``acquire``."""
@@ -142,15 +144,11 @@ class SlotPool:
                 self._idle[slot] = None          # most recently used end of the LRU
 
     # ---- any thread ----------------------------------------------------------------------
-    def pin(self, adapter_id: str) -> None:
-        """Never evict ``adapter_id`` (any version) from its slot or the CPU cache, and warm the CPU
-        cache now. At most num_slots - 1 ids may be pinned (one slot stays for everyone else)."""
+    def prefetch(self, adapter_id: str, version: int) -> None:
+        """Read and parse ``version`` of ``adapter_id`` into the CPU cache now, so that a later
+        slot load skips the store. Takes no reference and keeps nothing from eviction. Raises
+        ApiError (404 deleted, 4xx unusable file)."""
         with self._lock:
-            if adapter_id not in self._pinned and len(self._pinned) >= self.num_slots - 1:
-                raise ApiError.conflict("too_many_pinned", f"at most {self.num_slots - 1} adapters "
-                                        f"can be pinned on a replica with {self.num_slots} slots")
-            version = self._latest_version(adapter_id)
-            self._pinned.add(adapter_id)
             self._cpu_entry(adapter_id, version)
 
     def check_task(self, adapter_id: str, version: int, task: str) -> None:
@@ -161,14 +159,10 @@ class SlotPool:
             if entry.task_conditioned and task not in entry.compiled:
                 entry.compiled[task] = compile_on_cpu(entry.file, self.model, task)
 
-    def unpin(self, adapter_id: str) -> None:
-        with self._lock:
-            self._pinned.discard(adapter_id)
-
     def counters(self) -> dict:
         with self._lock:
             out = asdict(self._stats)
-            out.update(resident=len(self._where), pinned=len(self._pinned), slots=self.num_slots,
+            out.update(resident=len(self._where), slots=self.num_slots,
                        referenced=sum(s.refs > 0 for s in self._slots), cpu_cached=len(self._cpu))
             return out
 
@@ -182,25 +176,15 @@ class SlotPool:
             return self._slots[slot].refs
 
     # ---- internals (lock held) -----------------------------------------------------------
-    def _latest_version(self, adapter_id: str) -> int:
-        try:
-            version = self.store.get(adapter_id).version
-        except ApiError as e:
-            if e.status == 404:
-                self._forget(adapter_id, keep_version=None)
-            raise
-        self._forget(adapter_id, keep_version=version)
-        return version
-
-    def _forget(self, adapter_id: str, keep_version: int | None) -> None:
-        """Drop every copy of ``adapter_id`` other than ``keep_version`` (None: all of them)."""
+    def _forget(self, adapter_id: str, older_than: int) -> None:
+        """Drop every copy of ``adapter_id`` older than version ``older_than``."""
         for key, slot in list(self._where.items()):
-            if key[0] == adapter_id and key[1] != keep_version:
+            if key[0] == adapter_id and key[1] < older_than:
                 if self._slots[slot].refs:
                     self._slots[slot].stale = True
                 else:
                     self._free(slot)
-        for key in [k for k in self._cpu if k[0] == adapter_id and k[1] != keep_version]:
+        for key in [k for k in self._cpu if k[0] == adapter_id and k[1] < older_than]:
             del self._cpu[key]
 
     def _resident_slot(self, adapter_id: str, version: int, task: str) -> int | None:
@@ -213,15 +197,12 @@ class SlotPool:
         return slot
 
     def _has_room(self) -> bool:
-        return bool(self._empty) or any(not self._is_pinned(s) for s in self._idle)
-
-    def _is_pinned(self, slot: int) -> bool:
-        return self._slots[slot].key[0] in self._pinned
+        return bool(self._empty) or bool(self._idle)
 
     def _claim_slot(self) -> int:
-        """An empty slot, or the least recently used unreferenced, unpinned one (evicted)."""
+        """An empty slot, or the least recently used unreferenced one (evicted)."""
         if not self._empty:
-            victim = next(s for s in self._idle if not self._is_pinned(s))
+            victim = next(iter(self._idle))
             self._free(victim)
             self._stats.evictions += 1
         return self._empty.pop(0)
@@ -261,7 +242,7 @@ class SlotPool:
         st.copy_ms_sum += (t3 - t2) * 1e3
 
     def _cpu_entry(self, adapter_id: str, version: int) -> _CpuEntry:
-        """The parsed adapter from the CPU cache, read from the store on a miss (LRU, pinned kept)."""
+        """The parsed adapter from the CPU cache, read from the store on a miss (LRU)."""
         key = (adapter_id, version)
         entry = self._cpu.get(key)
         if entry is not None:
@@ -273,7 +254,6 @@ class SlotPool:
         self._stats.store_reads += 1
         self._stats.read_ms_sum += (time.perf_counter() - t0) * 1e3
         self._cpu[key] = entry
-        unpinned = [k for k in self._cpu if k[0] not in self._pinned]
-        for k in unpinned[:max(0, len(self._cpu) - self.cpu_capacity)]:
-            del self._cpu[k]
+        while len(self._cpu) > self.cpu_capacity:
+            self._cpu.popitem(last=False)
         return entry

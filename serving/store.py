@@ -33,15 +33,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from petserve.serving.durable_files import (
-    TMP_PREFIX,
-    fsync_dir,
-    locked,
-    new_temp,
-    sha256_file,
-    stream_to_fd,
-    write_atomic,
-)
+from petserve.adapters.atomic_file import TMP_PREFIX, fsync_dir, new_temp, write_atomically
+from petserve.serving.durable_files import locked, sha256_file, stream_to_fd
 from petserve.serving.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -343,13 +336,13 @@ class LocalDirStore:
         """Give the streamed temp blob the next version number. Holds the id lock."""
         version = max([self._counter(id_dir), *_version_files(id_dir)]) + 1
         # Counter first: a crash after this point burns the number, never reuses it.
-        write_atomic(id_dir / ".counter", f"{version}\n".encode())
+        _write(id_dir / ".counter", f"{version}\n".encode())
         stored = replace(stored, version=version, created=time.time())
         blob = id_dir / f"v{version}.safetensors"
         os.rename(tmp, blob)
         try:
             fsync_dir(id_dir)  # the blob is durable before metadata can name it
-            write_atomic(id_dir / f"v{version}.json", json.dumps(stored.to_json()).encode())
+            _write(id_dir / f"v{version}.json", json.dumps(stored.to_json()).encode())
         except BaseException:
             blob.unlink(missing_ok=True)
             raise
@@ -417,3 +410,8 @@ class LocalDirStore:
                 self._index[adapter_id] = versions[max(versions)]
             else:
                 self._index.pop(adapter_id, None)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably (the caller holds the id lock)."""
+    write_atomically(path, lambda f: f.write(data))

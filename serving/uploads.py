@@ -22,8 +22,8 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa") -> tup
     or a zip of a PEFT LoRA directory (adapters.peft_import.import_peft_lora, then re-serialised with
     adapter_bytes so the store only ever holds petserve safetensors; ``task`` is the task recorded
     for it). Returns (bytes to store, store metadata dict with kind, task, trainable_parameters,
-    backbone_fingerprint, config, name). AdapterFileError -> ApiError with the error's status (422
-    by default, 413 for size) and code."""
+    backbone_fingerprint, config, name, task_conditioned). AdapterFileError -> ApiError with the
+    error's status (422 by default, 413 for size) and code."""
     data = bytes(data)
     if len(data) > max_bytes:
         raise ApiError.payload_too_large(f"adapter upload is {len(data)} bytes, over the limit of "
@@ -42,6 +42,7 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa") -> tup
     except AdapterFileError as e:
         raise ApiError(e.status, e.code, e.message) from e
     return data, {"kind": af.kind, "task": af.meta.task,
+                  "task_conditioned": af.task_conditioned,
                   "trainable_parameters": af.meta.trainable_parameters,
                   "backbone_fingerprint": model.fingerprint, "config": af.meta.config,
                   "name": af.meta.name}

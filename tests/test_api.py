@@ -17,7 +17,7 @@ from petserve.adapters.adapter_file import adapter_bytes
 from petserve.serving.api import create_app
 from petserve.serving.deployments import LocalBackend
 from petserve.serving.engine import InferenceRequest
-from petserve.serving.server_config import EngineSettings, ServerConfig
+from petserve.serving.server_config import EngineConfig, ServerConfig
 from petserve.serving.store import LocalDirStore
 from tests.conftest import random_adapter
 
@@ -49,9 +49,9 @@ def make_adapter(model, kind: str, seed: int, task: str = "vqa") -> bytes:
 
 def make_backend(model, store_dir, **engine) -> tuple[LocalBackend, ServerConfig]:
     config = ServerConfig(store_dir=store_dir, token=TOKEN, max_body_bytes=MAX_BODY,
-                          max_adapter_bytes=4 * 2**20, engine=EngineSettings(**engine))
+                          max_adapter_bytes=4 * 2**20, engine=EngineConfig(**engine))
     store = LocalDirStore(store_dir, max_bytes=config.max_adapter_bytes)
-    return LocalBackend(model, store, config.engine.to_engine_config(),
+    return LocalBackend(model, store, config.engine,
                         config.max_adapter_bytes), config
 
 
@@ -110,8 +110,8 @@ def test_health_docs_openapi_and_metrics(client):
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
-    assert 'petserve_http_requests_total{method="POST",route="/v1/vqa",adapter="_backbone",' \
-           'status="200"} ' in text
+    assert 'petserve_http_requests_total{adapter="_backbone",method="POST",route="/v1/vqa",' \
+           'status="200"} ' in text           # prometheus_client writes labels sorted by name
     for family in ("petserve_engine_batch_rows_bucket", "petserve_engine_adapters_per_step_count",
                    "petserve_slot_pool_hits_total", "petserve_slot_pool_evictions_total",
                    "petserve_adapter_load_seconds_count", "petserve_engine_queue_length"):

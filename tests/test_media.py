@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from petserve.adapters.data import video
+from petserve.adapters.data.video import sample_frame_indices
 from petserve.serving.errors import ApiError
 from petserve.serving.media import (
     MediaLimits,
     decode_base64,
     decode_image,
     decode_video,
-    sample_frame_indices,
 )
 
 LIMITS = MediaLimits()
@@ -265,6 +266,7 @@ def test_zero_frame_video(monkeypatch: pytest.MonkeyPatch) -> None:
         def __len__(self) -> int:
             return 0
 
+    monkeypatch.setattr(video, "frame_size", lambda path, max_pixels: (8, 8))   # header passes
     for reader in (Asserts, Empty):
         monkeypatch.setitem(sys.modules, "decord", types.SimpleNamespace(VideoReader=reader))
         raises(400, "empty_video", decode_video, b"\x00" * 100, LIMITS, 4)

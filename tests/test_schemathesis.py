@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 from petserve.adapters.adapter_file import adapter_bytes
 from petserve.serving.api import create_app
 from petserve.serving.deployments import LocalBackend
-from petserve.serving.server_config import EngineSettings, ServerConfig
+from petserve.serving.server_config import EngineConfig, ServerConfig
 from petserve.serving.store import LocalDirStore
 from tests.conftest import random_adapter
 
@@ -44,8 +44,8 @@ def api_schema(tiny_t5, tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("fuzz-store")
     config = ServerConfig(store_dir=store_dir, token=TOKEN, max_body_bytes=2**20,
                           max_adapter_bytes=2**20,
-                          engine=EngineSettings(num_slots=2))
-    backend = LocalBackend(tiny_t5, LocalDirStore(store_dir), config.engine.to_engine_config(),
+                          engine=EngineConfig(num_slots=2))
+    backend = LocalBackend(tiny_t5, LocalDirStore(store_dir), config.engine,
                            config.max_adapter_bytes)
     cfg, params = random_adapter(tiny_t5, "lora", {"r": 4}, seed=0)
     backend.upload_now("fuzz", adapter_bytes("lora", cfg, params, tiny_t5, "vqa"))

@@ -43,12 +43,12 @@ def app_url(tmp_path_factory):
     from ray import serve
 
     from petserve.serving.deployments import build_app
-    from petserve.serving.server_config import EngineSettings, ServerConfig
+    from petserve.serving.server_config import EngineConfig, ServerConfig
     port = free_port()
     config = ServerConfig(backbone=BACKBONE, store_dir=tmp_path_factory.mktemp("store"),
                           port=port, device="cpu", replicas=REPLICAS, backbone_cpus=0.5,
                           ingress_cpus=0.5, metrics_push_interval_s=0.2,
-                          engine=EngineSettings(num_slots=8, max_batch_rows=32))
+                          engine=EngineConfig(num_slots=8, max_batch_rows=32))
     started = time.monotonic()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")

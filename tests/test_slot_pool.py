@@ -1,4 +1,4 @@
-"""SlotPool: LRU over unreferenced slots, references and pins block eviction, versions, deletes."""
+"""SlotPool: LRU over unreferenced slots, references block eviction, prefetch, versions, deletes."""
 from __future__ import annotations
 
 import pytest
@@ -32,9 +32,14 @@ def pool_of(model, store, slots=2, cpu=8):
     return SlotPool(model, store, num_slots=slots, cpu_cache_adapters=cpu)
 
 
+def acquire(pool, name, task="vqa", **options):
+    """What the engine does: the store's latest version, read once, then the pool."""
+    return pool.acquire(name, pool.store.get(name).version, task, **options)
+
+
 def use(pool, name, task="vqa"):
     """Acquire and release at once (the adapter stays resident, unreferenced)."""
-    slot, _ = pool.acquire(name, task)
+    slot = acquire(pool, name, task)
     pool.release(slot)
     return slot
 
@@ -67,18 +72,18 @@ def test_slot_holds_the_adapters_weights(tiny_t5, store):
 
 def test_referenced_slots_are_never_evicted_and_busy_returns_none(tiny_t5, store):
     pool = pool_of(tiny_t5, store)
-    sa, _ = pool.acquire("a", "vqa")
-    sb, _ = pool.acquire("b", "vqa")
-    assert pool.acquire("c", "vqa") is None         # both slots in use: no waiting, no eviction
+    sa = acquire(pool, "a")
+    sb = acquire(pool, "b")
+    assert acquire(pool, "c") is None               # both slots in use: no waiting, no eviction
     assert pool.counters()["busy"] == 1 and names(pool) == ["a", "b"]
-    again, _ = pool.acquire("a", "vqa")             # sharing a resident slot always works
+    again = acquire(pool, "a")                      # sharing a resident slot always works
     assert again == sa and pool.refs(sa) == 2
     pool.release(sb)
-    sc, _ = pool.acquire("c", "vqa")
+    sc = acquire(pool, "c")
     assert sc == sb and names(pool) == ["a", "c"]
     pool.release(sa)
     assert pool.refs(sa) == 1                       # one reference left: still not evictable
-    assert pool.acquire("d", "vqa") is None
+    assert acquire(pool, "d") is None
     pool.release(sc)
     with pytest.raises(RuntimeError, match="released more often"):
         pool.release(sc)
@@ -86,38 +91,36 @@ def test_referenced_slots_are_never_evicted_and_busy_returns_none(tiny_t5, store
 
 def test_share_only_joins_referenced_slots_but_loads_nothing(tiny_t5, store):
     pool = pool_of(tiny_t5, store)
-    assert pool.acquire("a", "vqa", share_only=True) is None     # not resident
+    assert acquire(pool, "a", share_only=True) is None     # not resident
     use(pool, "a")
-    assert pool.acquire("a", "vqa", share_only=True) is None     # resident but idle
-    sa, _ = pool.acquire("a", "vqa")
-    assert pool.acquire("a", "vqa", share_only=True) == (sa, 1)
+    assert acquire(pool, "a", share_only=True) is None     # resident but idle
+    sa = acquire(pool, "a")
+    assert acquire(pool, "a", share_only=True) == sa
     assert pool.refs(sa) == 2
 
 
-def test_pinned_adapters_stay_resident(tiny_t5, store):
+def test_prefetch_warms_the_cpu_cache_and_holds_nothing(tiny_t5, store):
     pool = pool_of(tiny_t5, store, slots=2)
-    pool.pin("a")
-    assert pool.counters()["store_reads"] == 1      # pin warms the CPU cache
+    pool.prefetch("a", 1)
+    c = pool.counters()
+    assert (c["store_reads"], c["resident"], c["referenced"]) == (1, 0, 0)   # no slot taken
     use(pool, "a")
-    for name in "bcdbcd":
+    assert pool.counters()["store_reads"] == 1      # the slot load was a CPU hit
+    for name in "bcbc":
         use(pool, name)
-    assert "a" in names(pool)
+    assert "a" not in names(pool)                   # prefetched, yet evicted like any other
     with pytest.raises(ApiError) as e:
-        pool.pin("b")                               # the last slot stays for everyone else
-    assert e.value.status == 409
-    pool.unpin("a")
-    use(pool, "b")
-    use(pool, "c")
-    assert "a" not in names(pool)
+        pool.prefetch("nope", 1)
+    assert e.value.status == 404
 
 
 def test_new_version_loads_a_fresh_slot_while_the_old_one_is_in_use(tiny_t5, store):
     pool = pool_of(tiny_t5, store, slots=3)
-    old, v1 = pool.acquire("a", "vqa")
+    old = acquire(pool, "a")
     old_A = pool.bank.lowrank(SITE).A[old].clone()
     put_adapter(store, tiny_t5, "a", "lora", {"r": 2}, seed=99)
-    new, v2 = pool.acquire("a", "vqa")
-    assert (v1, v2) == (1, 2) and new != old
+    new = acquire(pool, "a")
+    assert new != old
     assert pool.resident() == {("a", 1, None): old, ("a", 2, None): new}
     torch.testing.assert_close(pool.bank.lowrank(SITE).A[old], old_A)   # rows in flight unchanged
     assert not torch.equal(pool.bank.lowrank(SITE).A[new], old_A)
@@ -127,15 +130,21 @@ def test_new_version_loads_a_fresh_slot_while_the_old_one_is_in_use(tiny_t5, sto
 
 
 def test_deleted_adapter_is_404_but_rows_in_flight_keep_their_slot(tiny_t5, store):
-    pool = pool_of(tiny_t5, store)
-    sa, _ = pool.acquire("a", "vqa")
+    pool = pool_of(tiny_t5, store, cpu=1)
+    sa = acquire(pool, "a")
+    sb = acquire(pool, "b")
     store.delete("a")
-    with pytest.raises(ApiError) as e:
-        pool.acquire("a", "vqa")
-    assert e.value.status == 404 and e.value.code == "adapter_not_found"
-    assert pool.refs(sa) == 1 and pool.bank.lowrank(SITE).ranks_host[sa] == 2
+    store.delete("b")
+    assert pool.acquire("a", 1, "vqa") == sa        # admitted before the delete: still served
+    assert pool.refs(sa) == 2 and pool.bank.lowrank(SITE).ranks_host[sa] == 2
     pool.release(sa)
-    assert names(pool) == []
+    pool.release(sa)
+    pool.release(sb)
+    with pytest.raises(ApiError) as e:              # evicted everywhere, its blob gone: 404
+        use(pool, "c")
+        use(pool, "d")
+        pool.acquire("a", 1, "vqa")
+    assert e.value.status == 404 and e.value.code == "adapter_not_found"
 
 
 def test_cpu_cache_serves_reloads_without_store_reads(tiny_t5, store):

@@ -13,7 +13,7 @@ from petserve.adapters.runtime.context import StepContext
 from petserve.adapters.runtime.meta import BatchMeta
 from petserve.adapters.training import (
     BatchBuilder,
-    FeatureCache,
+    ExampleFeatures,
     TrainConfig,
     adapter_loss,
     adapter_weights,
@@ -45,7 +45,7 @@ def examples():
 
 @pytest.fixture(scope="module")
 def cache(tiny_t5):
-    return FeatureCache(tiny_t5)
+    return ExampleFeatures(tiny_t5)
 
 
 def quick(**overrides) -> TrainConfig:
@@ -178,7 +178,7 @@ def test_each_epoch_visits_every_example_once():
 
 
 def test_each_image_is_encoded_once(tiny_t5, examples):
-    cache = FeatureCache(tiny_t5)
+    cache = ExampleFeatures(tiny_t5)
     copies = [Example(e.task, e.text, e.target, e.references, images=[e.images[0].copy()])
               for e in examples]                                 # same pixels, other objects
     train_adapter(tiny_t5, "lora", None, examples + copies, quick(steps=6), cache=cache)
@@ -211,7 +211,7 @@ def test_cached_tokens_equal_the_encoders_own(tiny_t5):
     pair = make_demo_examples("shapes", 2, seed=4)
     nlvr = Example("nlvr", "the left one is round", "true", ["true"],
                    images=[pair[0].images[0], pair[1].images[0]])
-    cache = FeatureCache(tiny_t5)
+    cache = ExampleFeatures(tiny_t5)
     (tokens,) = cache.example_tokens([nlvr])
     direct = tiny_t5.vision.image_tokens(nlvr.load_images())
     for name in ("feats", "boxes", "order"):
@@ -223,7 +223,7 @@ def test_video_examples_train_from_arrays_and_files(tiny_t5, tmp_path):
     from petserve.adapters.data import load_jsonl, make_demo_video_examples, write_jsonl_dataset
     videos = make_demo_video_examples("count", 3, seed=2, num_frames=4, size=64)
     from_files = load_jsonl(write_jsonl_dataset(tmp_path, videos))
-    cache = FeatureCache(tiny_t5)
+    cache = ExampleFeatures(tiny_t5)
     for data in (videos, from_files):
         result = train_adapter(tiny_t5, "lora", None, data, quick(steps=2, batch_size=3), cache=cache)
         assert result.task == "video_qa" and len(result.history.losses) == 2

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -124,7 +124,3 @@ def preset(name: str) -> BackboneConfig:
 
 
 PRESETS = ("t5-base", "bart-base", "tiny", "tiny-t5", "tiny-bart")
-
-
-def with_vocab(cfg: BackboneConfig, vocab_size: int) -> BackboneConfig:
-    return replace(cfg, lm=replace(cfg.lm, vocab_size=vocab_size))

@@ -22,16 +22,12 @@ from petserve.adapters.backbone.config import BackboneConfig
 from petserve.adapters.backbone.lm import Seq2SeqLM
 from petserve.adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens
 from petserve.adapters.runtime.context import StepContext
-
-TASK_PREFIX = {"vqa": "vqa", "gqa": "gqa", "nlvr": "nlvr", "caption": "caption",
-               "video_qa": "vqa", "video_caption": "caption"}
+from petserve.adapters.tasks import get_task
 
 
 def prompt_text(task: str, text: str) -> str:
     """The papers' input text: ``vqa: {question}``, ``nlvr: {statement}``, ``caption:``."""
-    if task not in TASK_PREFIX:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_PREFIX)}")
-    prefix = TASK_PREFIX[task]
+    prefix = get_task(task).prefix
     return f"{prefix}: {text}".strip() if text else f"{prefix}:"
 
 

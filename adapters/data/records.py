@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-TASKS = ("vqa", "gqa", "nlvr", "caption", "video_qa", "video_caption")
+from petserve.adapters.tasks import TASK_NAMES as TASKS
 
 # NLVR2 pairs two images; every other task uses at most one.
 MAX_IMAGES = 2

@@ -29,8 +29,8 @@ from pydantic import Field, model_validator
 
 from petserve.adapters.kinds.base import AdapterKind, KindConfig, all_norms, layer_sites, linear_init
 from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
+from petserve.adapters.tasks import ADAPTER_TASKS
 
-DEFAULT_TASKS = ("vqa", "gqa", "nlvr", "caption")
 PARTS = ("down", "up")
 SHARED_PARTS = {"single": PARTS, "multiple": (), "half-shared-down": ("down",), "half-shared-up": ("up",)}
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -65,7 +65,7 @@ class BottleneckConfig(KindConfig):
     train_norms: bool = True
     zero_init_up: bool = False
     sharing: Literal["single", "multiple", "half-shared-down", "half-shared-up"] = "single"
-    tasks: tuple[str, ...] = Field(DEFAULT_TASKS, description="tasks of a non-single adapter")
+    tasks: tuple[str, ...] = Field(ADAPTER_TASKS, description="tasks of a non-single adapter")
 
     @model_validator(mode="after")
     def _check_tasks(self):

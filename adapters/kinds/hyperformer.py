@@ -30,15 +30,16 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from petserve.adapters.kinds.base import AdapterKind, KindConfig, all_norms
-from petserve.adapters.kinds.bottleneck import DEFAULT_TASKS, Bottleneck, check_tasks, pick_task
+from petserve.adapters.kinds.bottleneck import Bottleneck, check_tasks, pick_task
 from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
+from petserve.adapters.tasks import ADAPTER_TASKS
 
 SUBLAYERS = {"enc": ("self", "ffn"), "dec": ("self", "cross", "ffn")}
 LN_EPS = 1e-6          # the Hyperformer code's LayerNorm on the projected embedding
 
 
 class HyperformerConfig(KindConfig):
-    tasks: tuple[str, ...] = Field(DEFAULT_TASKS, description="tasks the hypernetwork has embeddings for")
+    tasks: tuple[str, ...] = Field(ADAPTER_TASKS, description="tasks the hypernetwork has embeddings for")
     task_dim: int = Field(512, ge=1, description="width of task and layer-id embeddings")
     hidden_dim: int = Field(128, ge=1, description="hidden width of the task hypernetwork")
     proj_dim: int = Field(8, ge=1, description="width of the layer code e fed to the generators")

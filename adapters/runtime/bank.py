@@ -95,16 +95,6 @@ class SlotBank:
         if c.prefix is not None:
             self._prefix.lengths_host[slot] = 0
 
-    def occupied(self) -> list[int]:
-        return sorted(self._used)
-
-    def nbytes(self) -> int:
-        tensors = [t for st in [*self._lowrank.values(), *self._bneck.values()]
-                   for t in vars(st).values() if isinstance(t, torch.Tensor)]
-        tensors += list(self._vectors.values()) + list((self._visual or {}).values())
-        tensors += [] if self._prefix is None else [self._prefix.vectors]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} outside 0..{self.num_slots - 1}")

@@ -1,4 +1,4 @@
-"""The canonical runtime forms every adapter kind compiles into (see DESIGN.md).
+"""The canonical runtime forms every adapter kind compiles into (docs/ARCHITECTURE.md, docs/METHODS.md §2).
 
 The hot path knows only these: a low-rank delta on a linear, a bottleneck residual (with an optional
 VL-PET gate) on a sublayer or a linear, per-slot vectors that replace backbone norms/biases, a

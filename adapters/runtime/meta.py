@@ -34,10 +34,6 @@ class BatchMeta:
     def batch_size(self) -> int:
         return self.row_slots.shape[0]
 
-    @property
-    def any_adapter(self) -> bool:
-        return bool((self.row_slots >= 0).any())
-
     def vector_index(self) -> torch.Tensor:
         """(B,) index into per-slot vector stacks: the row's slot, or the backbone row."""
         if "vec" not in self._segs:

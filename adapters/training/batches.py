@@ -1,78 +1,58 @@
 """Examples -> model inputs: prompt ids, target ids and visual tokens.
 
 The vision encoder is frozen while adapters train, so its features are a pure function of the
-pixels: :class:`FeatureCache` keys them by media *content* (sha1 of the image bytes or of the video
-file / frame array) and encodes each distinct image once per run, in batches.
+pixels: :class:`ExampleFeatures` keeps them in the one FeatureCache
+(adapters/backbone/feature_cache.py, the serving engine's too), keyed by media content, and
+encodes each distinct image once per run, in batches. Videos are read and sampled by the one
+decoder (adapters/data/video.py), as in serving.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from petserve.adapters.backbone.feature_cache import FeatureCache, file_key, frames_key, images_key
 from petserve.adapters.backbone.model import RowInput, VLModel
 from petserve.adapters.backbone.visual import VisualTokens
 from petserve.adapters.data.records import DataError, Example
-
-VIDEO_FRAMES = 8          # frames sampled uniformly per video (VL-Adapter's video setting)
+from petserve.adapters.data.video import VIDEO_FRAMES, VideoError, read_video, sample_frames
 
 
 def media_key(item) -> str:
-    """Content hash of an image (PIL or path), a video path or a frame array."""
-    h = hashlib.sha1()
+    """Content key of an image (PIL or path), a video path or a frame array."""
     if isinstance(item, (str, Path)):
         try:
-            h.update(Path(item).read_bytes())
+            return file_key(item)
         except OSError as e:
             raise DataError(f"{item}: cannot read media file ({e.strerror or e})") from None
-    elif isinstance(item, np.ndarray):
-        h.update(f"{item.shape}{item.dtype}".encode())
-        h.update(np.ascontiguousarray(item).tobytes())
-    else:                                               # PIL image
-        h.update(f"{item.mode}{item.size}".encode())
-        h.update(item.tobytes())
-    return h.hexdigest()
-
-
-def sample_frame_indices(total: int, num: int) -> list[int]:
-    """``num`` indices spread uniformly over ``total`` frames (the centre of each segment)."""
-    return [((2 * i + 1) * total) // (2 * num) for i in range(num)]
-
-
-def read_video_frames(path: Path, num: int = VIDEO_FRAMES) -> np.ndarray:
-    """(num, H, W, 3) uint8 frames of a video file, sampled uniformly (decodes the whole clip:
-    meant for the short clips of training sets)."""
-    import av
-    try:
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except (av.FFmpegError, ValueError, IndexError) as e:
-        raise DataError(f"{path}: cannot decode video ({e})") from None
-    if not frames:
-        raise DataError(f"{path}: the video has no frames")
-    return np.stack([frames[i] for i in sample_frame_indices(len(frames), num)])
+    if isinstance(item, np.ndarray):
+        return frames_key(item)
+    return images_key([item])
 
 
 def as_frames(frames, num: int = VIDEO_FRAMES) -> np.ndarray:
+    """(num, H, W, 3) frames of a video file or a frame array, sampled as serving samples them."""
     if isinstance(frames, (str, Path)):
-        return read_video_frames(Path(frames), num)
-    frames = np.asarray(frames)
-    return frames[sample_frame_indices(len(frames), num)]
+        try:
+            return read_video(frames, num)
+        except VideoError as e:
+            raise DataError(f"{frames}: cannot decode video ({e})") from None
+    return sample_frames(np.asarray(frames), num)
 
 
-class FeatureCache:
-    """Frozen-vision visual tokens by media content. Contract: the model's vision encoder does not
-    change while the cache lives (true for adapter training; not for pretraining)."""
+class ExampleFeatures:
+    """Frozen-vision visual tokens of training examples. Contract: the model's vision encoder does
+    not change while it lives (true for adapter training; not for pretraining)."""
 
     def __init__(self, model: VLModel, encode_batch: int = 64):
         if model.vision is None:
             raise ValueError("this backbone takes precomputed features, not pixels; "
                              "training from images needs a backbone with a CLIP vision encoder")
         self.model, self.encode_batch = model, encode_batch
-        self._tokens: dict[str, VisualTokens] = {}
+        self._tokens = FeatureCache(capacity=None)      # a run's media, on the CPU
         self.encoded = 0                                # distinct media encoded so far
 
     def __len__(self) -> int:
@@ -85,7 +65,7 @@ class FeatureCache:
         self._encode_missing(examples, keys)
         out = []
         for ex, ks in zip(examples, keys):
-            parts = [self._tokens[k] for k in ks]
+            parts = [self._tokens.get(k) for k in ks]
             if not parts:
                 out.append(None)
             elif ex.frames is not None:
@@ -96,8 +76,8 @@ class FeatureCache:
 
     def _keys(self, ex: Example) -> list[str]:
         if ex.frames is not None:
-            return ["video:" + media_key(ex.frames)]
-        return ["image:" + media_key(im) for im in ex.images]
+            return [media_key(ex.frames)]
+        return [media_key(im) for im in ex.images]
 
     def _encode_missing(self, examples: list[Example], keys: list[list[str]]) -> None:
         images, image_keys = [], []
@@ -105,9 +85,9 @@ class FeatureCache:
             for i, k in enumerate(ks):
                 if k in self._tokens or k in image_keys:
                     continue
-                if k.startswith("video:"):
+                if ex.frames is not None:
                     frames = as_frames(ex.frames)
-                    self._tokens[k] = _cpu(self.model.vision.video_tokens(list(frames)))
+                    self._tokens.put(k, _cpu(self.model.vision.video_tokens(list(frames))))
                     self.encoded += 1
                 else:
                     images.append(_load_image(ex, i))
@@ -121,8 +101,8 @@ class FeatureCache:
         per = tokens.feats.shape[0] // len(images)
         for i, k in enumerate(keys):
             part = slice(i * per, (i + 1) * per)
-            self._tokens[k] = _cpu(VisualTokens(tokens.feats[part], tokens.boxes[part],
-                                                torch.zeros(per, dtype=torch.long)))
+            self._tokens.put(k, _cpu(VisualTokens(tokens.feats[part], tokens.boxes[part],
+                                                  torch.zeros(per, dtype=torch.long))))
             self.encoded += 1
 
 
@@ -147,7 +127,7 @@ class EncodedText:
 class BatchBuilder:
     """Tokenizes every example once; ``batch(indices)`` -> (rows, target ids) for model.loss."""
 
-    def __init__(self, model: VLModel, examples: list[Example], cache: FeatureCache, task: str):
+    def __init__(self, model: VLModel, examples: list[Example], cache: ExampleFeatures, task: str):
         self.model, self.examples, self.cache, self.task = model, examples, cache, task
         self.text = [EncodedText(model.row_input(task, ex.text, None).ids, model.target_ids(ex.target))
                      for ex in examples]

@@ -10,19 +10,17 @@ from petserve.adapters.data.records import Example
 from petserve.adapters.generation import GenerationRequest, generate
 from petserve.adapters.metrics import bleu4, cider, exact_match, vqa_soft_accuracy
 from petserve.adapters.runtime.weights import RuntimeWeights
-from petserve.adapters.training.batches import BatchBuilder, FeatureCache
-
-QA_TASKS = ("vqa", "gqa", "video_qa")
-CAPTION_TASKS = ("caption", "video_caption")
+from petserve.adapters.tasks import get_task
+from petserve.adapters.training.batches import BatchBuilder, ExampleFeatures
 
 
 def default_max_new_tokens(task: str) -> int:
     """The papers' generation lengths: 40 tokens for captions, 20 otherwise."""
-    return 40 if task in CAPTION_TASKS else 20
+    return get_task(task).default_new_tokens
 
 
 def predict(model: VLModel, weights: RuntimeWeights, examples: list[Example], task: str,
-            cache: FeatureCache, slot: int = 0, batch_size: int = 64, num_beams: int = 1,
+            cache: ExampleFeatures, slot: int = 0, batch_size: int = 64, num_beams: int = 1,
             max_new_tokens: int | None = None) -> list[str]:
     """Generated text for each example, every row on adapter ``slot`` (-1: the backbone alone)."""
     builder = BatchBuilder(model, examples, cache, task)
@@ -42,17 +40,17 @@ def score(task: str, predictions: list[str], examples: list[Example]) -> dict[st
         raise ValueError(f"{len(missing)} evaluation example(s) have no reference answer, "
                          f"e.g. {missing[0]!r}")
     targets = [ex.target or ex.references[0] for ex in examples]
-    if task in QA_TASKS:
-        return {"vqa_accuracy": vqa_soft_accuracy(predictions, examples),
-                "exact_match": exact_match(predictions, targets)}
-    if task in CAPTION_TASKS:
+    if get_task(task).caption:
         refs = [ex.references for ex in examples]
         return {"bleu4": bleu4(predictions, refs), "cider": cider(predictions, refs),
                 "exact_match": exact_match(predictions, targets)}
-    return {"accuracy": exact_match(predictions, targets)}
+    if get_task(task).media == "pair":       # nlvr: true / false
+        return {"accuracy": exact_match(predictions, targets)}
+    return {"vqa_accuracy": vqa_soft_accuracy(predictions, examples),
+            "exact_match": exact_match(predictions, targets)}
 
 
 def evaluate(model: VLModel, weights: RuntimeWeights, examples: list[Example], task: str,
-             cache: FeatureCache, slot: int = 0, **generation) -> dict[str, float]:
+             cache: ExampleFeatures, slot: int = 0, **generation) -> dict[str, float]:
     """``score`` of ``predict``: the metrics of one adapter slot on labelled examples."""
     return score(task, predict(model, weights, examples, task, cache, slot, **generation), examples)

@@ -1,7 +1,7 @@
 """Full training of the tiny base model (the embedded default) on synthetic shapes scenes.
 
 The base must see colours, shapes, counts and positions, yet must NOT already answer the demo tasks
-(METHODS.md §4), so that each demo adapter has something to add. Two stages:
+(docs/METHODS.md, "Demo tasks"), so that each demo adapter has something to add. Two stages:
 
 1. **Vision** (the tiny CLIP ViT alone): dense targets on every patch — the colour and shape class
    of the object owning it, whether an object's centre falls in it — and the object count on CLS.

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from petserve.adapters.kinds.base import AdapterKind, KindConfig, Params
 from petserve.adapters.runtime.context import StepContext
 from petserve.adapters.runtime.meta import BatchMeta
 from petserve.adapters.runtime.weights import SingleAdapterWeights
-from petserve.adapters.training.batches import BatchBuilder, FeatureCache
+from petserve.adapters.training.batches import BatchBuilder, ExampleFeatures
 from petserve.adapters.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from petserve.adapters.training.evaluation import evaluate
 from petserve.adapters.training.schedule import batch_indices, lr_at, steps_per_epoch, warmup_steps
@@ -81,7 +81,7 @@ class TrainResult:
 def train_adapter(model: VLModel, kind: str | type[AdapterKind], cfg: KindConfig | None,
                   examples: list[Example], tc: TrainConfig | None = None,
                   eval_examples: list[Example] | None = None, task: str | None = None,
-                  cache: FeatureCache | None = None) -> TrainResult:
+                  cache: ExampleFeatures | None = None) -> TrainResult:
     """Train an adapter of ``kind`` on ``examples`` (all of one task) and return its tensors.
 
     ``cfg`` None: the kind's defaults. ``cache`` may be shared between runs on the same backbone.
@@ -93,7 +93,7 @@ def train_adapter(model: VLModel, kind: str | type[AdapterKind], cfg: KindConfig
     task = single_task(examples, task)
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("the backbone must be frozen (requires_grad False) while adapters train")
-    cache = FeatureCache(model) if cache is None else cache
+    cache = ExampleFeatures(model) if cache is None else cache
     run = _Run(model, kind_cls, cfg, task, tc, BatchBuilder(model, examples, cache, task))
     start = run.resume_or_start()
     end = min(run.total, tc.until_step or run.total)
@@ -168,7 +168,7 @@ class _Run:
         every = self.tc.eval_every
         return self.step == self.total or bool(every and self.step % every == 0)
 
-    def evaluate(self, examples: list[Example], cache: FeatureCache) -> dict[str, float]:
+    def evaluate(self, examples: list[Example], cache: ExampleFeatures) -> dict[str, float]:
         """Metrics of the current tensors on held-out ``examples``, recorded in the history."""
         metrics = evaluate(self.model, self.weights(detached=True), examples, self.task, cache,
                            batch_size=self.tc.eval_batch_size, num_beams=self.tc.num_beams)
@@ -232,11 +232,6 @@ def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": tc.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, eps=tc.adam_eps)
-
-
-def train_config_dict(tc: TrainConfig) -> dict:
-    """TrainConfig as JSON-able primitives (for logs and the CLI's summary)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(tc).items()}
 
 
 def trained_adapter_bytes(result: TrainResult, model: VLModel, name: str = "") -> bytes:

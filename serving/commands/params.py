@@ -10,8 +10,9 @@ from petserve.serving.commands.options import make_config, parse_kind_options
 
 def register(sub) -> None:
     p = sub.add_parser("params", help="count trainable parameters of an adapter kind",
-                       description="Print {\"trainable\", \"total\", \"percent\"} as METHODS.md counts "
-                                   "them; extra --name value pairs are kind options (e.g. --gate large).")
+                       description="Print {\"trainable\", \"total\", \"percent\"} as docs/METHODS.md §5 "
+                                   "counts them; extra --name value pairs are kind options "
+                                   "(e.g. --gate large).")
     p.add_argument("--backbone", default="bart-base", help=f"preset: {', '.join(PRESETS)} "
                    "(optionally +clip-vit-b32 / +rn101)")
     p.add_argument("--kind", required=True, help="adapter kind (lora, adapter, vlpet, ...)")

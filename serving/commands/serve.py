@@ -3,11 +3,19 @@
 Ray: connects to a running cluster when one is reachable (``RAY_ADDRESS``, or the latest cluster
 started with ``ray start`` on this machine), else starts a local one with the machine's CPUs/GPUs.
 Blocks until Ctrl-C, then removes the app (and stops Ray if it started it).
+
+Memory: only the Backbone replicas import torch. Preparing the server (checking the backbone,
+seeding the store with the demo adapters: both need torch) runs in a child process that exits,
+not in this driver, which lives as long as the server. A local Ray starts without its dashboard
+(our /metrics comes from the MetricsBoard deployment, not from Ray); for Ray's dashboard, start
+a cluster with ``ray start --head`` and this command connects to it.
 """
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -66,17 +74,24 @@ def check_backbone(spec: str | None) -> None:
 
 
 def run(args, extra) -> int:
-    from petserve.serving.deployments import prepare_server
     started = time.monotonic()
     config = server_config(args)
+    if args.no_ray:
+        return _serve_in_process(prepare(config), started)
+    # A fresh interpreter (spawn, not fork): what preparing imports dies with it.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        prepared = child.submit(prepare, config).result()
+    return _serve_on_ray(prepared, started)
+
+
+def prepare(config):
+    """`check_backbone`, then serving.deployments.prepare_server; its errors as CliErrors."""
+    from petserve.serving.deployments import prepare_server
     check_backbone(config.backbone)
     try:
-        prepared = prepare_server(config)
+        return prepare_server(config)
     except (FileNotFoundError, ValueError) as e:     # e.g. --backbone names nothing
         raise CliError(str(e)) from None
-    if args.no_ray:
-        return _serve_in_process(prepared, started)
-    return _serve_on_ray(prepared, started)
 
 
 def _banner(prepared, started: float, where: str) -> None:
@@ -104,7 +119,9 @@ def _serve_on_ray(prepared, started: float) -> int:
 
     from petserve.serving.deployments import build_app
     cfg = prepared.config
-    context = ray.init(logging_level="WARNING")     # an existing cluster if reachable
+    # An existing cluster if reachable (include_dashboard then changes nothing); a local one
+    # without the dashboard's ~1 GB of head-module processes.
+    context = ray.init(logging_level="WARNING", include_dashboard=False)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # containers stop us with SIGTERM
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, prepared.token), name=APP_NAME, route_prefix="/")

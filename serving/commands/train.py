@@ -12,8 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from petserve.adapters.tasks import TASK_NAMES
 from petserve.serving.cli import CliError
 from petserve.serving.commands.options import make_config, parse_kind_options
+from petserve.serving.store import ADAPTER_ID_RE
 
 FLAGS = ("kind", "task", "data", "out", "backbone", "steps", "epochs", "batch_size", "lr",
          "warmup_ratio", "clip_grad", "weight_decay", "seed", "train_size", "eval_data", "eval_size",
@@ -27,8 +29,7 @@ class TrainArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: str = Field(description="adapter kind (lora, adapter, vlpet, compacter, ...)")
-    task: Literal["vqa", "gqa", "nlvr", "caption", "video_qa", "video_caption"] = Field(
-        description="vqa, gqa, nlvr, caption, video_qa or video_caption")
+    task: Literal[TASK_NAMES] = Field(description=", ".join(TASK_NAMES))
     data: str = Field(description=f"training data: {SOURCES}")
     out: Path = Field(description="adapter file to write (.safetensors)")
     backbone: str = Field("demo", description="demo (the embedded default), a preset or a directory")
@@ -49,7 +50,7 @@ class TrainArgs(BaseModel):
     resume: bool = False
     quiet: bool = False
     push: str | None = Field(None, description="server URL to upload the adapter to")
-    id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="adapter id")
+    id: str | None = Field(None, pattern=f"^{ADAPTER_ID_RE}$", description="adapter id")
     token: str | None = Field(None, description="API token for --push (default $PETSERVE_TOKEN)")
 
     @model_validator(mode="after")

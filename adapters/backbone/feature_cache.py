@@ -1,9 +1,11 @@
 """FeatureCache: visual tokens keyed by the content of the pixels, so an image asked of many adapters
 is encoded once (the vision encoder is frozen and shared by every adapter; per-adapter visual
-embeddings are applied later, inside the model).
+embeddings are applied later, inside the model). The one feature cache: the serving engine and the
+trainer (adapters/training/batches.py) both keep their visual tokens here.
 
 Keys are sha256 digests of the raw content plus its shape, prefixed by what it is (``img:``,
-``vid:``, ``feat:``), so two different inputs never share an entry unless their bytes are equal.
+``vid:``, ``feat:``, ``file:``), so two different inputs never share an entry unless their bytes
+are equal.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +45,12 @@ def images_key(images: list) -> str:
     return _digest("img", parts)
 
 
+def file_key(path) -> str:
+    """Key of a media file by its bytes (training sets name their videos by path). OSError when
+    it cannot be read."""
+    return _digest("file", [Path(path).read_bytes()])
+
+
 def frames_key(frames: np.ndarray) -> str:
     return _digest("vid", _array_parts(frames))
 
@@ -52,30 +61,44 @@ def features_key(features: np.ndarray, boxes: np.ndarray | None) -> str:
 
 
 class FeatureCache:
-    """LRU of ``capacity`` VisualTokens (on the model's device); counts hits and misses."""
+    """LRU of ``capacity`` VisualTokens (None: unbounded, for a training run); counts hits and
+    misses. Thread-safe."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int | None):
         self.capacity = capacity
         self.hits = self.misses = 0
         self._items: OrderedDict[str, VisualTokens] = OrderedDict()
         self._lock = threading.Lock()
 
+    def get(self, key: str) -> VisualTokens | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return hit
+
+    def put(self, key: str, tokens: VisualTokens) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._items[key] = tokens
+            while self.capacity is not None and len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
     def get_or_compute(self, key: str, compute: Callable[[], VisualTokens]) -> VisualTokens:
         """The cached tokens of ``key``, or ``compute()`` stored under it. ``compute`` runs outside
         the lock (it is the expensive vision encoder)."""
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return hit
-            self.misses += 1
-        tokens = compute()
-        if self.capacity > 0:
-            with self._lock:
-                self._items[key] = tokens
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
+        tokens = self.get(key)
+        if tokens is None:
+            tokens = compute()
+            self.put(key, tokens)
         return tokens
 
     def __len__(self) -> int:
@@ -91,7 +114,7 @@ def encode_visual(model, images: list, frames: np.ndarray | None, features: np.n
                   boxes: np.ndarray | None) -> VisualTokens | None:
     """A request's visual tokens on the model's device: features (N, f) as given, video frames
     (T, H, W, 3) -> one CLIP token per frame, 1-2 images -> every CLIP token of each; None when the
-    request is text only. Inputs are assumed validated (the engine's submit does it)."""
+    request is text only. Inputs are trusted (admission, serving/schemas.py, checked them)."""
     if features is not None:
         t = feature_tokens(features, boxes)
         return VisualTokens(t.feats.to(model.device, model.dtype), t.boxes.to(model.device),

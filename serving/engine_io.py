@@ -1,0 +1,33 @@
+"""What the engine takes and gives: `InferenceRequest` and `InferenceResult`.
+
+Apart from serving/engine.py (which imports torch) because the ingress builds requests and reads
+results: Ray pickles them by module, and a torch-free module keeps torch out of that process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class InferenceRequest:
+    adapter: str | None              # adapter id; None = frozen backbone alone
+    task: str                        # "vqa" | "gqa" | "nlvr" | "caption" | "video_qa" | "video_caption"
+    text: str                        # question / statement / caption prompt ("" allowed for captions)
+    images: list = field(default_factory=list)       # 0, 1 or 2 PIL RGB images (2 = NLVR2 style)
+    frames: np.ndarray | None = None                # video: (T, H, W, 3) uint8 frames already sampled
+    features: np.ndarray | None = None              # precomputed visual features (N, feat_dim) fp32
+    boxes: np.ndarray | None = None                 # optional (N, 4) boxes for features
+    max_new_tokens: int | None = None               # None: the task's default, clamped to the cap
+    num_beams: int = 1
+
+
+@dataclass
+class InferenceResult:
+    text: str
+    logprob: float                   # sum of the generated tokens' log-probabilities
+    adapter: str | None
+    adapter_version: int | None
+    timings_ms: dict[str, float]     # queue, vision, prefill, decode, total
+    tokens: list[int] = field(default_factory=list)   # generated ids, end-of-sequence excluded

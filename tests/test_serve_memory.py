@@ -1,0 +1,120 @@
+"""`petserve serve` (the embedded default, as `make serve` runs it) as a real process tree: only the
+Backbone replica imports torch (not the driver, not Ingress, not MetricsBoard, even after they
+have built a request and read its result), and the whole tree's resident memory stays under 2 GiB.
+
+Processes are found under the driver's pid in /proc; torch shows as libtorch in /proc/PID/maps."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux /proc")]
+TOKEN = "memory-test-token"
+TREE_LIMIT_MIB = 2048
+NO_MODEL = ("ray::ServeReplica:petserve:Ingress", "ray::ServeReplica:petserve:MetricsBoard")
+BACKBONE = "ray::ServeReplica:petserve:Backbone"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def describe(pid: int) -> dict | None:
+    """{cmd, rss_mib, pss_mib, torch} of a live process; None once it is gone."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        rollup = dict(line.split()[:2] for line in (proc / "smaps_rollup").read_text().splitlines()
+                      if line.endswith("kB"))
+        return {"cmd": (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip(),
+                "rss_mib": int(rollup["Rss:"]) / 1024, "pss_mib": int(rollup["Pss:"]) / 1024,
+                "torch": "libtorch" in (proc / "maps").read_text()}
+    except (OSError, KeyError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The driver's pid and URL, serving with a fresh store (seeded with the demo adapters)."""
+    port = free_port()
+    env = {**os.environ, "PETSERVE_STORE": str(tmp_path_factory.mktemp("store")),
+           "PETSERVE_TOKEN": TOKEN, "RAY_ADDRESS": "local"}    # never join another cluster
+    log = (tmp_path_factory.mktemp("log") / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from petserve.serving.cli import main; sys.exit(main())",
+         "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "not healthy within 180 s"
+            time.sleep(1)
+        yield proc.pid, url
+    finally:
+        proc.send_signal(signal.SIGTERM)               # the driver removes the app, stops Ray
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_only_the_backbone_imports_torch_and_the_tree_fits_in_2_gib(server):
+    driver, url = server
+    body = {"adapter": "colors", "question": "what color is the shape?",
+            "features": [[0.1] * 64], "max_new_tokens": 2}
+    r = httpx.post(f"{url}/v1/vqa", json=body, timeout=60)   # the ingress builds and reads
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{url}/v1/adapters", timeout=30).status_code == 200
+    metrics = httpx.get(f"{url}/metrics", timeout=30)         # our own, without Ray's dashboard
+    assert metrics.status_code == 200 and "petserve_http_requests_total" in metrics.text
+    time.sleep(2)                                             # a stats push reaches the board
+
+    procs = {pid: d for pid in process_tree(driver) if (d := describe(pid)) is not None}
+    table = "\n".join(f"{d['rss_mib']:7.0f} {d['pss_mib']:7.0f} {'torch' if d['torch'] else '     '}"
+                      f" {d['cmd'][:90]}" for d in sorted(procs.values(), key=lambda d: -d["rss_mib"]))
+    by_cmd = {d["cmd"]: d for d in procs.values()}
+    assert by_cmd.get(BACKBONE, {}).get("torch"), table       # the probe sees torch where it is
+    for name in NO_MODEL:
+        assert name in by_cmd and not by_cmd[name]["torch"], table
+    assert not procs[driver]["torch"], table
+    rss = sum(d["rss_mib"] for d in procs.values())
+    print(f"\n{table}\ntree: RSS {rss:.0f} MiB, PSS {sum(d['pss_mib'] for d in procs.values()):.0f}"
+          f" MiB over {len(procs)} processes")
+    assert rss <= TREE_LIMIT_MIB, table
