@@ -4,7 +4,7 @@
 (manifest of this builder's recipe, backbone fingerprint, every adapter file loads on it), else the
 cached ones (``$PETSERVE_CACHE/demo``, default ``~/.cache/petserve/demo``), else builds them there.
 ``python -m petserve.adapters.demo --out DIR [--check]`` rebuilds them deterministically (single-threaded, so
-the same machine gives the same bytes) and ``--check`` scores them against the targets of the issue.
+the same machine gives the same bytes) and ``--check`` scores them against TARGETS.
 
 Demo adapters (docs/METHODS.md, "Demo tasks"), each of another kind, all served together from one slot bank:
 colors = LoRA, shapes = VL-PET large, count = bottleneck adapter, caption = Compacter.

@@ -144,12 +144,27 @@ def serving_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def load_table(rows: list[dict]) -> list[str]:
+    out = ["| cold load | file MB | p50 ms | p90 ms | max ms | read + compile + copy ms (mean) |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        s, m = r["setup"], r["metrics"]
+        phases = " + ".join(_fmt(m[f"{p}_ms_mean"]) for p in ("read", "compile", "copy"))
+        out.append(f"| {s['kind']} r{s['rank']} on {s['backbone']} | {m['file_bytes'] / 1e6:.1f} | "
+                   f"{_fmt(m['load_ms_p50'])} | {_fmt(m['load_ms_p90'])} | "
+                   f"{_fmt(m['load_ms_max'])} | {phases} |")
+    return out
+
+
 def print_table(paths: list[Path]) -> None:
+    """The README tables of engine, HTTP (bench_serving) and cold-load (bench_load) results."""
     for path in paths:
         rows = load_rows(path)
-        engine = rows[0]["setup"]["bench"].startswith("engine")
+        bench = rows[0]["setup"]["bench"]
+        table = engine_table if bench.startswith("engine") else \
+            load_table if bench == "cold_load" else serving_table
         print(f"\n{path} ({rows[0]['device']}, commit {rows[0]['commit']}):\n")
-        print("\n".join(engine_table(rows) if engine else serving_table(rows)))
+        print("\n".join(table(rows)))
 
 
 def main(argv=None) -> int:
