@@ -8,15 +8,15 @@ from petserve.kernels.grouped_linear import grouped_linear, grouped_linear_refer
 from petserve.kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
 from petserve.kernels.segments import SegmentMeta
 from petserve.kernels.stacks import (
-                            GATE_LARGE,
-                            GATE_MIDDLE_X,
-                            GATE_MIDDLE_Y,
-                            GATE_NAMES,
-                            GATE_NONE,
-                            GATE_SMALL,
-                            BottleneckStack,
-                            LinearStack,
-                            LowRankStack,
+    GATE_LARGE,
+    GATE_MIDDLE_X,
+    GATE_MIDDLE_Y,
+    GATE_NAMES,
+    GATE_NONE,
+    GATE_SMALL,
+    BottleneckStack,
+    LinearStack,
+    LowRankStack,
 )
 
 __all__ = [

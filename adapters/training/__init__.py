@@ -7,15 +7,15 @@ from petserve.adapters.training.batches import BatchBuilder, ExampleFeatures
 from petserve.adapters.training.evaluation import evaluate, predict, score
 from petserve.adapters.training.schedule import lr_at, warmup_steps
 from petserve.adapters.training.trainer import (
-                                       TrainConfig,
-                                       TrainHistory,
-                                       TrainResult,
-                                       adapter_loss,
-                                       adapter_weights,
-                                       save_trained,
-                                       single_task,
-                                       train_adapter,
-                                       trained_adapter_bytes,
+    TrainConfig,
+    TrainHistory,
+    TrainResult,
+    adapter_loss,
+    adapter_weights,
+    save_trained,
+    single_task,
+    train_adapter,
+    trained_adapter_bytes,
 )
 
 __all__ = ["BatchBuilder", "ExampleFeatures", "TrainConfig", "TrainHistory", "TrainResult",
