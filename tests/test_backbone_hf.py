@@ -57,3 +57,31 @@ def test_logits_match_hugging_face(family, tmp_path):
         steps = [ours.decode(dec[:, t:t + 1], pos[:, t:t + 1], cache2, ctx) for t in range(L)]
     torch.testing.assert_close(full, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_clip_tower_matches_hugging_face(act, tmp_path):
+    """Our CLIP ViT: transformers' parameter names, random init for a seed, outputs (bitwise), and
+    a saved Hugging Face CLIP checkpoint (4.x nesting, position_ids) loads into it."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from petserve.adapters.backbone.clip import ClipConfig, ClipVision
+    from petserve.adapters.backbone.loading import load_clip_weights
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               image_size=32, patch_size=8, hidden_act=act, layer_norm_eps=1e-5)
+    torch.manual_seed(5)
+    hf = CLIPVisionModel(CLIPVisionConfig(**cfg)).eval()
+    torch.manual_seed(5)
+    ours = ClipVision(ClipConfig.from_dict(cfg)).eval()
+    theirs = hf.state_dict()
+    assert set(ours.state_dict()) == set(theirs)
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), hf(pixel_values=x).last_hidden_state)
+    nested = {f"vision_model.{k}": v.clone() + 1 for k, v in theirs.items()}
+    nested["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(nested, str(tmp_path / "model.safetensors"))
+    load_clip_weights(ours, tmp_path)
+    assert torch.equal(ours.pre_layrnorm.weight, theirs["pre_layrnorm.weight"] + 1)

@@ -32,7 +32,7 @@ WARM = {
 }
 COLD_EXTRA = {   # the adapter read from the store, parsed, compiled into a slot; the image encoded
     "adapters/adapter_file.py", "adapters/kinds/__init__.py", "adapters/kinds/base.py",
-    "adapters/kinds/lora.py", "adapters/runtime/forms.py",
+    "adapters/kinds/lora.py", "adapters/runtime/forms.py", "adapters/backbone/clip.py",
 }
 
 

@@ -43,8 +43,8 @@ class LMConfig:
 class VisionConfig:
     """Where visual features come from.
 
-    kind "clip": a frozen CLIPVisionModel (ViT) computes them from pixels; ``clip`` holds its
-    CLIPVisionConfig kwargs. kind "features": only precomputed features of width ``feat_dim`` are
+    kind "clip": a frozen CLIP ViT (adapters/backbone/clip.py) computes them from pixels; ``clip``
+    holds its CLIPVisionConfig fields. kind "features": only precomputed features of width ``feat_dim`` are
     accepted (VL-Adapter's CLIP RN101 grid features: 2048-d, 6x6 = 36 per image).
     """
 

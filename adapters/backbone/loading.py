@@ -70,15 +70,14 @@ def _from_directory(path: Path) -> VLModel:
 
 
 def load_clip_weights(clip: torch.nn.Module, directory: Path) -> None:
-    """A CLIP (or CLIP vision) checkpoint into CLIPVisionModel, whatever the nesting of its keys."""
-    own = clip.state_dict()
-    nested = any(k.startswith("vision_model.") for k in own)
+    """A Hugging Face CLIP (or CLIP vision) checkpoint into our ClipVision (the same names, less
+    the ``vision_model.`` nesting of transformers 4.x and the text tower)."""
     state = {}
     for k, v in read_state_dict(directory).items():
-        if k.startswith("text_model.") or k in ("logit_scale",) or "projection" in k:
+        if k.startswith("text_model.") or k in ("logit_scale",) or "projection" in k \
+                or k.endswith("position_ids"):
             continue
-        k = k.removeprefix("vision_model.")
-        state[f"vision_model.{k}" if nested else k] = v
+        state[k.removeprefix("vision_model.")] = v
     clip.load_state_dict(state)
 
 

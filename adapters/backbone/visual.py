@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petserve.adapters.backbone.clip import ClipConfig, ClipVision
 from petserve.adapters.backbone.config import VisionConfig
 from petserve.adapters.runtime.context import StepContext
 from petserve.kernels import grouped_linear
@@ -58,9 +59,8 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
         self.cfg = cfg
-        self.clip = CLIPVisionModel(CLIPVisionConfig(**cfg.clip))
+        self.clip = ClipVision(ClipConfig.from_dict(cfg.clip))
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         side = cfg.image_size // cfg.clip["patch_size"]
@@ -93,10 +93,7 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, images: list) -> torch.Tensor:
         """(n, 1 + patches, f) features, post-layernormed (boxes: ``self.boxes``)."""
-        out = self.clip(pixel_values=self.pixels(images))
-        # transformers 5 flattened CLIPVisionModel; 4.x nests it under ``vision_model``.
-        post_ln = getattr(self.clip, "vision_model", self.clip).post_layernorm
-        return post_ln(out.last_hidden_state)
+        return self.clip.post_layernorm(self.clip(self.pixels(images)))
 
     def image_tokens(self, images: list) -> VisualTokens:
         """One or two images (NLVR2): every token of each, image order 0 / 1."""

@@ -134,8 +134,7 @@ def pretrain_backbone(model: VLModel, pc: PretrainConfig | None = None,
 
 
 def _patch_conv(model: VLModel) -> torch.nn.Conv2d:
-    clip = model.vision.clip
-    return getattr(clip, "vision_model", clip).embeddings.patch_embedding
+    return model.vision.clip.embeddings.patch_embedding
 
 
 @torch.no_grad()
@@ -181,8 +180,7 @@ class PatchHeads(torch.nn.Module):
 def clip_features(model: VLModel, pixels: torch.Tensor) -> torch.Tensor:
     """(n, 1 + P, f) post-layernormed CLIP features, as VisionEncoder.encode (keeps autograd)."""
     clip = model.vision.clip
-    out = clip(pixel_values=pixels.to(model.dtype)).last_hidden_state
-    return getattr(clip, "vision_model", clip).post_layernorm(out)
+    return clip.post_layernorm(clip(pixels.to(model.dtype)))
 
 
 def _flip(model: VLModel, pool: ScenePool, idx: list[int], flip: torch.Tensor):
