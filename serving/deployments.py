@@ -223,11 +223,15 @@ class BackboneReplica:
         self._pusher = asyncio.get_running_loop().create_task(self._push_stats_forever())
 
     async def _with_adapter(self, request):
+        """Submit first, so a request naming an unknown id fails there with its 404 (Serve logs
+        every failed multiplexed load as an ERROR: junk ids would fill the logs); then register
+        the id with Serve's multiplexing for routing, once per id while its LRU keeps it."""
         from ray import serve
+        future = await asyncio.to_thread(self.backend.engine.submit, request)
         adapter_id = serve.get_multiplexed_model_id()
         if adapter_id:
-            await self._warm(adapter_id)      # once per id while Serve's LRU keeps it
-        return await self.backend.generate(request)
+            await self._warm(adapter_id)
+        return await asyncio.wrap_future(future)
 
     async def _push_stats_forever(self) -> None:
         while True:
