@@ -219,7 +219,6 @@ def decode_video(
             raise ApiError.payload_too_large(
                 f"{field}: video is {info.frames / info.fps:.0f} s long; the limit is "
                 f"{limits.max_video_seconds:.0f} s", code="video_too_long")
-        _check_frame_size(info.width, info.height, limits, field)
 
     # decord can read from memory, but then logs the input bytes (up to the
     # first NUL) to stderr when they are not a video; a temp file keeps junk
@@ -235,15 +234,6 @@ def decode_video(
             if e.code == "video_too_large":
                 raise ApiError.payload_too_large(f"{field}: {e}", code="video_too_large") from None
             raise _unsupported_video(field, str(e)) from None
-
-
-def _check_frame_size(width: int, height: int, limits: MediaLimits, field: str) -> None:
-    if width * height > limits.max_video_frame_pixels:
-        raise ApiError.payload_too_large(
-            f"{field}: frames are {width}x{height} pixels; the limit is "
-            f"{limits.max_video_frame_pixels} pixels per frame",
-            code="video_too_large",
-        )
 
 
 def _unsupported_video(field: str, detail: str) -> ApiError:

@@ -76,10 +76,10 @@ def read_video(path: str | Path, num: int = VIDEO_FRAMES, max_frame_pixels: int 
     """(num, H, W, 3) uint8 RGB frames sampled uniformly over the whole video at ``path``.
 
     Frames over ``max_frame_pixels`` are refused from the header (``frame_size``). ``check(info)``
-    runs once the frame count, rate and size are known and before any sampled frame is decoded
-    (serving refuses long videos there). Raises VideoError."""
+    runs once the frame count, rate and size are known and before any frame is decoded (serving
+    refuses long videos there). Raises VideoError."""
     import decord  # a hard dependency; imported here so model-free processes skip it
-    frame_size(path, max_frame_pixels)
+    width, height = frame_size(path, max_frame_pixels)
     try:
         reader = decord.VideoReader(str(path), num_threads=_DECODE_THREADS)
     except AssertionError:  # decord asserts frame count > 0
@@ -90,11 +90,6 @@ def read_video(path: str | Path, num: int = VIDEO_FRAMES, max_frame_pixels: int 
             from None
     if len(reader) == 0:    # in case asserts are compiled out (python -O)
         raise VideoError("empty_video", "the video has no frames")
-    try:
-        height, width = reader.next().shape[:2]   # decord tells the frame size by decoding one
-    except Exception as e:  # noqa: BLE001
-        log.info("decord cannot decode %s: %s", path, e)
-        raise VideoError("unsupported_video", "its frames cannot be decoded") from None
     if check is not None:
         check(VideoInfo(len(reader), reader.get_avg_fps(), width, height))
     try:
