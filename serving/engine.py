@@ -135,11 +135,9 @@ class Engine:
         max_new = req.max_new_tokens or min(get_task(req.task).default_new_tokens,
                                             self.config.max_new_tokens_cap)
         model, images, frames, feats, boxes = self.model, req.images, req.frames, req.features, req.boxes
-        job = Job(req.adapter, req.task, ids, key,
-                  lambda: encode_visual(model, images, frames, feats, boxes),
-                  n_tokens, max_new, req.num_beams)
-        job.version = version
-        return job
+        return Job(req.adapter, req.task, ids, key,
+                   lambda: encode_visual(model, images, frames, feats, boxes),
+                   n_tokens, max_new, req.num_beams, version=version)
 
     def _adapter_version(self, adapter_id: str, task: str) -> int:
         """The latest version (400 invalid id, 404 unknown or deleted); 422 when a

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from petserve.adapters.tasks import QUESTION_TASKS
+from petserve.serving.engine_io import InferenceRequest
 from petserve.serving.errors import ApiError
 from petserve.serving.media import MediaLimits, decode_base64, decode_image, decode_video
 from petserve.serving.server_config import MAX_BEAMS, MAX_NEW_TOKENS
@@ -252,7 +253,6 @@ def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes
     serving.media for undecodable media. CPU-heavy (image/video decoding): call it off the event
     loop.
     """
-    from petserve.serving.engine_io import InferenceRequest
     _check_generation(body, inputs)
     source = _single_source(body, media)
     if source in ("image", "images", "video") and not inputs.accepts_pixels:
