@@ -1,9 +1,11 @@
 """The adapter file: one ``.safetensors`` whose metadata holds the JSON description.
 
 Metadata key ``petserve`` -> JSON ``{format_version, kind, config, backbone: {fingerprint, name},
-task, created, trainable_parameters, name?}``. Tensors are named as the kind declares
-(``adapters.kinds.base``). Only safetensors is ever parsed (never pickle). Every way a file can be
-broken raises :class:`AdapterFileError` with its own ``code`` and a message that says what is wrong.
+task, created, trainable_parameters, name?, inputs?}`` (``inputs``: how the adapter's training
+inputs were built, ``adapters.tasks.InputFormat``). Version 1 files (written before ``inputs`` and
+VL-PET's ``gate_input`` existed) are read with the values they were trained with. Tensors are
+named as the kind declares (``adapters.kinds.base``). Only safetensors is ever parsed (never
+pickle). Every way a file can be broken raises :class:`AdapterFileError` with its own ``code`` and a message that says what is wrong.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from petserve.adapters.backbone.model import VLModel
 from petserve.adapters.kinds import KINDS, get_kind
 from petserve.adapters.kinds.base import KindConfig
 from petserve.adapters.runtime.forms import CompiledAdapter
-from petserve.adapters.tasks import TASK_NAMES
+from petserve.adapters.tasks import TASK_NAMES, InputFormat
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_MAX_BYTES = 512 * 2**20
 _MAX_HEADER = 64 * 2**20
 DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
@@ -54,6 +57,7 @@ class AdapterMeta(BaseModel):
     created: float = Field(default_factory=time.time)
     trainable_parameters: int = 0
     name: str = ""
+    inputs: InputFormat = Field(default_factory=InputFormat)
 
 
 @dataclass
@@ -80,14 +84,15 @@ class AdapterFile:
 
 # ---- writing -------------------------------------------------------------------------------
 def adapter_bytes(kind: str, config: KindConfig, params: dict[str, torch.Tensor], model: VLModel,
-                  task: str, name: str = "", dtype: torch.dtype = torch.float32) -> bytes:
+                  task: str, name: str = "", dtype: torch.dtype = torch.float32,
+                  inputs: InputFormat | None = None) -> bytes:
     """Serialise an adapter (checked against the kind's declared tensors first)."""
     from safetensors.torch import save
     kind_cls = get_kind(kind)
     _check_tensors(kind_cls.param_shapes(config, model), {k: tuple(v.shape) for k, v in params.items()})
     meta = AdapterMeta(format_version=FORMAT_VERSION, kind=kind, config=config.model_dump(mode="json"),
                        backbone=BackboneRef(fingerprint=model.fingerprint, name=model.cfg.name),
-                       task=task, name=name,
+                       task=task, name=name, inputs=inputs or InputFormat(),
                        trainable_parameters=sum(v.numel() for v in params.values()))
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in params.items()}
     return save(tensors, metadata={"petserve": meta.model_dump_json()})
@@ -183,9 +188,13 @@ def _parse_meta(raw) -> AdapterMeta:
         meta = AdapterMeta.model_validate_json(raw["petserve"])
     except ValidationError as e:
         raise AdapterFileError("bad_metadata", f"adapter metadata is invalid: {_short(e)}") from e
-    if meta.format_version != FORMAT_VERSION:
+    if meta.format_version not in READABLE_VERSIONS:
         raise AdapterFileError("unsupported_format_version", f"adapter format version "
-                               f"{meta.format_version} is not supported (this server reads {FORMAT_VERSION})")
+                               f"{meta.format_version} is not supported (this server reads "
+                               f"{', '.join(map(str, READABLE_VERSIONS))})")
+    if meta.format_version == 1 and meta.kind == "vlpet":
+        # version 1 gated from the sublayer's normalised input
+        meta.config.setdefault("gate_input", "normed")
     if meta.task not in TASK_NAMES:
         raise AdapterFileError("invalid_task",
                                f"adapter task {meta.task!r} is not one of {list(TASK_NAMES)}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 
 @dataclass(frozen=True)
 class Task:
@@ -43,3 +45,46 @@ def get_task(name: str) -> Task:
     if task is None:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
     return task
+
+
+class InputFormat(BaseModel):
+    """How an adapter's training inputs were built; the server builds a request's inputs the same
+    way. Recorded in the adapter file's metadata (``inputs``); a file without one was made by
+    petserve before this existed and gets these defaults, which are what it was trained with.
+
+    - ``boxes``: ``grid`` = each visual token's real normalised box (ours); ``zero`` = all-zero
+      boxes, as VL-Adapter and VL-PET fed grid features.
+    - ``prompts``: task -> the exact string the text is appended to (the seeds' multitask code:
+      ``"vqa: "``, ``"gpa: "`` (sic) for GQA, ``"nlvr: "``, ``"caption: "``); a video task falls
+      back to its image task's entry. None = petserve's ``"{prefix}: {text}"``, stripped.
+    - ``max_text_tokens``: the tokenized prompt is truncated to this many tokens, special tokens
+      included, keeping the final end-of-sequence token (the seeds: 20). None = no truncation.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    boxes: Literal["grid", "zero"] = "grid"
+    prompts: dict[str, str] | None = None
+    max_text_tokens: int | None = Field(None, ge=2)
+
+    def prompt(self, task: str, text: str) -> str:
+        """The text the tokenizer sees for ``task`` and the request's ``text``."""
+        t = get_task(task)
+        if self.prompts is None:
+            return f"{t.prefix}: {text}".strip() if text else f"{t.prefix}:"
+        prefix = self.prompts.get(t.name, self.prompts.get(t.prefix))
+        if prefix is None:
+            raise ValueError(f"the adapter records no prompt for task {task!r} "
+                             f"(it has {sorted(self.prompts)})")
+        return f"{prefix}{text}"
+
+    def truncate(self, ids: list[int]) -> list[int]:
+        """``ids`` cut to ``max_text_tokens`` as Hugging Face's ``truncation=True`` does: the
+        text is cut, the special token that ends the sequence stays."""
+        n = self.max_text_tokens
+        if n is None or len(ids) <= n:
+            return ids
+        return ids[:n - 1] + ids[-1:]
+
+
+SEED_PROMPTS = {"vqa": "vqa: ", "gqa": "gpa: ", "nlvr": "nlvr: ", "caption": "caption: "}
+SEED_INPUTS = InputFormat(boxes="zero", prompts=SEED_PROMPTS, max_text_tokens=20)

@@ -61,6 +61,9 @@ class BottleneckStack:
     gate_U: torch.Tensor | None = None
     gate_bu: torch.Tensor | None = None
     gate_ranks_host: list[int] | None = None
+    # per slot, True = on a pre-LN sublayer the caller passes the residual stream as x (VL-PET's
+    # gates read it); the kernels only ever see the x they are given
+    residual_host: list[bool] | None = None
 
 
 @dataclass

@@ -26,10 +26,10 @@ from petserve.adapters.backbone.feature_cache import (
     frames_key,
     images_key,
 )
-from petserve.adapters.backbone.model import RowInput
+from petserve.adapters.backbone.model import DEFAULT_INPUTS, RowInput
 from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
 from petserve.adapters.runtime.bank import SlotBank
-from petserve.adapters.tasks import get_task
+from petserve.adapters.tasks import InputFormat, get_task
 from petserve.serving.engine_io import InferenceRequest, InferenceResult
 from petserve.serving.errors import ApiError
 from petserve.serving.metrics import BACKBONE_LABEL
@@ -95,7 +95,7 @@ class Engine:
             bank.set(0, compile_on_cpu(af, self.model, task))
             slot = 0
         with torch.inference_mode():
-            row = RowInput(job.ids, job.encode_visual())
+            row = RowInput(job.ids, job.encode_visual(), job.zero_boxes)
             out = generate(self.model, bank, [GenerationRequest(row, slot, job.max_new_tokens,
                                                                 job.num_beams)])[0]
         total = (time.perf_counter() - t0) * 1e3
@@ -124,9 +124,11 @@ class Engine:
     def _job(self, req: InferenceRequest) -> Job:
         """A Job: the adapter's latest stored version, the prompt tokenized, the visual content
         hashed. ``req`` is trusted (admission built it); what only the engine knows is checked."""
-        version = None if req.adapter is None else self._adapter_version(req.adapter, req.task)
+        version, inputs = None, DEFAULT_INPUTS
+        if req.adapter is not None:
+            version, inputs = self._adapter_version(req.adapter, req.task)
         key, n_visual = self._visual_key(req)
-        ids = self.model.row_input(req.task, req.text, None).ids
+        ids = self._prompt_ids(req, inputs)
         n_tokens = len(ids) + n_visual
         if n_tokens > self.config.max_prefill_tokens:
             raise ApiError.payload_too_large(f"the request has {n_tokens} encoder tokens, over this "
@@ -137,16 +139,26 @@ class Engine:
         model, images, frames, feats, boxes = self.model, req.images, req.frames, req.features, req.boxes
         return Job(req.adapter, req.task, ids, key,
                    lambda: encode_visual(model, images, frames, feats, boxes),
-                   n_tokens, max_new, req.num_beams, version=version)
+                   n_tokens, max_new, req.num_beams, version=version,
+                   zero_boxes=inputs.boxes == "zero")
 
-    def _adapter_version(self, adapter_id: str, task: str) -> int:
-        """The latest version (400 invalid id, 404 unknown or deleted); 422 when a
-        task-conditioned adapter (as recorded in the store's metadata) has no entry for ``task``."""
+    def _prompt_ids(self, req: InferenceRequest, inputs: InputFormat) -> list[int]:
+        try:
+            return self.model.row_input(req.task, req.text, None, inputs).ids
+        except ValueError as e:          # the adapter records no prompt for this task
+            raise ApiError.unprocessable("task_not_supported", str(e)) from None
+
+    def _adapter_version(self, adapter_id: str, task: str) -> tuple[int, InputFormat]:
+        """The latest version and the input format it records (400 invalid id, 404 unknown or
+        deleted); 422 when a task-conditioned adapter (as recorded in the store's metadata) has
+        no entry for ``task``."""
         stored = self.store.get(adapter_id)
         # None: stored before uploads recorded it; the pool then parses the file to find out
         if stored.meta.get("task_conditioned", True):
             self.pool.check_task(adapter_id, stored.version, task)
-        return stored.version
+        # stored before uploads recorded it: such adapters were all made with the defaults
+        inputs = InputFormat.model_validate(stored.meta.get("inputs", {}))
+        return stored.version, inputs
 
     def _visual_key(self, req: InferenceRequest) -> tuple[str | None, int]:
         """(feature-cache key, number of visual tokens)."""

@@ -22,7 +22,7 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa") -> tup
     or a zip of a PEFT LoRA directory (adapters.peft_import.import_peft_lora, then re-serialised with
     adapter_bytes so the store only ever holds petserve safetensors; ``task`` is the task recorded
     for it). Returns (bytes to store, store metadata dict with kind, task, trainable_parameters,
-    backbone_fingerprint, config, name, task_conditioned). AdapterFileError -> ApiError with the
+    backbone_fingerprint, config, name, task_conditioned, inputs). AdapterFileError -> ApiError with the
     error's status (422 by default, 413 for size) and code."""
     data = bytes(data)
     if len(data) > max_bytes:
@@ -32,7 +32,8 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa") -> tup
         if data.startswith(ZIP_MAGIC):
             _check_zip_size(data, max_bytes)
             af = _import_zip(data, model, task)
-            data = adapter_bytes(af.kind, af.config, af.params, model, af.meta.task, name=af.meta.name)
+            data = adapter_bytes(af.kind, af.config, af.params, model, af.meta.task, name=af.meta.name,
+                                 inputs=af.meta.inputs)
             if len(data) > max_bytes:
                 raise AdapterFileError("adapter_too_large", f"the imported adapter is {len(data)} "
                                        f"bytes, over the limit of {max_bytes} bytes", status=413)
@@ -45,7 +46,7 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa") -> tup
                   "task_conditioned": af.task_conditioned,
                   "trainable_parameters": af.meta.trainable_parameters,
                   "backbone_fingerprint": model.fingerprint, "config": af.meta.config,
-                  "name": af.meta.name}
+                  "name": af.meta.name, "inputs": af.meta.inputs.model_dump(mode="json")}
 
 
 def _check_zip_size(data: bytes, max_bytes: int) -> None:

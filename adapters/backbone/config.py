@@ -61,17 +61,38 @@ class BackboneConfig:
     vision: VisionConfig
     n_images: int = 2           # image-order embeddings (NLVR2: 2 images)
     extra_vis_tokens: int = 100  # VL-T5/VL-BART add <vis_extra_id_k> tokens to the vocabulary
+    # The visual embedding's structure (adapters/backbone/visual.py), as in the seeds' code: T5
+    # normalises with its RMS norm (no bias), BART with LayerNorm; ``object_order`` adds the
+    # frozen token embedding's row V-1-i to visual token i of each image.
+    visual_norm: str = "layer"  # "layer" | "rms"
+    object_order: bool = True
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.identity(), sort_keys=True)
+
+    def identity(self) -> dict:
+        """The config as fingerprinted: a field at the value it had before the field existed is
+        left out, so backbones saved then keep their fingerprints (and their adapters load)."""
+        d = asdict(self)
+        for key, before in LEGACY.items():
+            if d[key] == before:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> BackboneConfig:
+        """A saved config; fields it lacks take the values backbones had before those fields
+        existed (``LEGACY``), which is what its weights were trained with."""
         return cls(name=d["name"], lm=LMConfig(**d["lm"]), vision=VisionConfig(**d["vision"]),
-                   n_images=d.get("n_images", 2), extra_vis_tokens=d.get("extra_vis_tokens", 100))
+                   n_images=d.get("n_images", 2), extra_vis_tokens=d.get("extra_vis_tokens", 100),
+                   **{k: d.get(k, before) for k, before in LEGACY.items()})
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+
+# What a backbone saved before these fields existed was built with (LayerNorm, no object order).
+LEGACY = {"visual_norm": "layer", "object_order": False}
 
 
 T5_BASE = LMConfig(family="t5", d_model=768, num_heads=12, d_ff=3072, enc_layers=12, dec_layers=12,
@@ -120,7 +141,13 @@ def preset(name: str) -> BackboneConfig:
     default_vis = "tiny-clip" if lm_name.startswith("tiny") else "rn101"
     lm = lms[lm_name]
     return BackboneConfig(name=name, lm=lm, vision=visions[vis_name or default_vis],
-                          extra_vis_tokens=0 if lm_name.startswith("tiny") else 100)
+                          extra_vis_tokens=0 if lm_name.startswith("tiny") else 100,
+                          visual_norm=visual_norm_of(lm.family))
+
+
+def visual_norm_of(family: str) -> str:
+    """The seeds' visual-embedding norm for a language-model family."""
+    return "rms" if family == "t5" else "layer"
 
 
 PRESETS = ("t5-base", "bart-base", "tiny", "tiny-t5", "tiny-bart")

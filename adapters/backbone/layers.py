@@ -31,7 +31,8 @@ class RMSNorm(nn.Module):
         return self.normalize(x) * self.weight
 
     def forward_with(self, x, weight, bias=None):
-        return self.normalize(x) * weight
+        out = self.normalize(x) * weight
+        return out if bias is None else out + bias
 
 
 class LayerNorm(nn.LayerNorm):
@@ -39,8 +40,13 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, None, None, self.eps) * weight + bias
 
 
-def make_norm(cfg: LMConfig) -> nn.Module:
-    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.family == "t5" else LayerNorm(cfg.d_model, cfg.norm_eps)
+def make_norm(kind: str, d: int, eps: float) -> nn.Module:
+    """``rms`` (T5's) or ``layer`` (LayerNorm, BART's) over width ``d``."""
+    return RMSNorm(d, eps) if kind == "rms" else LayerNorm(d, eps)
+
+
+def lm_norm(cfg: LMConfig) -> nn.Module:
+    return make_norm("rms" if cfg.family == "t5" else "layer", cfg.d_model, cfg.norm_eps)
 
 
 def activation(name: str):
@@ -116,9 +122,10 @@ class FeedForward(nn.Module):
 def residual_sublayer(x, fn, norm: nn.Module, site: str, pre_norm: bool, ctx: StepContext,
                       stream: str) -> torch.Tensor:
     """One sublayer with its adapter site: pre-LN (T5) ``x + A(F(LN x))`` or post-LN (BART)
-    ``LN(x + A(F x))``, where A is the row's bottleneck module (identity without one)."""
+    ``LN(x + A(F x))``, where A is the row's bottleneck module (identity without one; its gates
+    may read the residual stream x itself)."""
     a = ctx.norm(f"{site}_norm", norm, x) if pre_norm else x
-    h = ctx.sublayer(site, fn(a), a, stream)
+    h = ctx.sublayer(site, fn(a), a, stream, residual=x if pre_norm else None)
     x = x + h
     return x if pre_norm else ctx.norm(f"{site}_norm", norm, x)
 
@@ -128,9 +135,9 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.site, self.pre_norm = site, cfg.family == "t5"
         self.self_attn = Attention(cfg, f"{site}.self")
-        self.self_norm = make_norm(cfg)
+        self.self_norm = lm_norm(cfg)
         self.ffn = FeedForward(cfg, f"{site}.ffn")
-        self.ffn_norm = make_norm(cfg)
+        self.ffn_norm = lm_norm(cfg)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         def attn(a):
@@ -146,11 +153,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.site, self.pre_norm = site, cfg.family == "t5"
         self.self_attn = Attention(cfg, f"{site}.self")
-        self.self_norm = make_norm(cfg)
+        self.self_norm = lm_norm(cfg)
         self.cross_attn = Attention(cfg, f"{site}.cross")
-        self.cross_norm = make_norm(cfg)
+        self.cross_norm = lm_norm(cfg)
         self.ffn = FeedForward(cfg, f"{site}.ffn")
-        self.ffn_norm = make_norm(cfg)
+        self.ffn_norm = lm_norm(cfg)
 
     def forward(self, x, self_bias, cross_bias, cache, layer: int, ctx: StepContext):
         """x: (B, L, d) new decoder tokens; cache: DecoderCache (self K/V appended in place)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from petserve.adapters.backbone.cache import DecoderCache
 from petserve.adapters.backbone.config import LMConfig
-from petserve.adapters.backbone.layers import DecoderLayer, EncoderLayer, key_mask_bias, make_norm, t5_bucket
+from petserve.adapters.backbone.layers import DecoderLayer, EncoderLayer, key_mask_bias, lm_norm, t5_bucket
 from petserve.adapters.runtime.context import StepContext
 
 BART_POS_OFFSET = 2   # BART's learned positions start at index 2
@@ -30,13 +30,13 @@ class Seq2SeqLM(nn.Module):
         if self.t5:
             self.enc_rel_bias = nn.Embedding(cfg.rel_buckets, cfg.num_heads)
             self.dec_rel_bias = nn.Embedding(cfg.rel_buckets, cfg.num_heads)
-            self.enc_final_norm = make_norm(cfg)
-            self.dec_final_norm = make_norm(cfg)
+            self.enc_final_norm = lm_norm(cfg)
+            self.dec_final_norm = lm_norm(cfg)
         else:
             self.enc_pos = nn.Embedding(cfg.max_positions + BART_POS_OFFSET, d)
             self.dec_pos = nn.Embedding(cfg.max_positions + BART_POS_OFFSET, d)
-            self.enc_embed_norm = make_norm(cfg)
-            self.dec_embed_norm = make_norm(cfg)
+            self.enc_embed_norm = lm_norm(cfg)
+            self.dec_embed_norm = lm_norm(cfg)
             self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
         self.lm_head: nn.Linear | None = None    # set only for untied checkpoints
         self.embed_scale = d ** 0.5 if cfg.scale_embedding else 1.0

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from petserve.adapters.backbone.config import RN101_FEATURES, BackboneConfig, VisionConfig, preset
+from petserve.adapters.backbone.config import (
+    RN101_FEATURES,
+    BackboneConfig,
+    VisionConfig,
+    preset,
+    visual_norm_of,
+)
 from petserve.adapters.backbone.hf_weights import lm_config_from_hf, load_lm_weights, read_state_dict
 from petserve.adapters.backbone.model import VLModel
 from petserve.adapters.backbone.tokenizer import load_tokenizer
@@ -60,7 +66,8 @@ def _from_directory(path: Path) -> VLModel:
         raise FileNotFoundError(f"{path}: neither backbone.json nor a Hugging Face config.json")
     lm_cfg = lm_config_from_hf(path)
     vision = _vision_config(path / "vision")
-    cfg = BackboneConfig(name=path.name, lm=lm_cfg, vision=vision)
+    cfg = BackboneConfig(name=path.name, lm=lm_cfg, vision=vision,
+                         visual_norm=visual_norm_of(lm_cfg.family))
     model = VLModel(cfg, load_tokenizer(path, lm_cfg.family))
     init_weights(model)
     load_lm_weights(model.lm, path)

@@ -5,7 +5,9 @@ Encoder input layout of row i (VL-T5 / VL-BART)::
     [ prefix_i (prompt tuning) ; text_i ; pad ... | visual_i ; pad ... ]
       \_________ text block, width max_i(P_i+L_i) _/ \__ visual block __/
 
-Text is ``"{task}: {text}"`` tokenized (``caption:`` for captions). T5 applies its relative
+Text is the prompt the row's adapter was trained with (``adapters.tasks.InputFormat``: by default
+``"{task}: {text}"``, ``caption:`` for captions; the seeds' ``"vqa: {text}"``), tokenized and
+truncated as recorded. A row's boxes are all zero when its adapter was trained so. T5 applies its relative
 position bias within the text block only; BART adds learned positions to the text and normalises
 the text block with layernorm_embedding, visual tokens skip both.
 """
@@ -20,23 +22,27 @@ from torch import nn
 from petserve.adapters.backbone.cache import DecoderCache
 from petserve.adapters.backbone.config import BackboneConfig
 from petserve.adapters.backbone.lm import Seq2SeqLM
-from petserve.adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens
+from petserve.adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens, object_index
 from petserve.adapters.runtime.context import StepContext
-from petserve.adapters.tasks import get_task
+from petserve.adapters.tasks import InputFormat
+
+DEFAULT_INPUTS = InputFormat()
 
 
-def prompt_text(task: str, text: str) -> str:
-    """The papers' input text: ``vqa: {question}``, ``nlvr: {statement}``, ``caption:``."""
-    prefix = get_task(task).prefix
-    return f"{prefix}: {text}".strip() if text else f"{prefix}:"
+def prompt_text(task: str, text: str, inputs: InputFormat = DEFAULT_INPUTS) -> str:
+    """The input text: ``vqa: {question}``, ``nlvr: {statement}``, ``caption:`` by default, else
+    the prompt strings the adapter recorded."""
+    return inputs.prompt(task, text)
 
 
 @dataclass
 class RowInput:
-    """One request as the model sees it: token ids of the prompt text and its visual tokens."""
+    """One request as the model sees it: token ids of the prompt text and its visual tokens
+    (``zero_boxes``: fed with all-zero boxes, as the row's adapter was trained)."""
 
     ids: list[int]
     visual: VisualTokens | None
+    zero_boxes: bool = False
 
 
 class VLModel(nn.Module):
@@ -45,7 +51,9 @@ class VLModel(nn.Module):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.lm = Seq2SeqLM(cfg.lm)
         self.vision = VisionEncoder(cfg.vision) if cfg.vision.kind == "clip" else None
-        self.visual_embed = VisualEmbedding(cfg.vision.feat_dim, cfg.lm.d_model, cfg.n_images)
+        self.visual_embed = VisualEmbedding(
+            cfg.vision.feat_dim, cfg.lm.d_model, cfg.n_images, norm=cfg.visual_norm,
+            eps=cfg.lm.norm_eps if cfg.visual_norm == "rms" else 1e-5, object_order=cfg.object_order)
         self.fingerprint = ""          # set by loading.build_backbone
 
     @property
@@ -57,9 +65,11 @@ class VLModel(nn.Module):
         return self.lm.tokens.weight.dtype
 
     # ---- inputs ----------------------------------------------------------------------------
-    def row_input(self, task: str, text: str, visual: VisualTokens | None) -> RowInput:
-        ids = self.tokenizer(prompt_text(task, text))["input_ids"]
-        return RowInput(list(ids), visual)
+    def row_input(self, task: str, text: str, visual: VisualTokens | None,
+                  inputs: InputFormat = DEFAULT_INPUTS) -> RowInput:
+        """The row of a request for an adapter trained with ``inputs``."""
+        ids = inputs.truncate(list(self.tokenizer(inputs.prompt(task, text))["input_ids"]))
+        return RowInput(ids, visual, inputs.boxes == "zero")
 
     def target_ids(self, target: str) -> list[int]:
         return list(self.tokenizer(target)["input_ids"])
@@ -125,6 +135,7 @@ class VLModel(nn.Module):
         feats = torch.zeros(B, N, f, device=dev, dtype=self.dtype)
         boxes = torch.zeros(B, N, 4, device=dev, dtype=self.dtype)
         order = torch.zeros(B, N, dtype=torch.long, device=dev)
+        obj = torch.zeros(B, N, dtype=torch.long, device=dev)
         valid = torch.zeros(B, N, dtype=torch.bool, device=dev)
         for i, r in enumerate(rows):
             if r.visual is None:
@@ -133,11 +144,14 @@ class VLModel(nn.Module):
             if r.visual.feats.shape[1] != f:
                 raise ValueError(f"visual features have width {r.visual.feats.shape[1]}, "
                                  f"the backbone expects {f}")
-            feats[i, :n], boxes[i, :n] = r.visual.feats, r.visual.boxes
+            feats[i, :n] = r.visual.feats
+            if not r.zero_boxes:
+                boxes[i, :n] = r.visual.boxes
             order[i, :n], valid[i, :n] = r.visual.order.clamp(0, self.cfg.n_images - 1), True
+            obj[i, :n] = object_index(r.visual.order).clamp_max(self.cfg.lm.vocab_size - 1)
         if N == 0:
             return feats.new_zeros(B, 0, self.cfg.lm.d_model), valid
-        return self.visual_embed(feats, boxes, order, ctx), valid
+        return self.visual_embed(feats, boxes, order, obj, self.lm.tokens.weight, ctx), valid
 
     # ---- decoder ---------------------------------------------------------------------------
     def init_cache(self, enc_out, enc_valid, ctx: StepContext) -> DecoderCache:

@@ -20,6 +20,7 @@ from torch import nn
 
 from petserve.adapters.backbone.clip import ClipConfig, ClipVision
 from petserve.adapters.backbone.config import VisionConfig
+from petserve.adapters.backbone.layers import make_norm
 from petserve.adapters.runtime.context import StepContext
 from petserve.kernels import grouped_linear
 
@@ -128,28 +129,51 @@ def feature_tokens(feats, boxes=None, order: int = 0) -> VisualTokens:
 
 
 class VisualEmbedding(nn.Module):
-    """The backbone's own visual embedding; adapters may replace it per slot."""
+    """The backbone's own visual embedding; adapters may replace it per slot.
 
-    def __init__(self, feat_dim: int, d_model: int, n_images: int):
+    ``norm`` "layer" (LayerNorm, BART) or "rms" (T5's RMS norm: scale only, no bias), eps ``eps``.
+    With ``object_order`` visual token i of each image also gets the frozen token embedding's row
+    V-1-i (the seeds' object-order embedding; i restarts at 0 for a second image).
+    """
+
+    def __init__(self, feat_dim: int, d_model: int, n_images: int, norm: str = "layer",
+                 eps: float = 1e-5, object_order: bool = False):
         super().__init__()
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"visual norm must be 'layer' or 'rms', not {norm!r}")
+        self.object_order = object_order
         self.feat = nn.Linear(feat_dim, d_model)
-        self.feat_norm = nn.LayerNorm(d_model)
+        self.feat_norm = make_norm(norm, d_model, eps)
         self.box = nn.Linear(5, d_model)
-        self.box_norm = nn.LayerNorm(d_model)
+        self.box_norm = make_norm(norm, d_model, eps)
         self.img_order = nn.Embedding(n_images, d_model)
 
-    def forward(self, feats, boxes, order, ctx: StepContext) -> torch.Tensor:
-        """feats (B, N, f), boxes (B, N, 4), order (B, N) -> (B, N, d), per-row weights."""
+    def forward(self, feats, boxes, order, obj, tokens: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """feats (B, N, f), boxes (B, N, 4), image order and object index (B, N) -> (B, N, d), with
+        per-row weights. ``tokens`` is the language model's frozen token embedding (V, d)."""
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
         pos = torch.cat([boxes, area], -1).to(feats.dtype)
+        extra = tokens[tokens.shape[0] - 1 - obj] if self.object_order else 0.0
         vs = ctx.weights.visual()
         if vs is None:
             return (self.feat_norm(self.feat(feats)) + self.box_norm(self.box(pos))
-                    + self.img_order(order))
+                    + self.img_order(order) + extra)
         B, N, _ = feats.shape
         seg, idx = ctx.meta.base_seg(N), ctx.meta.vector_index()
-        ln = lambda z, w, b: F.layer_norm(z, z.shape[-1:], None, None, 1e-5) * w[idx, None] + b[idx, None]  # noqa: E731
         f = grouped_linear(feats.reshape(B * N, -1), vs.feat, seg).view(B, N, -1)
         p = grouped_linear(pos.reshape(B * N, -1), vs.box, seg).view(B, N, -1)
-        return (ln(f, vs.feat_norm_w, vs.feat_norm_b) + ln(p, vs.box_norm_w, vs.box_norm_b)
-                + vs.img_order[idx.unsqueeze(1), order])
+        norm = self.feat_norm.forward_with
+        return (norm(f, vs.feat_norm_w[idx, None], _rows(vs.feat_norm_b, idx))
+                + norm(p, vs.box_norm_w[idx, None], _rows(vs.box_norm_b, idx))
+                + vs.img_order[idx.unsqueeze(1), order] + extra)
+
+
+def _rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[idx, None]
+
+
+def object_index(order: torch.Tensor) -> torch.Tensor:
+    """(N,) index of each visual token within its image: one request's tokens come image by image
+    (``order`` non-decreasing), so i = position - position of its image's first token."""
+    order = order.contiguous()
+    return torch.arange(order.shape[0], device=order.device) - torch.searchsorted(order, order)

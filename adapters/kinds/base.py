@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from petserve.adapters.backbone.model import VLModel
-from petserve.adapters.runtime.forms import VISUAL_KEYS, CompiledAdapter
+from petserve.adapters.runtime.forms import CompiledAdapter
 
 Shapes = dict[str, tuple[int, ...]]
 Params = dict[str, torch.Tensor]
@@ -79,8 +79,7 @@ class AdapterKind(ABC):
         for name in cls.trained_vectors(cfg, model):
             shapes[f"vec.{name}"] = tuple(vectors[name].shape)
         if cfg.train_visual_embedding:
-            ve = model.visual_embed.state_dict()
-            shapes.update({f"visual.{k}": tuple(ve[k].shape) for k in VISUAL_KEYS})
+            shapes.update({f"visual.{k}": tuple(v.shape) for k, v in model.visual_embed.state_dict().items()})
         return shapes
 
     @classmethod
@@ -93,8 +92,8 @@ class AdapterKind(ABC):
         for name in cls.trained_vectors(cfg, model):
             params[f"vec.{name}"] = vectors[name].detach().clone()
         if cfg.train_visual_embedding:
-            ve = model.visual_embed.state_dict()
-            params.update({f"visual.{k}": ve[k].detach().clone() for k in VISUAL_KEYS})
+            params.update({f"visual.{k}": v.detach().clone()
+                           for k, v in model.visual_embed.state_dict().items()})
         return {k: v.to(model.device) for k, v in params.items()}
 
     @classmethod
@@ -104,7 +103,7 @@ class AdapterKind(ABC):
         compiled = cls.compile_modules(cfg, params, model, task)
         compiled.vectors.update({k[4:]: v for k, v in params.items() if k.startswith("vec.")})
         if cfg.train_visual_embedding:
-            compiled.visual = {k: params[f"visual.{k}"] for k in VISUAL_KEYS}
+            compiled.visual = {k: params[f"visual.{k}"] for k in model.visual_embed.state_dict()}
         return compiled
 
 

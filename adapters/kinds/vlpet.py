@@ -9,9 +9,13 @@ G: small (one scalar per example, from [x ; h']), middleX (per token, from x + h
 (per channel, 1 + g), large (per token and channel, sigmoid(U_g act(D_g x + b_d) + b_u)).
 Decoder: a parallel adapter on the cross-attention values, ``V = W_v E + b_v + U act(D E + b) + b_u``.
 Trains the encoder norms (layernorm_embedding included) and the visual embedding.
-BART: r = 96, N_h = 4, gate rank 96. T5: r = 192, gate output scaled by 0.3, up-projections (and the
-large gate's) zero-initialised. The multi-head down projection is stored as its (r x d)
-concatenation: the same function and parameter count as N_h separate (r/N_h x d) heads.
+The gates (and the small / middleX inputs) read x, the sublayer's input before any norm: for pre-LN
+T5 the residual stream, not LN(x) (``gate_input="residual"``; files of format version 1 were
+trained gating from LN(x), ``"normed"``). BART: r = 96, N_h = 4, gate rank 96. T5 (the released
+T5 scripts): r = 192, N_h = 4, gate rank 192, gate output scaled by 0.3, up-projections, the
+large gate's up-projection and the small / middleX gate layers zero-initialised (middleY g = 0).
+The multi-head down projection is stored as its (r x d) concatenation: the same function and
+parameter count as N_h separate (r/N_h x d) heads.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ class VLPETConfig(KindConfig):
     gate: Literal["small", "middleX", "middleY", "large"] = "large"
     r: int | None = Field(None, ge=1, description="encoder module width (BART 96, T5 192)")
     heads: int = Field(4, ge=1, description="N_h heads of the down projection")
-    gate_rank: int = Field(96, ge=1, description="rank of the large gate")
+    gate_rank: int | None = Field(None, ge=1, description="rank of the large gate (BART 96, T5 192)")
+    gate_input: Literal["residual", "normed"] = Field(
+        "residual", description="what the gates read on pre-LN T5: the residual stream x or LN(x)")
     gate_scale: float | None = Field(None, gt=0, description="factor on the gated output (T5 0.3)")
     zero_init_up: bool | None = Field(None, description="zero-init up projections (T5 yes)")
     decoder_value_adapter: bool = True
@@ -58,7 +64,8 @@ class VLPET(AdapterKind):
     @classmethod
     def resolve(cls, cfg: VLPETConfig, model) -> VLPETConfig:
         t5 = model.cfg.lm.family == "t5"
-        fill = {"r": 192 if t5 else 96, "gate_scale": 0.3 if t5 else 1.0, "zero_init_up": t5}
+        fill = {"r": 192 if t5 else 96, "gate_rank": 192 if t5 else 96, "gate_scale": 0.3 if t5 else 1.0,
+                "zero_init_up": t5}
         return cfg.model_copy(update={k: v for k, v in fill.items() if getattr(cfg, k) is None})
 
     @classmethod
@@ -99,7 +106,7 @@ class VLPET(AdapterKind):
             p = lambda n, site=site: params.get(f"vlpet.{site}.{n}")
             forms[site] = BottleneckForm(
                 D=p("down.weight"), bd=p("down.bias"), U=p("up.weight"), bu=p("up.bias"),
-                gate=cfg.gate, out_scale=cfg.gate_scale,
+                gate=cfg.gate, out_scale=cfg.gate_scale, gate_reads_residual=cfg.gate_input == "residual",
                 gate_w=None if p("gate.weight") is None else p("gate.weight")[0],
                 gate_b=None if p("gate.bias") is None else p("gate.bias")[0],
                 gate_vec=p("gate.vec"), gate_D=p("gate_down.weight"), gate_bd=p("gate_down.bias"),
@@ -127,9 +134,12 @@ def _init_pair(gen, prefix: str, d: int, r: int, zero_up: bool) -> dict:
 
 def _init_gate(gen, prefix: str, cfg: VLPETConfig, d: int) -> dict:
     if cfg.gate == "middleY":
-        return {f"{prefix}.gate.vec": torch.randn(d, generator=gen) * 0.02}
+        g = torch.randn(d, generator=gen) * 0.02
+        return {f"{prefix}.gate.vec": torch.zeros_like(g) if cfg.zero_init_up else g}
     if cfg.gate in ("small", "middleX"):
         w, b = linear_init(gen, 1, 2 * d if cfg.gate == "small" else d)
+        if cfg.zero_init_up:
+            w, b = torch.zeros_like(w), torch.zeros_like(b)
         return {f"{prefix}.gate.weight": w, f"{prefix}.gate.bias": b}
     gd, gbd = linear_init(gen, cfg.gate_rank, d)
     gu, gbu = linear_init(gen, d, cfg.gate_rank)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from petserve.adapters.runtime.forms import VISUAL_KEYS, BottleneckForm, CompiledAdapter, LowRankForm
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter, LowRankForm
 from petserve.adapters.runtime.weights import PrefixStack, visual_stack_from
 from petserve.kernels import GATE_NAMES, BottleneckStack, LowRankStack
 
@@ -69,8 +69,8 @@ class SlotBank:
         for name, v in c.vectors.items():
             self._vector_stack(name)[slot].copy_(v)
         if c.visual is not None:
-            for k in VISUAL_KEYS:
-                self._visual_stacks()[k][slot].copy_(c.visual[k])
+            for k, v in c.visual.items():
+                self._visual_stacks()[k][slot].copy_(v)
         if c.prefix is not None:
             self._set_prefix(slot, c.prefix)
         self._used[slot] = compiled
@@ -124,12 +124,13 @@ class SlotBank:
             ranks, host = self._ranks()
             st = BottleneckStack(self._zeros(r, d_src), self._zeros(r), self._zeros(d, r), self._zeros(d),
                                  ranks, host, [False] * self.num_slots, [0] * self.num_slots,
-                                 self._zeros(), gate_ranks_host=[0] * self.num_slots)
+                                 self._zeros(), gate_ranks_host=[0] * self.num_slots,
+                                 residual_host=[False] * self.num_slots)
         st.D, st.bd, st.U = _grow(st.D, 1, r), _grow(st.bd, 1, r), _grow(st.U, 2, r)
         st.D[slot, :r], st.bd[slot, :r], st.U[slot, :, :r], st.bu[slot] = f.D, f.bd, f.U, f.bu
         st.ranks[slot], st.ranks_host[slot] = r, r
         st.from_input_host[slot], st.gate_host[slot] = f.from_input, GATE_NAMES[f.gate]
-        st.out_scale[slot] = f.out_scale
+        st.out_scale[slot], st.residual_host[slot] = f.out_scale, f.gate_reads_residual
         self._set_gate(st, slot, f, d)
         self._bneck[site] = st
 
@@ -166,7 +167,7 @@ class SlotBank:
     def _visual_stacks(self) -> dict[str, torch.Tensor]:
         if self._visual is None:
             self._visual = {k: self._base_visual[k].unsqueeze(0).repeat(
-                self.num_slots + 1, *[1] * self._base_visual[k].dim()).clone() for k in VISUAL_KEYS}
+                self.num_slots + 1, *[1] * self._base_visual[k].dim()).clone() for k in self._base_visual}
         return self._visual
 
     def _set_prefix(self, slot: int, p: torch.Tensor) -> None:

@@ -61,15 +61,29 @@ class StepContext:
         b = getattr(mod, "bias", None) if b is None else b[idx].unsqueeze(1)
         return mod.forward_with(x, w, b)
 
-    def sublayer(self, site: str, h: torch.Tensor, x: torch.Tensor, stream: str) -> torch.Tensor:
-        """Bottleneck module on a sublayer: h = F(x) is the sublayer output, x its input."""
+    def sublayer(self, site: str, h: torch.Tensor, x: torch.Tensor, stream: str,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Bottleneck module on a sublayer: h = F(x) is the sublayer output, x its input; on a
+        pre-LN sublayer ``residual`` is the stream before the norm, which rows whose adapter gates
+        from it (VL-PET) get as their x."""
         bneck = self.weights.bottleneck(site)
         if bneck is None:
             return h
+        if residual is not None and bneck.residual_host and any(bneck.residual_host):
+            x = self._residual_rows(bneck.residual_host, x, residual)
         B, T, d = h.shape
         out = bottleneck_residual(h.reshape(B * T, d), x.reshape(B * T, -1), bneck,
                                   self.meta.seg(stream, T))
         return out.view(B, T, d)
+
+    def _residual_rows(self, residual_host: list[bool], x: torch.Tensor, residual: torch.Tensor):
+        """x with the rows of slots flagged in ``residual_host`` replaced by ``residual``."""
+        slots = self.meta.row_slots.tolist()
+        pick = [s >= 0 and residual_host[s] for s in slots]
+        if all(pick):
+            return residual
+        mask = torch.tensor(pick, device=x.device).view(-1, *[1] * (x.dim() - 1))
+        return torch.where(mask, residual, x)
 
     def select(self, rows: torch.Tensor) -> StepContext:
         return StepContext(self.weights, self.meta.select(rows), self.lowrank_dropout)

@@ -10,9 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-VISUAL_KEYS = ("feat.weight", "feat.bias", "feat_norm.weight", "feat_norm.bias",
-               "box.weight", "box.bias", "box_norm.weight", "box_norm.bias", "img_order.weight")
-
 
 @dataclass
 class LowRankForm:
@@ -38,6 +35,8 @@ class BottleneckForm:
     from_input: bool = False
     gate: str = "none"
     out_scale: float = 1.0
+    # on a pre-LN sublayer the gates read the residual stream x, not the normalised LN(x) (VL-PET)
+    gate_reads_residual: bool = False
     gate_w: torch.Tensor | None = None     # (2d,) small | (d,) middleX
     gate_b: torch.Tensor | None = None     # () small / middleX
     gate_vec: torch.Tensor | None = None   # (d,) middleY
@@ -52,7 +51,8 @@ class CompiledAdapter:
     """One adapter in runtime form. Site names are the backbone's (``enc.3.self.q``, ``dec.0.ffn``).
 
     vectors: replacements for backbone vectors (``enc.0.self_norm.weight``, ``enc.0.self.q.bias``).
-    visual: the full visual-embedding parameter set (keys VISUAL_KEYS), or None = backbone's.
+    visual: the full visual-embedding parameter set (the keys of the backbone's
+        ``visual_embed.state_dict()``), or None = backbone's.
     prefix: (P, d) vectors prepended to the encoder's text, or None.
     """
 

@@ -22,10 +22,10 @@ class VisualStack:
 
     feat: LinearStack                # W: (S+1, d, f)
     feat_norm_w: torch.Tensor        # (S+1, d)
-    feat_norm_b: torch.Tensor
+    feat_norm_b: torch.Tensor | None  # None: RMS norms (T5), no bias
     box: LinearStack                 # W: (S+1, d, 5)
     box_norm_w: torch.Tensor
-    box_norm_b: torch.Tensor
+    box_norm_b: torch.Tensor | None
     img_order: torch.Tensor          # (S+1, n_images, d)
 
 
@@ -80,7 +80,8 @@ def bottleneck_stack_of_one(f: BottleneckForm) -> BottleneckStack:
         out_scale=torch.tensor([f.out_scale], dtype=f.D.dtype, device=f.D.device),
         gate_w=_pad_gate_w(f), gate_b=gate_b, gate_vec=one(f.gate_vec), gate_D=one(f.gate_D),
         gate_bd=one(f.gate_bd), gate_U=one(f.gate_U), gate_bu=one(f.gate_bu),
-        gate_ranks_host=[0 if f.gate_D is None else f.gate_D.shape[0]])
+        gate_ranks_host=[0 if f.gate_D is None else f.gate_D.shape[0]],
+        residual_host=[f.gate_reads_residual])
 
 
 def _pad_gate_w(f: BottleneckForm):
@@ -135,10 +136,10 @@ class SingleAdapterWeights:
 
 
 def visual_stack_from(t: dict[str, torch.Tensor]) -> VisualStack:
-    """VisualStack from stacked visual-embedding tensors keyed like forms.VISUAL_KEYS."""
+    """VisualStack from stacked visual-embedding tensors keyed like ``VisualEmbedding``'s state."""
     return VisualStack(
         feat=LinearStack(t["feat.weight"], t["feat.bias"]),
-        feat_norm_w=t["feat_norm.weight"], feat_norm_b=t["feat_norm.bias"],
+        feat_norm_w=t["feat_norm.weight"], feat_norm_b=t.get("feat_norm.bias"),
         box=LinearStack(t["box.weight"], t["box.bias"]),
-        box_norm_w=t["box_norm.weight"], box_norm_b=t["box_norm.bias"],
+        box_norm_w=t["box_norm.weight"], box_norm_b=t.get("box_norm.bias"),
         img_order=t["img_order.weight"])
