@@ -5,7 +5,8 @@ task, created, trainable_parameters, name?, inputs?}`` (``inputs``: how the adap
 inputs were built, ``adapters.tasks.InputFormat``). Version 1 files (written before ``inputs`` and
 VL-PET's ``gate_input`` existed) are read with the values they were trained with. Tensors are
 named as the kind declares (``adapters.kinds.base``). Only safetensors is ever parsed (never
-pickle). Every way a file can be broken raises :class:`AdapterFileError` with its own ``code`` and a message that says what is wrong.
+pickle). Every way a file can be broken raises :class:`AdapterFileError` with its own ``code``
+and a message that says what is wrong.
 """
 from __future__ import annotations
 
