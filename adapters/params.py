@@ -1,8 +1,9 @@
 """Parameter counting as the papers report it (``petserve params``).
 
 percent = trainable / (language model + visual embedding + adapter modules), CLIP excluded. The
-language model is counted with its vocabulary as VL-T5 / VL-BART used it: the checkpoint's tokens
-plus 100 added ``<vis_extra_id_k>`` tokens.
+language model is counted with its vocabulary as VL-T5 / VL-BART used it: BART-base's 50265 tokens
+plus 100 ``<extra_id_k>`` and 100 ``<vis_extra_id_k>``; T5-base resized to 32200 tokens
+(``BackboneConfig.extra_vis_tokens``).
 """
 from __future__ import annotations
 

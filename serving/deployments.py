@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,30 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
         config = config.model_copy(update={"backbone": str(assets.backbone_dir)})
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
         demo = seed_store(store, assets.adapters, config.backbone, config.max_adapter_bytes)
+    if config.adapters_dir is not None:
+        files = adapter_files(config.adapters_dir)
+        store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        try:
+            seed_store(store, files, config.backbone, config.max_adapter_bytes)
+        except ApiError as e:
+            raise ValueError(f"--adapters {config.adapters_dir}: {e.message}") from None
+        notes.append(f"adapters from {config.adapters_dir}: {', '.join(sorted(files))}")
     return PreparedServer(config, resolved.token, resolved.generated, demo, notes)
+
+
+def adapter_files(directory: Path) -> dict[str, Path]:
+    """{id: path} of the ``*.safetensors`` in ``directory`` (id: the name without the suffix)."""
+    from petserve.serving.store import ADAPTER_ID_RE
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--adapters {directory}: no such directory")
+    files = {p.stem: p for p in sorted(directory.glob("*.safetensors"))}
+    if not files:
+        raise ValueError(f"--adapters {directory}: no *.safetensors files there")
+    bad = [i for i in files if not re.fullmatch(ADAPTER_ID_RE, i)]
+    if bad:
+        raise ValueError(f"--adapters {directory}: {bad[0]!r} is not a valid adapter id")
+    return files
 
 
 # ---- Ray Serve --------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ class ServerConfig(_Strict):
 
     backbone: str | None = Field(None, description="preset name or backbone directory")
     store_dir: Path = Field(default_factory=default_store_dir)
+    adapters_dir: Path | None = Field(None, description="put every *.safetensors here into the store "
+                                      "at start (id: the file name without .safetensors)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: str | None = Field(None, description="write token; None: read token_env, else generate")

@@ -60,7 +60,10 @@ class BackboneConfig:
     lm: LMConfig
     vision: VisionConfig
     n_images: int = 2           # image-order embeddings (NLVR2: 2 images)
-    extra_vis_tokens: int = 100  # VL-T5/VL-BART add <vis_extra_id_k> tokens to the vocabulary
+    # rows the seeds' vocabulary adds to the checkpoint's (counted by ``petserve params``): VL-BART
+    # adds 100 <extra_id_k> + 100 <vis_extra_id_k> to bart-base's 50265; VL-T5 resizes t5-base's
+    # 32128 rows to its tokenizer's 32000 + 100 + 100 = 32200
+    extra_vis_tokens: int = 100
     # The visual embedding's structure (adapters/backbone/visual.py), as in the seeds' code: T5
     # normalises with its RMS norm (no bias), BART with LayerNorm; ``object_order`` adds the
     # frozen token embedding's row V-1-i to visual token i of each image.
@@ -141,8 +144,11 @@ def preset(name: str) -> BackboneConfig:
     default_vis = "tiny-clip" if lm_name.startswith("tiny") else "rn101"
     lm = lms[lm_name]
     return BackboneConfig(name=name, lm=lm, vision=visions[vis_name or default_vis],
-                          extra_vis_tokens=0 if lm_name.startswith("tiny") else 100,
+                          extra_vis_tokens=SEED_ADDED_TOKENS.get(lm_name, 0),
                           visual_norm=visual_norm_of(lm.family))
+
+
+SEED_ADDED_TOKENS = {"t5-base": 32200 - 32128, "bart-base": 200}
 
 
 def visual_norm_of(family: str) -> str:

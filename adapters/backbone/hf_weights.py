@@ -66,7 +66,11 @@ def site_of(own_module_path: str) -> str:
 
 def lm_config_from_hf(directory: Path) -> LMConfig:
     """LMConfig from a checkpoint's config.json (model_type t5 or bart)."""
-    c = json.loads((Path(directory) / "config.json").read_text())
+    return lm_config_from_dict(json.loads((Path(directory) / "config.json").read_text()), directory)
+
+
+def lm_config_from_dict(c: dict, where: str | Path = "config") -> LMConfig:
+    """LMConfig from a Hugging Face T5 / BART config dict (``where`` names it in errors)."""
     kind = c.get("model_type")
     if kind == "t5":
         return LMConfig(
@@ -89,7 +93,7 @@ def lm_config_from_hf(directory: Path) -> LMConfig:
             scale_embedding=bool(c.get("scale_embedding", False)), scale_decoder_outputs=False,
             pad_id=c.get("pad_token_id", 1), eos_id=c.get("eos_token_id", 2),
             bos_id=c.get("bos_token_id", 0), decoder_start_id=c.get("decoder_start_token_id", 2))
-    raise ValueError(f"{directory}: model_type {kind!r} is not supported (expected 't5' or 'bart')")
+    raise ValueError(f"{where}: model_type {kind!r} is not supported (expected 't5' or 'bart')")
 
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--backbone", help="backbone preset (tiny, t5-base, ...) or directory")
     p.add_argument("--store", type=Path, help="adapter store directory (default $PETSERVE_STORE "
                                               "or ~/.cache/petserve/store)")
+    p.add_argument("--adapters", type=Path, help="directory of .safetensors adapters to put into the "
+                                                 "store at start (id: the file name), e.g. "
+                                                 "import-seed's DIR/adapters")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, help="backbone replicas (one per GPU when GPUs exist)")
@@ -50,7 +53,8 @@ def server_config(args):
         data = {}
         if args.config is not None:
             data = ServerConfig.from_yaml(args.config).model_dump(exclude_unset=True)
-        flags = {"backbone": args.backbone, "store_dir": args.store, "host": args.host,
+        flags = {"backbone": args.backbone, "store_dir": args.store, "adapters_dir": args.adapters,
+                 "host": args.host,
                  "port": args.port, "replicas": args.replicas, "device": args.device}
         data.update({k: v for k, v in flags.items() if v is not None})
         if args.num_slots is not None:
