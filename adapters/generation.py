@@ -25,6 +25,7 @@ class GenerationRequest:
     slot: int = -1                  # -1 = backbone only
     max_new_tokens: int = 20
     num_beams: int = 1
+    choices: tuple[int, ...] = ()   # answer with the likeliest of these tokens (NLVR2's true / false)
 
 
 @dataclass
@@ -116,7 +117,41 @@ class BeamSearch:
         return GenerationResult(best.tokens, best.logprob)
 
 
-def make_searcher(num_beams: int, max_new_tokens: int, eos_id: int):
+class ChoiceSearch:
+    """The likeliest of ``choices`` (token ids) after the forced ``prefix`` tokens, as the seeds
+    decide NLVR2: they compare the logits of ``true`` and ``false`` after the decoder start token
+    (VL-T5) or after start + ``<s>`` (VL-BART, whose targets begin with ``<s>``)."""
+
+    width = 1
+
+    def __init__(self, choices: tuple[int, ...], prefix: tuple[int, ...] = ()):
+        self.choices, self.prefix = list(choices), list(prefix)
+        self.tokens: list[int] = []
+        self.logprob, self.done = 0.0, False
+
+    def step(self, logprobs: torch.Tensor) -> tuple[list[int], list[int]]:
+        if len(self.tokens) < len(self.prefix):
+            tok = self.prefix[len(self.tokens)]
+            self.tokens.append(tok)
+            self.logprob += float(logprobs[0, tok])
+            return [0], [tok]
+        lp = logprobs[0, self.choices]
+        best = int(lp.argmax())
+        self.tokens.append(self.choices[best])
+        self.logprob += float(lp[best])
+        self.done = True
+        return [], []
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.tokens, self.logprob)
+
+
+def make_searcher(num_beams: int, max_new_tokens: int, eos_id: int, choices: tuple[int, ...] = ()):
+    """``choices``: (prefix tokens ..., -1, choice tokens ...) as ``VLModel.choice_ids`` gives
+    them, or () for free generation."""
+    if choices:
+        cut = choices.index(-1)
+        return ChoiceSearch(choices[cut + 1:], choices[:cut])
     if num_beams > 1:
         return BeamSearch(num_beams, max_new_tokens, eos_id)
     return GreedySearch(max_new_tokens, eos_id)
@@ -224,7 +259,7 @@ def generate(model: VLModel, weights: RuntimeWeights,
              requests: list[GenerationRequest]) -> list[GenerationResult]:
     """Generate for a batch of requests that may each use a different adapter slot."""
     eos = model.cfg.lm.eos_id
-    searchers = [make_searcher(r.num_beams, r.max_new_tokens, eos) for r in requests]
+    searchers = [make_searcher(r.num_beams, r.max_new_tokens, eos, r.choices) for r in requests]
     state = prefill(model, weights, requests, searchers)
     live = searchers
     while state is not None:

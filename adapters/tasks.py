@@ -1,13 +1,15 @@
 """The tasks petserve knows, defined once: every list of task names in the code derives from here.
 
 A task fixes the text prefix of the prompt (VL-T5's ``vqa:``, ``nlvr:``, ``caption:``), the media
-it takes and whether its target is a caption (scored by BLEU/CIDEr, longer default generation). A
+it takes, whether its target is a caption (scored by BLEU/CIDEr, longer default generation) and
+whether it is answered by choosing between words (NLVR2: the likelier of ``true`` and ``false`` at
+the first decoder position, as the seeds decide it) rather than by free generation. A
 video task uses its image task's prefix, so one adapter trained on images and clips answers both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +20,7 @@ class Task:
     prefix: str                                   # prompt text: f"{prefix}: {text}"
     media: Literal["image", "pair", "video"]      # what the visual input is
     caption: bool = False                         # target is a caption (else an answer)
+    choices: tuple[str, ...] = ()                 # answered by the likeliest of these words
 
     @property
     def default_new_tokens(self) -> int:
@@ -27,7 +30,7 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("vqa", "vqa", "image"),
     Task("gqa", "gqa", "image"),
-    Task("nlvr", "nlvr", "pair"),
+    Task("nlvr", "nlvr", "pair", choices=("true", "false")),
     Task("caption", "caption", "image", caption=True),
     Task("video_qa", "vqa", "video"),
     Task("video_caption", "caption", "video", caption=True),
@@ -57,14 +60,18 @@ class InputFormat(BaseModel):
     - ``prompts``: task -> the exact string the text is appended to (the seeds' multitask code:
       ``"vqa: "``, ``"gpa: "`` (sic) for GQA, ``"nlvr: "``, ``"caption: "``); a video task falls
       back to its image task's entry. None = petserve's ``"{prefix}: {text}"``, stripped.
-    - ``max_text_tokens``: the tokenized prompt is truncated to this many tokens, special tokens
-      included, keeping the final end-of-sequence token (the seeds: 20). None = no truncation.
+    - ``max_text_tokens``: task -> the tokenized prompt is truncated to this many tokens, special
+      tokens included, keeping the final end-of-sequence token (the seeds: 20 for VQA and GQA, 40
+      for captions, NLVR2 untruncated); a task without an entry is not truncated.
+    - ``feature_grid``: precomputed features that form a square grid larger than this side are
+      max-pooled to it (the seeds' ``--downsample``: CLIP RN101's 7x7 grid to 6x6 = 36 tokens).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     boxes: Literal["grid", "zero"] = "grid"
     prompts: dict[str, str] | None = None
-    max_text_tokens: int | None = Field(None, ge=2)
+    max_text_tokens: dict[str, Annotated[int, Field(ge=2)]] | None = None
+    feature_grid: int | None = Field(None, ge=1)
 
     def prompt(self, task: str, text: str) -> str:
         """The text the tokenizer sees for ``task`` and the request's ``text``."""
@@ -77,14 +84,17 @@ class InputFormat(BaseModel):
                              f"(it has {sorted(self.prompts)})")
         return f"{prefix}{text}"
 
-    def truncate(self, ids: list[int]) -> list[int]:
-        """``ids`` cut to ``max_text_tokens`` as Hugging Face's ``truncation=True`` does: the
-        text is cut, the special token that ends the sequence stays."""
-        n = self.max_text_tokens
+    def truncate(self, task: str, ids: list[int]) -> list[int]:
+        """``ids`` cut to the task's ``max_text_tokens`` as Hugging Face's ``truncation=True``
+        does: the text is cut, the special token that ends the sequence stays."""
+        t = get_task(task)
+        budgets = self.max_text_tokens or {}
+        n = budgets.get(t.name, budgets.get(t.prefix))
         if n is None or len(ids) <= n:
             return ids
         return ids[:n - 1] + ids[-1:]
 
 
 SEED_PROMPTS = {"vqa": "vqa: ", "gqa": "gpa: ", "nlvr": "nlvr: ", "caption": "caption: "}
-SEED_INPUTS = InputFormat(boxes="zero", prompts=SEED_PROMPTS, max_text_tokens=20)
+SEED_INPUTS = InputFormat(boxes="zero", prompts=SEED_PROMPTS,
+                          max_text_tokens={"vqa": 20, "gqa": 20, "caption": 40}, feature_grid=6)

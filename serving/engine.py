@@ -27,6 +27,7 @@ from petserve.adapters.backbone.feature_cache import (
     images_key,
 )
 from petserve.adapters.backbone.model import DEFAULT_INPUTS, RowInput
+from petserve.adapters.backbone.visual import grid_side, pool_grid
 from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
 from petserve.adapters.runtime.bank import SlotBank
 from petserve.adapters.tasks import InputFormat, get_task
@@ -97,7 +98,7 @@ class Engine:
         with torch.inference_mode():
             row = RowInput(job.ids, job.encode_visual(), job.zero_boxes)
             out = generate(self.model, bank, [GenerationRequest(row, slot, job.max_new_tokens,
-                                                                job.num_beams)])[0]
+                                                                job.num_beams, job.choices)])[0]
         total = (time.perf_counter() - t0) * 1e3
         return InferenceResult(out.text, out.logprob, req.adapter, version,
                                {"queue": 0.0, "vision": 0.0, "total": total}, out.tokens)
@@ -128,6 +129,11 @@ class Engine:
         if req.adapter is not None:
             version, inputs = self._adapter_version(req.adapter, req.task)
         key, n_visual = self._visual_key(req)
+        side = inputs.feature_grid
+        pool = req.features is not None and side is not None and n_visual > side * side \
+            and grid_side(n_visual) is not None
+        if pool:                         # the adapter was trained on features pooled to a grid
+            key, n_visual = f"{key}:grid{side}", side * side
         ids = self._prompt_ids(req, inputs)
         n_tokens = len(ids) + n_visual
         if n_tokens > self.config.max_prefill_tokens:
@@ -137,10 +143,15 @@ class Engine:
         max_new = req.max_new_tokens or min(get_task(req.task).default_new_tokens,
                                             self.config.max_new_tokens_cap)
         model, images, frames, feats, boxes = self.model, req.images, req.frames, req.features, req.boxes
-        return Job(req.adapter, req.task, ids, key,
-                   lambda: encode_visual(model, images, frames, feats, boxes),
+        if pool:
+            def visual():
+                return pool_grid(encode_visual(model, images, frames, feats, boxes), side)
+        else:
+            def visual():
+                return encode_visual(model, images, frames, feats, boxes)
+        return Job(req.adapter, req.task, ids, key, visual,
                    n_tokens, max_new, req.num_beams, version=version,
-                   zero_boxes=inputs.boxes == "zero")
+                   zero_boxes=inputs.boxes == "zero", choices=self.model.choice_ids(req.task))
 
     def _prompt_ids(self, req: InferenceRequest, inputs: InputFormat) -> list[int]:
         try:

@@ -62,6 +62,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     version: int | None = None           # the adapter's stored version, read once at submit
     zero_boxes: bool = False             # its adapter was trained with all-zero boxes
+    choices: tuple[int, ...] = ()        # answered by the likeliest of these tokens (NLVR2)
     # set by the scheduler
     slot: int = -1
     searcher: object = None
@@ -278,10 +279,10 @@ class Scheduler:
     def _prefill(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
         try:
-            searchers = [make_searcher(j.num_beams, j.max_new_tokens, self.model.cfg.lm.eos_id)
-                         for j in jobs]
+            eos = self.model.cfg.lm.eos_id
+            searchers = [make_searcher(j.num_beams, j.max_new_tokens, eos, j.choices) for j in jobs]
             gen = [GenerationRequest(RowInput(j.ids, j.visual, j.zero_boxes), j.slot, j.max_new_tokens,
-                                     j.num_beams) for j in jobs]
+                                     j.num_beams, j.choices) for j in jobs]
             state = prefill(self.model, self.pool.bank, gen, searchers)
             merged = state if self._state is None else DecodeState.concat([self._state, state])
         except Exception as e:  # noqa: BLE001

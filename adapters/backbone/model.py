@@ -24,7 +24,7 @@ from petserve.adapters.backbone.config import BackboneConfig
 from petserve.adapters.backbone.lm import Seq2SeqLM
 from petserve.adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens, object_index
 from petserve.adapters.runtime.context import StepContext
-from petserve.adapters.tasks import InputFormat
+from petserve.adapters.tasks import InputFormat, get_task
 
 DEFAULT_INPUTS = InputFormat()
 
@@ -68,8 +68,19 @@ class VLModel(nn.Module):
     def row_input(self, task: str, text: str, visual: VisualTokens | None,
                   inputs: InputFormat = DEFAULT_INPUTS) -> RowInput:
         """The row of a request for an adapter trained with ``inputs``."""
-        ids = inputs.truncate(list(self.tokenizer(inputs.prompt(task, text))["input_ids"]))
+        ids = inputs.truncate(task, list(self.tokenizer(inputs.prompt(task, text))["input_ids"]))
         return RowInput(ids, visual, inputs.boxes == "zero")
+
+    def choice_ids(self, task: str) -> tuple[int, ...]:
+        """How a task answered by choosing is decoded: the tokens every target starts with (BART's
+        ``<s>``), -1, then the first token of each answer word (the seeds: ``tokenizer(word,
+        add_special_tokens=False).input_ids[0]``). () for a freely generated task."""
+        words = get_task(task).choices
+        if not words:
+            return ()
+        prefix = self.target_ids("")[:-1]          # an empty target less its end of sequence
+        firsts = [self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+        return (*prefix, -1, *firsts)
 
     def target_ids(self, target: str) -> list[int]:
         return list(self.tokenizer(target)["input_ids"])

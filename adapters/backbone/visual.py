@@ -11,6 +11,7 @@ adding parameters (ours).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +127,26 @@ def feature_tokens(feats, boxes=None, order: int = 0) -> VisualTokens:
         side = int(round(n ** 0.5))
         b = grid_boxes(side) if side * side == n else torch.zeros(n, 4)
     return VisualTokens(f, b, torch.full((n,), order, dtype=torch.long))
+
+
+def grid_side(n: int) -> int | None:
+    """The side of a square grid of ``n`` tokens, or None."""
+    side = math.isqrt(n)
+    return side if side * side == n else None
+
+
+def pool_grid(tokens: VisualTokens, side: int) -> VisualTokens:
+    """A square grid of features max-pooled to ``side`` x ``side`` (adaptive windows), as the
+    seeds' ``--downsample`` (``nn.AdaptiveMaxPool2d``); their boxes and order keep the first
+    side*side entries, as theirs do. Tokens that are no larger square grid come back unchanged."""
+    n, f = tokens.feats.shape
+    s0 = grid_side(n)
+    if s0 is None or s0 <= side:
+        return tokens
+    grid = tokens.feats.T.reshape(1, f, s0, s0)
+    pooled = F.adaptive_max_pool2d(grid, side).reshape(f, side * side).T.contiguous()
+    k = side * side
+    return VisualTokens(pooled, tokens.boxes[:k], tokens.order[:k])
 
 
 class VisualEmbedding(nn.Module):
