@@ -357,3 +357,89 @@ def test_nlvr_is_the_likelier_of_true_and_false_as_the_seeds_decide_it(imported,
         assert got.tokens == prefix + [want] and got.text == model.decode_text([want])
         picked.add(want)
     assert model.choice_ids("vqa") == ()
+
+
+def test_seed_options_the_keys_cannot_tell(imported, tokenizer_dirs, tmp_path, capsys):
+    ref, _ = imported("bart", "lora")
+    ckpt = tmp_path / "lora.pth"
+    torch.save(ref.state_dict(), ckpt)
+    common = [ckpt, "--repo", "vl-adapter", "--arch", "vl-bart", "--config", tokenizer_dirs["bart"]]
+    rc, _, err = run_cli(capsys, *common, "--out", tmp_path / "a", "--lora-dim", "8")
+    assert rc == 2 and "unknown seed option --lora_dim" in err and not (tmp_path / "a").exists()
+    rc, out, err = run_cli(capsys, *common, "--out", tmp_path / "b", "--use_tasks_prompts", "false",
+                           "--lora_alpha", "16")
+    assert rc == 0, err
+    model = build_backbone(tmp_path / "b" / "backbone")
+    af = load_adapter(tmp_path / "b" / "adapters" / "vqa.safetensors", model)
+    assert af.config.alpha == 16 and af.meta.inputs.prompts == {t: "" for t in TASKS}
+    assert af.meta.inputs.boxes == "zero" and af.meta.inputs.feature_grid == 6
+
+
+# ---- the README's commands, literally ----------------------------------------------------------
+def readme_section_commands() -> list[str]:
+    """The shell lines of the README's "Bring a VL-Adapter / VL-PET checkpoint" section."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Bring a VL-Adapter / VL-PET checkpoint", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    return [line for b in blocks for line in b.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_the_readme_commands_import_serve_and_answer(imported, tokenizer_dirs, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    lines = readme_section_commands()
+    imports = [line for line in lines if line.startswith("petserve import-seed")]
+    serve = next(line for line in lines if line.startswith("petserve serve"))
+    curl = next(line for line in lines if line.startswith("curl"))
+    assert len(imports) == 3 and "--arch vl-t5" in imports[0]
+    ref, _ = imported("t5", "vlpet_large")
+    ckpt = tmp_path / imports[0].split()[2]                   # snap/VLT5_multitask/RUN/BEST.pth
+    ckpt.parent.mkdir(parents=True)
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, ckpt)
+    shutil.copytree(tokenizer_dirs["t5"], tmp_path / "t5-base")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PETSERVE_STORE": str(tmp_path / "store"), "PETSERVE_TOKEN": "readme"}
+    done = subprocess.run(["bash", "-c", imports[0]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["keys_consumed"] == len(ref.state_dict())
+
+    grid = np.random.default_rng(5).normal(size=(49, FEAT)).round(4).astype(np.float32)
+    question = "what is the man holding?"
+    (tmp_path / "request.json").write_text(json.dumps(
+        {"adapter": "vqa", "question": question, "features": grid.tolist()}))
+    pooled = torch.nn.AdaptiveMaxPool2d((6, 6))(torch.from_numpy(grid).T.reshape(1, FEAT, 7, 7))
+    model = build_backbone(tmp_path / "vlpet-t5" / "backbone")
+    ids = model.tokenizer("vqa: " + question, max_length=20, truncation=True)["input_ids"]
+    want = vlt5.greedy(ref, torch.tensor([ids]), pooled.reshape(FEAT, 36).T[None], torch.zeros(1, 36, 4),
+                       None, "vqa", 20)[0]
+    want_text = model.decode_text(want[:want.index(1)] if 1 in want else want)
+
+    server = subprocess.Popen(["bash", "-c", f"exec {serve}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                if httpx.get("http://localhost:8000/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        done = subprocess.run(["bash", "-c", curl.split("#")[0]], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        answer = json.loads(done.stdout)
+        assert answer["adapter"] == "vqa" and answer["answer"] == want_text, answer
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

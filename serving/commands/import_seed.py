@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from petserve.serving.cli import CliError
+from petserve.serving.commands.options import parse_pairs
 
 
 def register(sub) -> None:
@@ -36,23 +37,6 @@ def register(sub) -> None:
     p.set_defaults(run=run, accepts_extra=True)
 
 
-def parse_seed_options(extra: list[str]) -> dict[str, str]:
-    """``["--lora_alpha", "16", "--x=1"]`` -> {"lora_alpha": "16", "x": "1"} (checked later)."""
-    options, i = {}, 0
-    while i < len(extra):
-        flag = extra[i]
-        if not flag.startswith("--"):
-            raise CliError(f"unexpected argument {flag!r} (seed options are --name value)")
-        name, _, value = flag[2:].partition("=")
-        if not value:
-            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
-                raise CliError(f"option --{name} needs a value")
-            value, i = extra[i + 1], i + 1
-        options[name] = value
-        i += 1
-    return options
-
-
 def run(args, extra: list[str]) -> int:
     from petserve.adapters.seed_import import (
         ARCHS,
@@ -62,7 +46,7 @@ def run(args, extra: list[str]) -> int:
         read_hf_config,
         write_import,
     )
-    options = parse_seed_options(extra)
+    options = parse_pairs(extra, "seed options")        # names checked by import_checkpoint
     try:
         hf_config, config_dir = read_hf_config(args.config, ARCHS[args.arch])
         state = read_checkpoint(args.checkpoint)
