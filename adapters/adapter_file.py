@@ -31,7 +31,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DEFAULT_MAX_BYTES = 512 * 2**20
 _MAX_HEADER = 64 * 2**20
-DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
+DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+          "I64": (torch.int64, 8)}     # I64: sft indices only (AdapterKind.check_params)
 
 
 class AdapterFileError(ValueError):
@@ -79,8 +80,15 @@ class AdapterFile:
     def compile(self, model: VLModel, task: str | None = None) -> CompiledAdapter:
         """Runtime forms on the model's device/dtype; ``task`` (default: the file's task) matters
         only for task-conditioned kinds."""
-        params = {k: v.to(device=model.device, dtype=model.dtype) for k, v in self.params.items()}
+        params = cast_params(self.params, model.dtype, model.device)
         return get_kind(self.meta.kind).compile(self.config, params, model, task or self.meta.task)
+
+
+def cast_params(params: dict[str, torch.Tensor], dtype: torch.dtype,
+                device=None) -> dict[str, torch.Tensor]:
+    """Floating-point tensors in ``dtype`` (on ``device``); integer ones (sft indices) as they are."""
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in params.items()}
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -94,8 +102,10 @@ def adapter_bytes(kind: str, config: KindConfig, params: dict[str, torch.Tensor]
     meta = AdapterMeta(format_version=FORMAT_VERSION, kind=kind, config=config.model_dump(mode="json"),
                        backbone=BackboneRef(fingerprint=model.fingerprint, name=model.cfg.name),
                        task=task, name=name, inputs=inputs or InputFormat(),
-                       trainable_parameters=sum(v.numel() for v in params.values()))
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in params.items()}
+                       trainable_parameters=sum(v.numel() for v in params.values()
+                                                if v.is_floating_point()))
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in params.items()}
     return save(tensors, metadata={"petserve": meta.model_dump_json()})
 
 
@@ -130,6 +140,10 @@ def load_adapter(source: bytes | Path, model: VLModel, max_bytes: int = DEFAULT_
                                f"runs {model.cfg.name} ({model.fingerprint})")
     _check_tensors(expected, {k: tuple(v["shape"]) for k, v in header.items()})
     params = _read_tensors(header, body)
+    try:
+        kind_cls.check_params(config, params, model)
+    except ValueError as e:
+        raise AdapterFileError("invalid_tensors", str(e)) from e
     return AdapterFile(meta, config, params)
 
 

@@ -7,6 +7,7 @@ from petserve.kernels.bottleneck import act, bottleneck_residual, bottleneck_res
 from petserve.kernels.grouped_linear import grouped_linear, grouped_linear_reference
 from petserve.kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
 from petserve.kernels.segments import SegmentMeta
+from petserve.kernels.sparse import add_sparse, add_sparse_gathered, add_sparse_reference
 from petserve.kernels.stacks import (
     GATE_LARGE,
     GATE_MIDDLE_X,
@@ -17,12 +18,14 @@ from petserve.kernels.stacks import (
     BottleneckStack,
     LinearStack,
     LowRankStack,
+    SparseStack,
 )
 
 __all__ = [
-    "SegmentMeta", "LowRankStack", "BottleneckStack", "LinearStack",
+    "SegmentMeta", "LowRankStack", "BottleneckStack", "LinearStack", "SparseStack",
     "GATE_NONE", "GATE_SMALL", "GATE_MIDDLE_X", "GATE_MIDDLE_Y", "GATE_LARGE", "GATE_NAMES",
     "add_lowrank", "add_lowrank_reference", "add_lowrank_loop",
     "bottleneck_residual", "bottleneck_residual_reference", "grouped_linear",
     "grouped_linear_reference", "act",
+    "add_sparse", "add_sparse_reference", "add_sparse_gathered",
 ]

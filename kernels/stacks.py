@@ -72,3 +72,26 @@ class LinearStack:
 
     W: torch.Tensor
     b: torch.Tensor
+
+
+@dataclass
+class SparseStack:
+    """Per-slot sparse deltas on one linear weight (d_out, d_in): ``y[t] += x[t] @ dW[s].T`` for
+    the tokens t of slot s, dW[s] given as COO entries (composable sparse fine-tuning).
+
+    rows, cols: (E,) int64, vals: (E,) in the compute dtype; the entries of slot s are
+    ``ptr_host[s] : ptr_host[s + 1]`` (a slot without a delta has an empty range), sorted by
+    (row, col) within a slot, each (row, col) at most once per slot. ptr: (S + 1,) int64 on the
+    device, the same offsets. d_out, d_in: the weight's shape.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    ptr: torch.Tensor
+    ptr_host: list[int]
+    d_out: int
+    d_in: int
+
+    def count(self, slot: int) -> int:
+        return self.ptr_host[slot + 1] - self.ptr_host[slot]

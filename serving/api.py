@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from petserve.serving.auth import TokenCheck, resolve_token
 from petserve.serving.errors import ApiError
 from petserve.serving.media import MediaLimits
-from petserve.serving.metrics import CONTENT_TYPE, HttpMetrics, RecordMetrics, render
+from petserve.serving.metrics import COMPOSITE_LABEL, CONTENT_TYPE, HttpMetrics, RecordMetrics, render
 from petserve.serving.schemas import (
     CAPTION_FORM_SCHEMA,
     VQA_FORM_SCHEMA,
@@ -233,7 +233,7 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         if config.auth_reads:
             token_check.require(request.headers.get("authorization"))
         body, media = await read_generation_body(request, model_cls, config, limits)
-        request.state.adapter = body.adapter
+        request.state.adapter = COMPOSITE_LABEL if isinstance(body.adapter, list) else body.adapter
         if not known_inputs:
             info = await backend.info()
             known_inputs.append(ModelInputs(
@@ -248,17 +248,25 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
               summary="Answer a question about an image, image pair, video or features")
     async def vqa(request: Request) -> VqaResponse:
         r = await generate(request, VqaRequest)
-        return VqaResponse(answer=r.text, logprob=finite_or_floor(r.logprob), adapter=r.adapter,
-                           adapter_version=r.adapter_version, timings_ms=r.timings_ms)
+        return VqaResponse(answer=r.text, logprob=finite_or_floor(r.logprob), **_used(r),
+                           timings_ms=r.timings_ms)
 
     @app.post("/v1/caption", response_model=CaptionResponse, responses=ERROR_RESPONSES,
               openapi_extra=_body_doc(_ref("CaptionRequest"), _ref("CaptionForm")),
               summary="Caption an image, a video or features")
     async def caption(request: Request) -> CaptionResponse:
         r = await generate(request, CaptionRequest)
-        return CaptionResponse(caption=r.text, logprob=finite_or_floor(r.logprob),
-                               adapter=r.adapter, adapter_version=r.adapter_version,
+        return CaptionResponse(caption=r.text, logprob=finite_or_floor(r.logprob), **_used(r),
                                timings_ms=r.timings_ms)
+
+
+def _used(r) -> dict:
+    """The answer's adapter fields: a composite lists its members and their versions."""
+    if isinstance(r.adapter, tuple):
+        return {"adapter": list(r.adapter), "adapter_version": None,
+                "adapter_versions": list(r.adapter_version)}
+    versions = [] if r.adapter_version is None else [r.adapter_version]
+    return {"adapter": r.adapter, "adapter_version": r.adapter_version, "adapter_versions": versions}
 
 
 def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("serve", "train", "params", "push", "import_seed")   # modules in serving/commands/
+COMMANDS = ("serve", "train", "params", "push", "import_seed", "sft_files")   # modules in serving/commands/
 
 
 class CliError(Exception):

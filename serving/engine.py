@@ -30,10 +30,11 @@ from petserve.adapters.backbone.model import DEFAULT_INPUTS, RowInput
 from petserve.adapters.backbone.visual import grid_side, pool_grid
 from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
 from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.compose import CompositionError, compose
 from petserve.adapters.tasks import InputFormat, get_task
 from petserve.serving.engine_io import InferenceRequest, InferenceResult
 from petserve.serving.errors import ApiError
-from petserve.serving.metrics import BACKBONE_LABEL
+from petserve.serving.metrics import BACKBONE_LABEL, COMPOSITE_LABEL
 from petserve.serving.scheduler import Job, Scheduler
 from petserve.serving.server_config import EngineConfig
 from petserve.serving.slot_pool import SlotPool, compile_on_cpu, parse_stored
@@ -91,9 +92,7 @@ class Engine:
         job = self._job(req)
         bank, slot, version = SlotBank(self.model, 1), -1, job.version
         if req.adapter is not None:
-            af = parse_stored(self.store.read(req.adapter, version), self.model)
-            task = req.task if af.task_conditioned else None
-            bank.set(0, compile_on_cpu(af, self.model, task))
+            bank.set(0, self._compile_alone(req.adapter, version, req.task))
             slot = 0
         with torch.inference_mode():
             row = RowInput(job.ids, job.encode_visual(), job.zero_boxes)
@@ -103,13 +102,28 @@ class Engine:
         return InferenceResult(out.text, out.logprob, req.adapter, version,
                                {"queue": 0.0, "vision": 0.0, "total": total}, out.tokens)
 
+    def _compile_alone(self, adapter, version, task: str):
+        """The adapter's (or composite's) forms read and compiled afresh, bypassing every cache."""
+        ids, versions = (adapter, version) if isinstance(adapter, tuple) else ((adapter,), (version,))
+        parts = []
+        for i, v in zip(ids, versions):
+            af = parse_stored(self.store.read(i, v), self.model)
+            parts.append((i, compile_on_cpu(af, self.model, task if af.task_conditioned else None)))
+        if len(parts) == 1:
+            return parts[0][1]
+        try:
+            return compose(parts, self.model)
+        except CompositionError as e:
+            raise ApiError.unprocessable("adapters_do_not_compose", str(e)) from None
+
     def _complete(self, job: Job, out: GenerationResult) -> None:
         """Scheduler callback: a job's searcher finished."""
         result = InferenceResult(self.model.decode_text(out.tokens), out.logprob, job.adapter,
                                  job.version, dict(job.timings_ms), out.tokens)
         total_ms = job.timings_ms["total"]
         with self._lock:
-            entry = self._per_adapter.setdefault(job.adapter or BACKBONE_LABEL,
+            label = COMPOSITE_LABEL if isinstance(job.adapter, tuple) else job.adapter or BACKBONE_LABEL
+            entry = self._per_adapter.setdefault(label,
                                                  {"count": 0, "latency_ms_sum": 0.0})
             entry["count"] += 1
             entry["latency_ms_sum"] += total_ms
@@ -126,7 +140,9 @@ class Engine:
         """A Job: the adapter's latest stored version, the prompt tokenized, the visual content
         hashed. ``req`` is trusted (admission built it); what only the engine knows is checked."""
         version, inputs = None, DEFAULT_INPUTS
-        if req.adapter is not None:
+        if isinstance(req.adapter, tuple):
+            version, inputs = self._composite_versions(req.adapter, req.task)
+        elif req.adapter is not None:
             version, inputs = self._adapter_version(req.adapter, req.task)
         key, n_visual = self._visual_key(req)
         side = inputs.feature_grid
@@ -170,6 +186,19 @@ class Engine:
         # stored before uploads recorded it: such adapters were all made with the defaults
         inputs = InputFormat.model_validate(stored.meta.get("inputs", {}))
         return stored.version, inputs
+
+    def _composite_versions(self, ids: tuple[str, ...], task: str) -> tuple[tuple[int, ...], InputFormat]:
+        """Each member's latest version (one store read each) and the input format they share;
+        422 when their inputs differ or their forms do not compose (composed now, on the CPU)."""
+        got = [self._adapter_version(i, task) for i in ids]
+        formats = {g[1].model_dump_json(): g[1] for g in got}
+        if len(formats) > 1:
+            raise ApiError.unprocessable("adapters_do_not_compose", "the adapters were trained on "
+                                         "differently built inputs (boxes, prompts): "
+                                         + "; ".join(f"{i}: {g[1]}" for i, g in zip(ids, got)))
+        versions = tuple(g[0] for g in got)
+        self.pool.check_composite(tuple(zip(ids, versions)), task)
+        return versions, got[0][1]
 
     def _visual_key(self, req: InferenceRequest) -> tuple[str | None, int]:
         """(feature-cache key, number of visual tokens)."""

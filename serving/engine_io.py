@@ -12,7 +12,7 @@ import numpy as np
 
 @dataclass
 class InferenceRequest:
-    adapter: str | None              # adapter id; None = frozen backbone alone
+    adapter: str | tuple[str, ...] | None   # adapter id, a tuple of ids composed; None = backbone
     task: str                        # "vqa" | "gqa" | "nlvr" | "caption" | "video_qa" | "video_caption"
     text: str                        # question / statement / caption prompt ("" allowed for captions)
     images: list = field(default_factory=list)       # 0, 1 or 2 PIL RGB images (2 = NLVR2 style)
@@ -27,7 +27,7 @@ class InferenceRequest:
 class InferenceResult:
     text: str
     logprob: float                   # sum of the generated tokens' log-probabilities
-    adapter: str | None
-    adapter_version: int | None
+    adapter: str | tuple[str, ...] | None
+    adapter_version: int | tuple[int, ...] | None    # a composite: each member's version
     timings_ms: dict[str, float]     # queue, vision, prefill, decode, total
     tokens: list[int] = field(default_factory=list)   # generated ids, end-of-sequence excluded

@@ -50,6 +50,7 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 BACKBONE_LABEL = "_backbone"
 UNKNOWN_LABEL = "_unknown"
 OTHER_LABEL = "_other"
+COMPOSITE_LABEL = "_composite"       # a request naming several adapters composed
 T = TypeVar("T")
 
 

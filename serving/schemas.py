@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from petserve.adapters.tasks import QUESTION_TASKS
 from petserve.serving.engine_io import InferenceRequest
 from petserve.serving.errors import ApiError
 from petserve.serving.media import MediaLimits, decode_base64, decode_image, decode_video
-from petserve.serving.server_config import MAX_BEAMS, MAX_NEW_TOKENS
+from petserve.serving.server_config import MAX_BEAMS, MAX_MEMBERS, MAX_NEW_TOKENS
 from petserve.serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
 
 MAX_TEXT_CHARS = 1024
@@ -54,6 +54,9 @@ BoxRow = Annotated[list[UnitFloat], Field(min_length=4, max_length=4)]
 
 _ADAPTER_DOC = ("id of the adapter to apply; null or omitted: the frozen backbone alone. "
                 "1-64 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit")
+_COMPOSE_DOC = (f"; or a list of 1-{MAX_MEMBERS} ids composed per request: their changes to the "
+                "backbone add up (sft, lora, vectors, visual embedding), with at most one member "
+                "bringing a module (bottleneck, VL-PET, prompt) to any site")
 _B64_DOC = " as base64 (standard alphabet, padded) or a data URL 'data:<type>;base64,...'"
 _FEATURES_DOC = ("precomputed visual features, one row per visual token: shape (tokens, "
                  "feature_dim) where feature_dim is the backbone's (see /healthz)")
@@ -64,7 +67,15 @@ class _Body(BaseModel):
 
 
 class GenerationFields(_Body):
-    adapter: AdapterId | None = Field(None, description=_ADAPTER_DOC)
+    adapter: AdapterId | Annotated[list[AdapterId], Field(min_length=1, max_length=MAX_MEMBERS)] | None = \
+        Field(None, description=_ADAPTER_DOC + _COMPOSE_DOC)
+
+    @field_validator("adapter")
+    @classmethod
+    def _distinct_members(cls, v):
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("a composite names each adapter once")
+        return v
     image: str | None = Field(None, description="one JPEG/PNG/WebP/BMP/GIF image" + _B64_DOC)
     video: str | None = Field(None, description="one video file (mp4, webm, ...)" + _B64_DOC)
     features: list[FeatureRow] | None = Field(
@@ -103,8 +114,12 @@ class _Generated(BaseModel):
     """What every generation answer carries besides its text."""
 
     logprob: float = Field(description="log-probability of the generated text under the model")
-    adapter: str | None = Field(description="adapter used; null for the backbone alone")
-    adapter_version: int | None = Field(description="version of the adapter that answered")
+    adapter: str | list[str] | None = Field(
+        description="adapter used (a list: the composite, in request order); null: the backbone alone")
+    adapter_version: int | None = Field(
+        description="version of the adapter that answered; null for a composite or the backbone")
+    adapter_versions: list[int] = Field(
+        description="the version of every adapter used, in order (one for a single adapter)")
     timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
 
 
@@ -269,7 +284,10 @@ def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes
     else:
         features, boxes = _feature_arrays(body, inputs.feature_dim)
     text = body.question if isinstance(body, VqaRequest) else body.prompt
-    return InferenceRequest(adapter=body.adapter, task=task, text=text, images=images,
+    adapter = tuple(body.adapter) if isinstance(body.adapter, list) else body.adapter
+    if isinstance(adapter, tuple) and len(adapter) == 1:
+        adapter = adapter[0]
+    return InferenceRequest(adapter=adapter, task=task, text=text, images=images,
                             frames=frames, features=features, boxes=boxes,
                             max_new_tokens=body.max_new_tokens, num_beams=body.num_beams)
 

@@ -30,6 +30,7 @@ class _Strict(BaseModel):
 # Hard caps of what one request may ask, whatever a replica is configured to allow.
 MAX_NEW_TOKENS = 64
 MAX_BEAMS = 5
+MAX_MEMBERS = 16         # adapters one request may compose
 
 
 class EngineConfig(_Strict):

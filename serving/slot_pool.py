@@ -14,6 +14,12 @@ last reference is released. A request for an adapter deleted after its submit fa
 store's 404 when its blob is gone (rows already holding its slot finish); the slots of deleted
 adapters are reclaimed by the LRU.
 
+Composites: ``acquire`` also takes a tuple of ids with a tuple of versions (a request naming
+several adapters). Their compiled forms are composed into one (adapters/runtime/compose.py),
+cached in the CPU cache under the ordered (id, version) list and held by one slot keyed
+``(((id, version), ...), 0, task)``; a newer version or a deletion of any member drops every
+composite that holds it, as it drops the member itself.
+
 Threads: acquire/release (and so every SlotBank write) belong to the engine's scheduler thread;
 prefetch/check_task/counters may be called from any thread. One lock guards the bookkeeping.
 """
@@ -27,21 +33,23 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from petserve.adapters.adapter_file import AdapterFile, AdapterFileError, load_adapter
+from petserve.adapters.adapter_file import AdapterFile, AdapterFileError, cast_params, load_adapter
 from petserve.adapters.kinds import get_kind
 from petserve.adapters.runtime.bank import SlotBank
+from petserve.adapters.runtime.compose import CompositionError, compose
 from petserve.adapters.runtime.forms import CompiledAdapter
 from petserve.serving.errors import ApiError
 from petserve.serving.store import AdapterStore
 
 SlotKey = tuple[str, int, "str | None"]     # (adapter_id, version, task if task-conditioned)
+Members = tuple[tuple[str, int], ...]       # a composite: (id, version) of each member, in order
 
 
 def compile_on_cpu(af: AdapterFile, model, task: str | None) -> CompiledAdapter:
     """``af``'s runtime forms in fp32 on the CPU (SlotBank.set casts and copies them to the device).
 
     Raises ApiError 422 ``adapter_task_unsupported`` when a task-conditioned kind has no ``task``."""
-    params = {k: v.to(torch.float32) for k, v in af.params.items()}
+    params = cast_params(af.params, torch.float32)
     kind = get_kind(af.kind)
     try:
         return kind.compile(af.config, params, model, task or af.meta.task)
@@ -106,20 +114,25 @@ class SlotPool:
         self._where: dict[SlotKey, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()       # resident, unreferenced; LRU first
         self._cpu: OrderedDict[tuple[str, int], _CpuEntry] = OrderedDict()
+        self._composites: OrderedDict[tuple[Members, str | None], CompiledAdapter] = OrderedDict()
         self._stats = PoolCounters()
         self._lock = threading.RLock()
 
     # ---- the scheduler's side ------------------------------------------------------------
-    def acquire(self, adapter_id: str, version: int, task: str,
+    def acquire(self, adapter_id: str | tuple[str, ...], version: int | tuple[int, ...], task: str,
                 share_only: bool = False) -> int | None:
         """Make ``version`` of ``adapter_id`` (the store's latest when the request came in)
         resident and reference its slot; older versions are dropped (freed once unreferenced).
+        A tuple of ids (and of their versions) is a composite.
 
         Returns the slot, or None when no slot can be had now (every slot referenced),
         or with ``share_only`` when the adapter is not already held by rows in flight. Raises
-        ApiError (404 deleted since, 4xx unusable file)."""
+        ApiError (404 deleted since, 4xx unusable file or members that do not compose)."""
+        if isinstance(adapter_id, tuple):
+            adapter_id, version = tuple(zip(adapter_id, version)), 0
         with self._lock:
-            self._forget(adapter_id, older_than=version)
+            for member, v in (adapter_id if isinstance(adapter_id, tuple) else [(adapter_id, version)]):
+                self._forget(member, older_than=v)
             slot = self._resident_slot(adapter_id, version, task)
             if slot is not None and (not share_only or self._slots[slot].refs > 0):
                 self._stats.hits += 1
@@ -151,6 +164,12 @@ class SlotPool:
         with self._lock:
             self._cpu_entry(adapter_id, version)
 
+    def check_composite(self, members: Members, task: str) -> None:
+        """Compose the members for ``task`` into the CPU cache now: ApiError 422 when they do not
+        compose (or a member cannot serve ``task``), 404 for a member gone."""
+        with self._lock:
+            self._composite(members, task)
+
     def check_task(self, adapter_id: str, version: int, task: str) -> None:
         """Raise ApiError 422 now if the adapter's kind is task-conditioned and has no ``task``;
         compiles it for ``task`` into the CPU cache (so the later slot load is a CPU hit)."""
@@ -177,15 +196,22 @@ class SlotPool:
 
     # ---- internals (lock held) -----------------------------------------------------------
     def _forget(self, adapter_id: str, older_than: int) -> None:
-        """Drop every copy of ``adapter_id`` older than version ``older_than``."""
+        """Drop every copy of ``adapter_id`` older than version ``older_than``, and every
+        composite holding one."""
+        def old(key) -> bool:
+            if isinstance(key[0], tuple):
+                return any(m == adapter_id and v < older_than for m, v in key[0])
+            return key[0] == adapter_id and key[1] < older_than
         for key, slot in list(self._where.items()):
-            if key[0] == adapter_id and key[1] < older_than:
+            if old(key):
                 if self._slots[slot].refs:
                     self._slots[slot].stale = True
                 else:
                     self._free(slot)
-        for key in [k for k in self._cpu if k[0] == adapter_id and k[1] < older_than]:
+        for key in [k for k in self._cpu if old(k)]:
             del self._cpu[key]
+        for key in [k for k in self._composites if old((k[0], 0))]:
+            del self._composites[key]
 
     def _resident_slot(self, adapter_id: str, version: int, task: str) -> int | None:
         slot = self._where.get((adapter_id, version, task))
@@ -216,14 +242,18 @@ class SlotPool:
         self._slots[slot] = _Slot()
         bisect.insort(self._empty, slot)
 
-    def _load_into_slot(self, adapter_id: str, version: int, task: str) -> int:
+    def _load_into_slot(self, adapter_id: str | Members, version: int, task: str) -> int:
         t0 = time.perf_counter()
-        entry = self._cpu_entry(adapter_id, version)
-        tkey = task if entry.task_conditioned else None
-        t1 = time.perf_counter()
-        compiled = entry.compiled.get(tkey)
-        if compiled is None:
-            compiled = entry.compiled[tkey] = compile_on_cpu(entry.file, self.model, tkey)
+        if isinstance(adapter_id, tuple):
+            t1 = time.perf_counter()
+            tkey, compiled = self._composite(adapter_id, task)
+        else:
+            entry = self._cpu_entry(adapter_id, version)
+            tkey = task if entry.task_conditioned else None
+            t1 = time.perf_counter()
+            compiled = entry.compiled.get(tkey)
+            if compiled is None:
+                compiled = entry.compiled[tkey] = compile_on_cpu(entry.file, self.model, tkey)
         t2 = time.perf_counter()
         slot = self._claim_slot()
         self.bank.set(slot, compiled)
@@ -240,6 +270,30 @@ class SlotPool:
         st.load_ms_sum += st.load_ms_last
         st.compile_ms_sum += (t2 - t1) * 1e3
         st.copy_ms_sum += (t3 - t2) * 1e3
+
+    def _composite(self, members: Members, task: str) -> tuple[str | None, CompiledAdapter]:
+        """(task key, composed forms) of ``members`` for ``task``, from the composite cache."""
+        entries = [self._cpu_entry(m, v) for m, v in members]
+        tkey = task if any(e.task_conditioned for e in entries) else None
+        key = (members, tkey)
+        got = self._composites.get(key)
+        if got is not None:
+            self._composites.move_to_end(key)
+            return tkey, got
+        parts = []
+        for (m, _), e in zip(members, entries):
+            mkey = task if e.task_conditioned else None
+            if mkey not in e.compiled:
+                e.compiled[mkey] = compile_on_cpu(e.file, self.model, mkey)
+            parts.append((m, e.compiled[mkey]))
+        try:
+            got = compose(parts, self.model)
+        except CompositionError as err:
+            raise ApiError.unprocessable("adapters_do_not_compose", str(err)) from None
+        self._composites[key] = got
+        while len(self._composites) > self.cpu_capacity:
+            self._composites.popitem(last=False)
+        return tkey, got
 
     def _cpu_entry(self, adapter_id: str, version: int) -> _CpuEntry:
         """The parsed adapter from the CPU cache, read from the store on a miss (LRU)."""

@@ -8,7 +8,15 @@ from __future__ import annotations
 import io
 import zipfile
 
-from petserve.adapters.adapter_file import AdapterFile, AdapterFileError, adapter_bytes, load_adapter
+import torch
+
+from petserve.adapters.adapter_file import (
+    AdapterFile,
+    AdapterFileError,
+    adapter_bytes,
+    cast_params,
+    load_adapter,
+)
 from petserve.adapters.kinds import get_kind
 from petserve.adapters.peft_import import import_peft_lora
 from petserve.serving.errors import ApiError
@@ -78,7 +86,7 @@ def _import_zip(data: bytes, model, task: str) -> AdapterFile:
 
 def _check_compiles(af: AdapterFile, model) -> None:
     """The adapter must compile into runtime forms (what the slot pool will do at serve time)."""
-    params = {k: v.float() for k, v in af.params.items()}
+    params = cast_params(af.params, torch.float32)
     try:
         get_kind(af.kind).compile(af.config, params, model, af.meta.task)
     except (KeyError, ValueError, RuntimeError) as e:

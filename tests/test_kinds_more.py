@@ -195,7 +195,7 @@ def test_prompt_enters_the_encoder_as_the_papers_lay_it_out(family, request):
     lm, n, P = model.lm, len(row.ids), 3
     with torch.no_grad():
         got, _ = model.encode([row], ctx)
-        text = lm.embed_text(torch.tensor([row.ids]), torch.arange(n)[None])
+        text = lm.embed_text(torch.tensor([row.ids]), torch.arange(n)[None], ctx)
         x = lm.finish_text(torch.cat([compiled.prefix[None], text], 1), ctx)
         vis, vis_valid = model._visual_block([row], ctx)
         pos = torch.arange(P + n) if lm.t5 else torch.cat([torch.full((P,), -1), torch.arange(n)])

@@ -42,9 +42,9 @@ class Seq2SeqLM(nn.Module):
         self.embed_scale = d ** 0.5 if cfg.scale_embedding else 1.0
 
     # ---- encoder -------------------------------------------------------------------------
-    def embed_text(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def embed_text(self, ids: torch.Tensor, pos: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Token (+ BART learned position) embeddings. ids, pos: (B, L); pos -1 = no position."""
-        e = self.tokens(ids) * self.embed_scale
+        e = ctx.embed(ids, self.tokens, "text") * self.embed_scale
         if not self.t5:
             e = e + self.enc_pos(pos.clamp_min(0) + BART_POS_OFFSET) * (pos >= 0).unsqueeze(-1).to(e.dtype)
         return e
@@ -88,7 +88,7 @@ class Seq2SeqLM(nn.Module):
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, cache: DecoderCache,
                ctx: StepContext) -> torch.Tensor:
         """Logits (B, L, V) for new decoder tokens ids/pos (B, L); extends ``cache`` in place."""
-        x = self.tokens(ids) * self.embed_scale
+        x = ctx.embed(ids, self.tokens, "dec") * self.embed_scale
         if not self.t5:
             x = x + self.dec_pos(pos + BART_POS_OFFSET)
             x = ctx.norm("dec.embed_norm", self.dec_embed_norm, x)
@@ -116,8 +116,10 @@ class Seq2SeqLM(nn.Module):
             x = ctx.norm("dec.final_norm", self.dec_final_norm, x)
             if self.cfg.scale_decoder_outputs and self.lm_head is None:
                 x = x * self.cfg.d_model ** -0.5
-        weight = self.tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)
+        if self.lm_head is not None:
+            logits = F.linear(x, self.lm_head.weight)
+        else:
+            logits = ctx.logits(x, self.tokens.weight, "dec")
         return logits if self.t5 else logits + self.final_logits_bias
 
     # ---- adapter sites -------------------------------------------------------------------

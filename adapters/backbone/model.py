@@ -109,7 +109,7 @@ class VLModel(nn.Module):
             ids[i, :len(r.ids)] = torch.tensor(r.ids, device=dev)
         lengths = torch.tensor([len(r.ids) for r in rows], device=dev)
         pos = torch.arange(L, device=dev).expand(B, L)
-        emb = self.lm.embed_text(ids, torch.where(pos < lengths[:, None], pos, -1))
+        emb = self.lm.embed_text(ids, torch.where(pos < lengths[:, None], pos, -1), ctx)
         prefix_lens = self._prefix_lengths(ctx)
         if not any(prefix_lens):
             valid = pos < lengths[:, None]
@@ -162,7 +162,7 @@ class VLModel(nn.Module):
             obj[i, :n] = object_index(r.visual.order).clamp_max(self.cfg.lm.vocab_size - 1)
         if N == 0:
             return feats.new_zeros(B, 0, self.cfg.lm.d_model), valid
-        return self.visual_embed(feats, boxes, order, obj, self.lm.tokens.weight, ctx), valid
+        return self.visual_embed(feats, boxes, order, obj, self.lm.tokens, ctx), valid
 
     # ---- decoder ---------------------------------------------------------------------------
     def init_cache(self, enc_out, enc_valid, ctx: StepContext) -> DecoderCache:

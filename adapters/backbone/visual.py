@@ -169,12 +169,13 @@ class VisualEmbedding(nn.Module):
         self.box_norm = make_norm(norm, d_model, eps)
         self.img_order = nn.Embedding(n_images, d_model)
 
-    def forward(self, feats, boxes, order, obj, tokens: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, feats, boxes, order, obj, tokens: nn.Embedding, ctx: StepContext) -> torch.Tensor:
         """feats (B, N, f), boxes (B, N, 4), image order and object index (B, N) -> (B, N, d), with
-        per-row weights. ``tokens`` is the language model's frozen token embedding (V, d)."""
+        per-row weights. ``tokens`` is the language model's token embedding (V rows; a row's sparse
+        delta on it, an SFT's, applies here too)."""
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
         pos = torch.cat([boxes, area], -1).to(feats.dtype)
-        extra = tokens[tokens.shape[0] - 1 - obj] if self.object_order else 0.0
+        extra = ctx.embed(tokens.num_embeddings - 1 - obj, tokens, "visual") if self.object_order else 0.0
         vs = ctx.weights.visual()
         if vs is None:
             return (self.feat_norm(self.feat(feats)) + self.box_norm(self.box(pos))

@@ -7,6 +7,7 @@ from petserve.adapters.kinds.compacter import Compacter
 from petserve.adapters.kinds.hyperformer import Hyperformer
 from petserve.adapters.kinds.lora import LoRA
 from petserve.adapters.kinds.prompt import Prompt
+from petserve.adapters.kinds.sft import SFT
 from petserve.adapters.kinds.vlpet import VLPET
 
 KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (
@@ -16,6 +17,7 @@ KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (
     Compacter,
     Hyperformer,
     Prompt,
+    SFT,
 )}
 
 

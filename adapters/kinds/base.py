@@ -64,6 +64,15 @@ class AdapterKind(ABC):
         """The paper's initialisation of the kind's own tensors."""
 
     @classmethod
+    def check_params(cls, cfg: KindConfig, params: Params, model: VLModel) -> None:
+        """Raise ValueError when a file's tensors have the right names and shapes but are still
+        wrong (dtypes, index order). Every kind but ``sft`` stores floating-point tensors only."""
+        ints = [k for k, v in params.items() if not v.is_floating_point()]
+        if ints:
+            raise ValueError(f"tensor {ints[0]!r} has dtype {params[ints[0]].dtype}; {cls.name} "
+                             "tensors are floating point")
+
+    @classmethod
     @abstractmethod
     def compile_modules(cls, cfg: KindConfig, params: Params, model: VLModel,
                         task: str | None = None) -> CompiledAdapter:
@@ -87,7 +96,8 @@ class AdapterKind(ABC):
         """A freshly initialised adapter: the kind's modules plus copies of the backbone's values
         for the vectors and visual embedding it trains (so those start where the backbone is)."""
         gen = torch.Generator().manual_seed(seed)
-        params = {k: v.to(model.dtype) for k, v in cls.init_modules(cfg, model, gen).items()}
+        params = {k: v.to(model.dtype) if v.is_floating_point() else v
+                  for k, v in cls.init_modules(cfg, model, gen).items()}
         vectors = model.lm.vector_params()
         for name in cls.trained_vectors(cfg, model):
             params[f"vec.{name}"] = vectors[name].detach().clone()

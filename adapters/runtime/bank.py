@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter, LowRankForm
-from petserve.adapters.runtime.weights import PrefixStack, visual_stack_from
+from petserve.adapters.runtime.weights import PrefixStack, sparse_stack_of, visual_stack_from
 from petserve.kernels import GATE_NAMES, BottleneckStack, LowRankStack
 
 
@@ -34,6 +34,9 @@ class SlotBank:
         self._base_vectors = {n: p.detach() for n, p in model.lm.vector_params().items()}
         self._base_visual = {k: v.detach() for k, v in model.visual_embed.state_dict().items()}
         self._lowrank: dict[str, LowRankStack] = {}
+        # sparse deltas: each slot's form per site; the site's stack is rebuilt after a change
+        self._sparse_forms: dict[str, list] = {}
+        self._sparse: dict[str, object] = {}
         self._bneck: dict[str, BottleneckStack] = {}
         self._vectors: dict[str, torch.Tensor] = {}
         self._visual: dict[str, torch.Tensor] | None = None
@@ -46,6 +49,13 @@ class SlotBank:
 
     def bottleneck(self, site):
         return self._bneck.get(site)
+
+    def sparse(self, site):
+        if site not in self._sparse:
+            forms = self._sparse_forms.get(site)
+            self._sparse[site] = None if forms is None or not any(f is not None for f in forms) \
+                else sparse_stack_of(forms)
+        return self._sparse[site]
 
     def vector(self, name):
         return self._vectors.get(name)
@@ -64,6 +74,9 @@ class SlotBank:
         c = compiled.to(self.device, self.dtype)
         for site, f in c.lowrank.items():
             self._set_lowrank(site, slot, f)
+        for site, f in c.sparse.items():
+            self._sparse_forms.setdefault(site, [None] * self.num_slots)[slot] = f
+            self._sparse.pop(site, None)
         for site, f in c.bottleneck.items():
             self._set_bottleneck(site, slot, f)
         for name, v in c.vectors.items():
@@ -84,6 +97,9 @@ class SlotBank:
         for site in c.lowrank:
             st = self._lowrank[site]
             st.ranks[slot], st.ranks_host[slot] = 0, 0
+        for site in c.sparse:
+            self._sparse_forms[site][slot] = None
+            self._sparse.pop(site, None)
         for site in c.bottleneck:
             st = self._bneck[site]
             st.ranks[slot], st.ranks_host[slot] = 0, 0

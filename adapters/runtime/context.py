@@ -1,6 +1,6 @@
 """StepContext: how a layer applies whatever adapters the rows of this step use.
 
-Layers never launch kernels or look at slots themselves; they call these four methods with a site
+Layers never launch kernels or look at slots themselves; they call these methods with a site
 name, and the context picks the adapter weights (if any) and the grouped ``kernels`` op.
 """
 from __future__ import annotations
@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from petserve.adapters.runtime.forms import EMBEDDING_SITE
 from petserve.adapters.runtime.meta import BatchMeta
 from petserve.adapters.runtime.weights import NoAdapters, RuntimeWeights
-from petserve.kernels import add_lowrank, bottleneck_residual
+from petserve.kernels import SparseStack, add_lowrank, add_sparse, bottleneck_residual
 
 
 @dataclass
@@ -28,16 +29,18 @@ class StepContext:
     def linear(self, site: str, mod: torch.nn.Linear, x: torch.Tensor, stream: str) -> torch.Tensor:
         """``mod(x)`` plus each row's adapter on this linear. x: (B, T, d_in) -> (B, T, d_out).
 
-        Per-slot bias (trainable biases), low-rank delta (LoRA) and a bottleneck on the linear's
-        output reading its input (VL-PET's value adapter) are applied when some slot has them.
+        Per-slot bias (trainable biases), low-rank delta (LoRA), sparse delta (SFT) and a
+        bottleneck on the linear's output reading its input (VL-PET's value adapter) are applied
+        when some slot has them.
         """
         bias = self.weights.vector(f"{site}.bias") if mod.bias is not None else None
         y = F.linear(x, mod.weight, mod.bias if bias is None else None)
         if bias is not None:
             y = y + bias[self.meta.vector_index()].unsqueeze(1)
         lowrank = self.weights.lowrank(site)
+        sparse = self.weights.sparse(site)
         bneck = self.weights.bottleneck(site)
-        if lowrank is None and bneck is None:
+        if lowrank is None and bneck is None and sparse is None:
             return y
         B, T, _ = x.shape
         seg = self.meta.seg(stream, T)
@@ -45,9 +48,34 @@ class StepContext:
         if lowrank is not None:
             xl = F.dropout(x2, self.lowrank_dropout) if self.lowrank_dropout > 0 else x2
             y2 = add_lowrank(y2, xl, lowrank, seg)
+        if sparse is not None:
+            y2 = add_sparse(y2, x2, sparse, seg)
         if bneck is not None:
             y2 = bottleneck_residual(y2, x2, bneck, seg)
         return y2.view(B, T, -1)
+
+    def embed(self, ids: torch.Tensor, tokens: torch.nn.Embedding, stream: str) -> torch.Tensor:
+        """Token embeddings (B, T, d) of ids (B, T), with each row's sparse delta on the tied
+        embedding (an SFT's changed rows). ``stream`` names the block for its token grouping:
+        "text" (the encoder's text), "visual" (object-order rows), "dec"."""
+        e = tokens(ids)
+        delta = self.weights.sparse(EMBEDDING_SITE)
+        if delta is None:
+            return e
+        B, T = ids.shape
+        seg = self.meta.seg(stream, T)
+        return e + embedding_rows(ids.reshape(-1), delta, seg).view(B, T, -1).to(e.dtype)
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor, stream: str) -> torch.Tensor:
+        """``x @ weight.T`` over the vocabulary, with the rows' sparse deltas on the tied
+        embedding (a changed embedding row changes that token's logit too)."""
+        y = F.linear(x, weight)
+        delta = self.weights.sparse(EMBEDDING_SITE)
+        if delta is None:
+            return y
+        B, T, _ = x.shape
+        return add_sparse(y.reshape(B * T, -1), x.reshape(B * T, -1), delta,
+                          self.meta.seg(stream, T)).view(B, T, -1)
 
     def norm(self, site: str, mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``mod(x)`` with each row's own norm weight/bias when some slot trains this norm."""
@@ -87,3 +115,22 @@ class StepContext:
 
     def select(self, rows: torch.Tensor) -> StepContext:
         return StepContext(self.weights, self.meta.select(rows), self.lowrank_dropout)
+
+
+def embedding_rows(ids: torch.Tensor, delta: SparseStack, seg) -> torch.Tensor:
+    """(N, d) rows of each token's slot delta dE[s] at its id (zero where its slot changed no
+    such row): the changed rows of a slot are densified once, then looked up (keeps autograd)."""
+    out = delta.vals.new_zeros(ids.shape[0], delta.d_in)
+    for s, idx in seg.segments():
+        lo, hi = delta.ptr_host[s], delta.ptr_host[s + 1]
+        if lo == hi:
+            continue
+        rows, cols, vals = delta.rows[lo:hi], delta.cols[lo:hi], delta.vals[lo:hi]
+        changed, where = torch.unique(rows, return_inverse=True)       # sorted vocabulary rows
+        table = vals.new_zeros(changed.shape[0], delta.d_in).index_put((where, cols), vals,
+                                                                       accumulate=True)
+        tok = ids.index_select(0, idx)
+        pos = torch.searchsorted(changed, tok).clamp_max(changed.shape[0] - 1)
+        hit = (changed[pos] == tok).unsqueeze(1).to(vals.dtype)
+        out = out.index_add(0, idx, table[pos] * hit)
+    return out

@@ -1,6 +1,7 @@
 """The canonical runtime forms every adapter kind compiles into (docs/ARCHITECTURE.md, docs/METHODS.md §2).
 
-The hot path knows only these: a low-rank delta on a linear, a bottleneck residual (with an optional
+The hot path knows only these: a low-rank delta on a linear, a sparse delta on a linear or on the
+tied token embedding (composable sparse fine-tuning), a bottleneck residual (with an optional
 VL-PET gate) on a sublayer or a linear, per-slot vectors that replace backbone norms/biases, a
 per-slot visual embedding, and prefix vectors for the encoder input.
 """
@@ -47,6 +48,31 @@ class BottleneckForm:
 
 
 @dataclass
+class SparseForm:
+    """``W <- W + dW`` with dW (d_out, d_in) given by COO entries: rows, cols (E,) int64 sorted
+    by (row, col) and unique, vals (E,)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    shape: tuple[int, int]
+
+    @staticmethod
+    def from_flat(idx: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> SparseForm:
+        """Entries at row-major flat indices ``idx`` (sorted, unique) of a (d_out, d_in) matrix."""
+        d_in = shape[1]
+        return SparseForm(torch.div(idx, d_in, rounding_mode="floor"), idx % d_in, vals, shape)
+
+    def dense(self) -> torch.Tensor:
+        out = self.vals.new_zeros(self.shape)
+        out[self.rows, self.cols] = self.vals
+        return out
+
+
+EMBEDDING_SITE = "embed"     # the tied token embedding: input embeddings and output logits
+
+
+@dataclass
 class CompiledAdapter:
     """One adapter in runtime form. Site names are the backbone's (``enc.3.self.q``, ``dec.0.ffn``).
 
@@ -57,6 +83,7 @@ class CompiledAdapter:
     """
 
     lowrank: dict[str, LowRankForm] = field(default_factory=dict)
+    sparse: dict[str, SparseForm] = field(default_factory=dict)   # site or EMBEDDING_SITE
     bottleneck: dict[str, BottleneckForm] = field(default_factory=dict)
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
     visual: dict[str, torch.Tensor] | None = None
@@ -67,6 +94,8 @@ class CompiledAdapter:
             return None if t is None else t.to(device=device, dtype=dtype)
         return CompiledAdapter(
             lowrank={k: LowRankForm(mv(f.A), mv(f.B), f.scale) for k, f in self.lowrank.items()},
+            sparse={k: SparseForm(f.rows.to(device), f.cols.to(device), mv(f.vals), f.shape)
+                    for k, f in self.sparse.items()},
             bottleneck={k: BottleneckForm(**{n: (mv(v) if isinstance(v, torch.Tensor) else v)
                                              for n, v in vars(f).items()})
                         for k, f in self.bottleneck.items()},

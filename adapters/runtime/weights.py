@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
-from petserve.kernels import GATE_NAMES, BottleneckStack, LinearStack, LowRankStack
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter, SparseForm
+from petserve.kernels import GATE_NAMES, BottleneckStack, LinearStack, LowRankStack, SparseStack
 
 
 @dataclass
@@ -41,6 +41,7 @@ class RuntimeWeights(Protocol):
     num_slots: int
 
     def lowrank(self, site: str) -> LowRankStack | None: ...
+    def sparse(self, site: str) -> SparseStack | None: ...
     def bottleneck(self, site: str) -> BottleneckStack | None: ...
     def vector(self, name: str) -> torch.Tensor | None: ...
     def visual(self) -> VisualStack | None: ...
@@ -53,6 +54,9 @@ class NoAdapters:
     num_slots = 0
 
     def lowrank(self, site):
+        return None
+
+    def sparse(self, site):
         return None
 
     def bottleneck(self, site):
@@ -120,6 +124,10 @@ class SingleAdapterWeights:
                             ranks=torch.tensor([r], dtype=torch.int32, device=f.A.device),
                             ranks_host=[r])
 
+    def sparse(self, site):
+        f = self.c.sparse.get(site)
+        return None if f is None else sparse_stack_of([f])
+
     def bottleneck(self, site):
         f = self.c.bottleneck.get(site)
         return None if f is None else bottleneck_stack_of_one(f)
@@ -133,6 +141,19 @@ class SingleAdapterWeights:
     def prefix(self):
         p = self.c.prefix
         return None if p is None else PrefixStack(p.unsqueeze(0), [p.shape[0]])
+
+
+def sparse_stack_of(forms: list[SparseForm | None]) -> SparseStack:
+    """A SparseStack with slot s holding ``forms[s]`` (None: no delta); keeps autograd."""
+    present = [f for f in forms if f is not None]
+    shape = present[0].shape
+    ptr = [0]
+    for f in forms:
+        ptr.append(ptr[-1] + (0 if f is None else f.rows.shape[0]))
+    cat = lambda name: torch.cat([getattr(f, name) for f in present])  # noqa: E731
+    return SparseStack(cat("rows"), cat("cols"), cat("vals"),
+                       torch.tensor(ptr, dtype=torch.int64, device=present[0].rows.device), ptr,
+                       shape[0], shape[1])
 
 
 def visual_stack_from(t: dict[str, torch.Tensor]) -> VisualStack:

@@ -25,7 +25,9 @@ from petserve.adapters.backbone.model import VLModel
 from petserve.adapters.data.records import Example
 from petserve.adapters.kinds import get_kind
 from petserve.adapters.kinds.base import AdapterKind, KindConfig, Params
+from petserve.adapters.runtime.compose import compose
 from petserve.adapters.runtime.context import StepContext
+from petserve.adapters.runtime.forms import CompiledAdapter
 from petserve.adapters.runtime.meta import BatchMeta
 from petserve.adapters.runtime.weights import SingleAdapterWeights
 from petserve.adapters.training.batches import BatchBuilder, ExampleFeatures
@@ -81,11 +83,15 @@ class TrainResult:
 def train_adapter(model: VLModel, kind: str | type[AdapterKind], cfg: KindConfig | None,
                   examples: list[Example], tc: TrainConfig | None = None,
                   eval_examples: list[Example] | None = None, task: str | None = None,
-                  cache: ExampleFeatures | None = None) -> TrainResult:
+                  cache: ExampleFeatures | None = None, init: Params | None = None,
+                  base: CompiledAdapter | None = None) -> TrainResult:
     """Train an adapter of ``kind`` on ``examples`` (all of one task) and return its tensors.
 
     ``cfg`` None: the kind's defaults. ``cache`` may be shared between runs on the same backbone.
-    Raises ValueError for an unfrozen backbone, mixed tasks, or a checkpoint of another run.
+    ``init``: the starting tensors (default: the kind's initialisation); integer tensors (sft
+    indices) stay fixed. ``base``: a fixed adapter composed under the one trained (a language
+    SFT under a task SFT). Raises ValueError for an unfrozen backbone, mixed tasks, or a
+    checkpoint of another run.
     """
     tc = tc or TrainConfig()
     kind_cls = get_kind(kind) if isinstance(kind, str) else kind
@@ -94,7 +100,7 @@ def train_adapter(model: VLModel, kind: str | type[AdapterKind], cfg: KindConfig
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("the backbone must be frozen (requires_grad False) while adapters train")
     cache = ExampleFeatures(model) if cache is None else cache
-    run = _Run(model, kind_cls, cfg, task, tc, BatchBuilder(model, examples, cache, task))
+    run = _Run(model, kind_cls, cfg, task, tc, BatchBuilder(model, examples, cache, task), init, base)
     start = run.resume_or_start()
     end = min(run.total, tc.until_step or run.total)
     bar = tqdm(total=run.total, initial=start, disable=not tc.progress, desc=f"{kind_cls.name}/{task}",
@@ -130,20 +136,22 @@ def single_task(examples: list[Example], task: str | None) -> str:
 class _Run:
     """The mutable state of one training run: leaf tensors, AdamW, the step and its history."""
 
-    def __init__(self, model, kind_cls, cfg, task, tc: TrainConfig, builder: BatchBuilder):
+    def __init__(self, model, kind_cls, cfg, task, tc: TrainConfig, builder: BatchBuilder,
+                 init: Params | None = None, base: CompiledAdapter | None = None):
         self.model, self.kind_cls, self.cfg, self.task, self.tc = model, kind_cls, cfg, task, tc
-        self.builder, self.n = builder, len(builder.examples)
+        self.builder, self.n, self.base = builder, len(builder.examples), base
         self.total = tc.total_steps(self.n)
         self.warmup = warmup_steps(self.total, tc.warmup_ratio)
-        init = kind_cls.init_params(cfg, model, tc.seed)
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
+        init = kind_cls.init_params(cfg, model, tc.seed) if init is None else init
+        self.params = {k: v.detach().clone().requires_grad_(v.is_floating_point())
+                       for k, v in init.items()}
         self.opt = make_optimizer(self.params, tc)
         self.history = TrainHistory()
         self.step = 0
 
     def weights(self, detached: bool = False) -> SingleAdapterWeights:
         params = {k: v.detach() for k, v in self.params.items()} if detached else self.params
-        return adapter_weights(self.model, self.kind_cls, self.cfg, params, self.task)
+        return adapter_weights(self.model, self.kind_cls, self.cfg, params, self.task, self.base)
 
     def update(self, step: int) -> tuple[float, float]:
         """One AdamW update on the batch of ``step``; returns (loss, learning rate)."""
@@ -155,7 +163,8 @@ class _Run:
                             dropout=getattr(self.cfg, "dropout", 0.0))
         loss.backward()
         if self.tc.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.tc.clip_grad)
+            torch.nn.utils.clip_grad_norm_([v for v in self.params.values() if v.requires_grad],
+                                           self.tc.clip_grad)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step = step + 1
@@ -209,9 +218,13 @@ class _Run:
 
 
 def adapter_weights(model: VLModel, kind_cls: type[AdapterKind], cfg: KindConfig, params: Params,
-                    task: str) -> SingleAdapterWeights:
-    """One adapter in slot 0, differentiable in ``params`` (the backbone's values stay frozen)."""
-    return SingleAdapterWeights(kind_cls.compile(cfg, params, model, task),
+                    task: str, base: CompiledAdapter | None = None) -> SingleAdapterWeights:
+    """One adapter in slot 0, differentiable in ``params`` (the backbone's values stay frozen),
+    composed over the fixed ``base`` adapter when one is given."""
+    compiled = kind_cls.compile(cfg, params, model, task)
+    if base is not None:
+        compiled = compose([("base", base), ("trained", compiled)], model)
+    return SingleAdapterWeights(compiled,
                                 {n: p.detach() for n, p in model.lm.vector_params().items()},
                                 {k: v.detach() for k, v in model.visual_embed.state_dict().items()})
 
@@ -226,7 +239,7 @@ def adapter_loss(model: VLModel, weights: SingleAdapterWeights, rows: list, targ
 
 def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases, norms or vectors)."""
-    names = sorted(params)
+    names = sorted(k for k, v in params.items() if v.is_floating_point())   # sft indices stay
     decay = [params[k] for k in names if params[k].dim() >= 2]
     no_decay = [params[k] for k in names if params[k].dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay},

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from petserve.adapters.tasks import TASK_NAMES
 from petserve.serving.cli import CliError
-from petserve.serving.commands.options import make_config, parse_kind_options
+from petserve.serving.commands.options import make_config, parse_kind_options, parse_pairs
 from petserve.serving.store import ADAPTER_ID_RE
 
 FLAGS = ("kind", "task", "data", "out", "backbone", "steps", "epochs", "batch_size", "lr",
@@ -97,10 +97,16 @@ def run(args, extra: list[str]) -> int:
     if a.kind not in KINDS:
         raise CliError(f"unknown kind {a.kind!r}; known kinds: {', '.join(sorted(KINDS))}")
     kind_cls = KINDS[a.kind]
-    cfg = make_config(kind_cls, parse_kind_options(kind_cls, extra))
+    if a.kind == "sft":
+        sft = sft_options(extra)
+    else:
+        cfg = make_config(kind_cls, parse_kind_options(kind_cls, extra))
     train, held_out = load_sources(a)
     model = load_backbone(a.backbone, a.quiet)
-    result = _train(model, kind_cls, cfg, train, held_out, a)
+    if a.kind == "sft":
+        result = _train_sft(model, sft, train, held_out, a)
+    else:
+        result = _train(model, kind_cls, cfg, train, held_out, a)
     from petserve.adapters.training import save_trained
     save_trained(a.out, result, model, name=a.id or a.out.stem)
     summary = {"out": str(a.out), "kind": result.kind, "task": result.task,
@@ -114,15 +120,62 @@ def run(args, extra: list[str]) -> int:
     return 0
 
 
+def _train_config(a: TrainArgs):
+    from petserve.adapters.training import TrainConfig
+    return TrainConfig(steps=a.steps, epochs=a.epochs or 1.0, batch_size=a.batch_size, lr=a.lr,
+                       warmup_ratio=a.warmup_ratio, clip_grad=a.clip_grad, weight_decay=a.weight_decay,
+                       seed=a.seed, eval_every=a.eval_every, num_beams=a.num_beams,
+                       checkpoint_dir=a.checkpoint_dir, resume=a.resume, progress=not a.quiet)
+
+
 def _train(model, kind_cls, cfg, train, held_out, a: TrainArgs):
-    from petserve.adapters.training import TrainConfig, train_adapter
-    tc = TrainConfig(steps=a.steps, epochs=a.epochs or 1.0, batch_size=a.batch_size, lr=a.lr,
-                     warmup_ratio=a.warmup_ratio, clip_grad=a.clip_grad, weight_decay=a.weight_decay,
-                     seed=a.seed, eval_every=a.eval_every, num_beams=a.num_beams,
-                     checkpoint_dir=a.checkpoint_dir, resume=a.resume, progress=not a.quiet)
+    from petserve.adapters.training import train_adapter
     try:
-        return train_adapter(model, kind_cls, cfg, train, tc, eval_examples=held_out, task=a.task)
+        return train_adapter(model, kind_cls, cfg, train, _train_config(a), eval_examples=held_out,
+                             task=a.task)
     except ValueError as e:             # DataError included: names the file and the problem
+        raise CliError(str(e).splitlines()[0]) from None
+
+
+class SFTArgs(BaseModel):
+    """``petserve train --kind sft`` options (LT-SFT, adapters/training/lt_sft.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    share: float = Field(0.01, gt=0, le=1, description="K as a share of the chosen entries")
+    count: int | None = Field(None, ge=1, description="K as a count (instead of --share)")
+    per_param: bool = Field(False, description="K per parameter instead of over all")
+    params: str = Field("lm.*_layers.*.weight,lm.tokens.weight",
+                        description="comma-separated patterns of the parameters to fine-tune")
+    full_steps: int | None = Field(None, ge=1, description="phase-1 updates (default: --steps)")
+    base: Path | None = Field(None, description="a language sft composed under this task sft")
+
+
+def sft_options(extra: list[str]) -> SFTArgs:
+    try:
+        return SFTArgs(**parse_pairs(extra, "sft options"))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "sft options"
+        raise CliError(f"{where}: {first['msg']}") from None
+
+
+def _train_sft(model, s: SFTArgs, train, held_out, a: TrainArgs):
+    from petserve.adapters.adapter_file import AdapterFileError, load_adapter
+    from petserve.adapters.training.lt_sft import LTSFTConfig, train_sft
+    base = None
+    if s.base is not None:
+        try:
+            af = load_adapter(s.base, model)
+        except (AdapterFileError, OSError) as e:
+            raise CliError(f"--base {s.base}: {e}") from None
+        if af.kind != "sft":
+            raise CliError(f"--base {s.base} is a {af.kind} adapter; a task sft trains on an sft")
+        base = af.compile(model)
+    ltc = LTSFTConfig(params=tuple(p for p in s.params.split(",") if p), share=s.share,
+                      count=s.count, per_param=s.per_param, full_steps=s.full_steps)
+    try:
+        return train_sft(model, train, ltc, _train_config(a), base, held_out, a.task)
+    except ValueError as e:
         raise CliError(str(e).splitlines()[0]) from None
 
 
