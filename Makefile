@@ -27,12 +27,14 @@ bench: $(STAMP)
 	$(PY) -m petserve.benchmarks.bench_serving --out benchmarks/results/serving_cpu.jsonl
 	$(PY) -m petserve.benchmarks.plot_serving benchmarks/results/engine_cpu.jsonl benchmarks/results/serving_cpu.jsonl
 	$(PY) -m petserve.benchmarks.bench_load --out benchmarks/results/load_cpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_sft --out benchmarks/results/sft_cpu.jsonl
 
 bench-smoke: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m petserve.benchmarks.bench_kernels --smoke
 	$(PY) -m petserve.benchmarks.bench_engine --smoke
 	$(PY) -m petserve.benchmarks.bench_serving --smoke
 	$(PY) -m petserve.benchmarks.bench_load --smoke
+	$(PY) -m petserve.benchmarks.bench_sft --smoke
 
 # On a CUDA machine: kernels (Triton, bf16), model decode step, engine and HTTP at GPU sizes.
 bench-gpu: $(STAMP)

@@ -67,15 +67,29 @@ class _Body(BaseModel):
 
 
 class GenerationFields(_Body):
-    adapter: AdapterId | Annotated[list[AdapterId], Field(min_length=1, max_length=MAX_MEMBERS)] | None = \
-        Field(None, description=_ADAPTER_DOC + _COMPOSE_DOC)
+    adapter: str | list[str] | None = Field(
+        None, description=_ADAPTER_DOC + _COMPOSE_DOC,
+        json_schema_extra={"anyOf": [
+            {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$"},
+            {"type": "array", "minItems": 1, "maxItems": MAX_MEMBERS, "uniqueItems": True,
+             "items": {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$"}},
+            {"type": "null"}]})
 
-    @field_validator("adapter")
+    @field_validator("adapter", mode="before")
     @classmethod
-    def _distinct_members(cls, v):
-        if isinstance(v, list) and len(set(v)) != len(v):
+    def _adapter_ids(cls, v):
+        """One id, or a list of distinct ids (a composite); every error names the field."""
+        if v is None:
+            return v
+        if isinstance(v, str):
+            return _valid_id(v)
+        if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+            raise ValueError("must be an adapter id or a list of adapter ids")
+        if not 1 <= len(v) <= MAX_MEMBERS:
+            raise ValueError(f"a composite names 1 to {MAX_MEMBERS} adapters, not {len(v)}")
+        if len(set(v)) != len(v):
             raise ValueError("a composite names each adapter once")
-        return v
+        return [_valid_id(i) for i in v]
     image: str | None = Field(None, description="one JPEG/PNG/WebP/BMP/GIF image" + _B64_DOC)
     video: str | None = Field(None, description="one video file (mp4, webm, ...)" + _B64_DOC)
     features: list[FeatureRow] | None = Field(

@@ -67,7 +67,7 @@ def broken_files(good):
     bad_offsets = json.loads(json.dumps(header))
     bad_offsets[first]["data_offsets"][1] += 4
     bad_dtype = json.loads(json.dumps(header))
-    bad_dtype[first]["dtype"] = "I64"
+    bad_dtype[first]["dtype"] = "F64"
     no_meta = json.loads(json.dumps(header))
     del no_meta["__metadata__"]
     lora_a = next(k for k in params if k.endswith(".A"))

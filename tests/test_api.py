@@ -217,7 +217,8 @@ def test_image_pair_video_and_caption(client, tmp_path):
     r = client.post("/v1/caption", files={"video": ("v.mp4", video, "video/mp4")},
                     data={"max_new_tokens": "3"})
     assert r.status_code == 200, r.text
-    assert set(r.json()) == {"caption", "logprob", "adapter", "adapter_version", "timings_ms"}
+    assert set(r.json()) == {"caption", "logprob", "adapter", "adapter_version", "adapter_versions",
+                             "timings_ms"}
 
 
 def _bad_cases():

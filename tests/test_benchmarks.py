@@ -9,7 +9,7 @@ import peft  # noqa: F401
 import pytest
 import torch
 
-from petserve.benchmarks import bench_engine, bench_load, bench_serving, plot_serving  # noqa: E402
+from petserve.benchmarks import bench_engine, bench_load, bench_serving, bench_sft, plot_serving  # noqa: E402
 from petserve.benchmarks.workloads import Workload, draw_adapters, make_requests  # noqa: E402
 
 ROW_KEYS = {"setup", "metrics", "device", "commit"}
@@ -87,4 +87,19 @@ def test_bench_load_smoke(tmp_path):
     for load in m["loads"]:
         phases = load["read_ms"] + load["compile_ms"] + load["copy_ms"]
         assert load["read_ms"] > 0 and phases <= load["total_ms"] + 1e-6
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_sft_smoke(tmp_path):
+    """Throughput of sft adapters mixed / one / none, composite compile time, memory vs dense."""
+    out = tmp_path / "sft.jsonl"
+    assert bench_sft.main(["--smoke", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    measures = [r["setup"]["measure"] for r in rows]
+    assert measures.count("throughput") == 3 and "composite" in measures and "memory" in measures
+    for r in rows:
+        assert r["device"] and r["commit"]
+    memory = next(r for r in rows if r["setup"]["measure"] == "memory")["metrics"]
+    assert 0 < memory["file_vs_dense"] < 0.1           # 1% density: a small fraction of a dense copy
+    assert all(r["metrics"]["tokens_per_s"] > 0 for r in rows if r["setup"]["measure"] == "throughput")
     assert out.with_suffix(".png").stat().st_size > 0

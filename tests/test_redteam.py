@@ -335,7 +335,7 @@ def test_100k_character_text_is_422(client):
 
 
 WRONG_TYPES = [
-    ("adapter", 5), ("adapter", ["keeper"]), ("image", 5), ("video", {}), ("images", "x"),
+    ("adapter", 5), ("adapter", [5]), ("image", 5), ("video", {}), ("images", "x"),
     ("features", "x"), ("features", [["a"] * 64]), ("features", [[None] * 64]), ("boxes", "x"),
     ("question", 5), ("question", None), ("question", ["q"]), ("task", 3),
     ("max_new_tokens", "many"), ("max_new_tokens", 1.5), ("max_new_tokens", [2]),

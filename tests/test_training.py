@@ -28,7 +28,10 @@ from petserve.adapters.training.schedule import batch_indices
 
 # Small but real options, so every kind trains in a second on the tiny backbone.
 SMALL_OPTIONS = {"lora": {"r": 4}, "adapter": {"reduction_factor": 8},
-                 "vlpet": {"r": 16, "gate_rank": 8, "decoder_r": 8}}
+                 "vlpet": {"r": 16, "gate_rank": 8, "decoder_r": 8},
+                 # sft: random supports on the tied embedding and the decoder FFN outputs
+                 "sft": {"entries": {"lm.tokens.weight": 4096,
+                                     **{f"lm.dec_layers.{i}.ffn.wo.weight": 4096 for i in range(2)}}}}
 
 
 def small_config(model, kind: str):
