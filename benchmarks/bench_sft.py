@@ -110,7 +110,8 @@ def memory_row(model, store, args) -> dict:
 
 
 def row(setup: dict, metrics: dict) -> dict:
-    return {"setup": setup, "metrics": metrics, "device": device_name(), "commit": commit()}
+    return {"setup": {"bench": "sft", **setup}, "metrics": metrics, "device": device_name(),
+            "commit": commit()}
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
         fill(store, model, max(args.adapters, max(args.members)), args.density)
         rows = throughput_rows(model, store, args) + composite_rows(model, store, args) + \
             [memory_row(model, store, args)]
+        for r in rows:
+            r["setup"]["backbone"] = args.backbone
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot(rows, args.out.with_suffix(".png"))

@@ -156,13 +156,32 @@ def load_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def sft_table(rows: list[dict]) -> list[str]:
+    """bench_sft: throughput of sft adapters, composite compile time, memory vs a dense copy."""
+    out = ["| sft measure | system | figure |", "|---|---|---|"]
+    for r in rows:
+        s, m = r["setup"], r["metrics"]
+        if s["measure"] == "throughput":
+            out.append(f"| throughput, {s['density']:.0%} density, {s['backbone']} | {s['system']} | "
+                       f"{_fmt(m['requests_per_s'])} req/s, {_fmt(m['tokens_per_s'])} tokens/s, "
+                       f"p50 {_fmt(m['latency_ms_p50'])} ms |")
+        elif s["measure"] == "composite":
+            out.append(f"| composite compile | {s['members']} members | {_fmt(m['compose_ms'])} ms |")
+        else:
+            out.append(f"| memory per adapter | file / slot vs dense copy | "
+                       f"{m['file_vs_dense']:.1%} / {m['slot_vs_dense']:.1%} of "
+                       f"{m['dense_copy_bytes'] / 1e6:.1f} MB |")
+    return out
+
+
 def print_table(paths: list[Path]) -> None:
-    """The README tables of engine, HTTP (bench_serving) and cold-load (bench_load) results."""
+    """The README tables of engine, HTTP (bench_serving), cold-load (bench_load) and sft
+    (bench_sft) results."""
+    tables = {"cold_load": load_table, "sft": sft_table}
     for path in paths:
         rows = load_rows(path)
-        bench = rows[0]["setup"]["bench"]
-        table = engine_table if bench.startswith("engine") else \
-            load_table if bench == "cold_load" else serving_table
+        bench = rows[0]["setup"].get("bench", "")
+        table = engine_table if bench.startswith("engine") else tables.get(bench, serving_table)
         print(f"\n{path} ({rows[0]['device']}, commit {rows[0]['commit']}):\n")
         print("\n".join(table(rows)))
 
