@@ -34,7 +34,10 @@ class LTSFTConfig:
     params: tuple[str, ...] = DEFAULT_PARAMS   # fnmatch patterns over state-dict names
     share: float = 0.01                        # K = share of the chosen entries ...
     count: int | None = None                   # ... or this many
-    per_param: bool = False                    # K per parameter instead of over all of them
+    # K per parameter (the default) or over all of them: on the demo's tiny VL-T5 a global 1%
+    # lands on a few matrices and phase 2 cannot learn the captions (loss 4.8 -> 4.7 in 100
+    # updates at lr 1e-2), 1% of each matrix can (4.8 -> 0.4 in 150)
+    per_param: bool = True
     full_steps: int | None = None              # phase 1 updates (default: as phase 2)
 
 

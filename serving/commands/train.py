@@ -143,7 +143,7 @@ class SFTArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     share: float = Field(0.01, gt=0, le=1, description="K as a share of the chosen entries")
     count: int | None = Field(None, ge=1, description="K as a count (instead of --share)")
-    per_param: bool = Field(False, description="K per parameter instead of over all")
+    per_param: bool = Field(True, description="K per parameter (false: over all of them)")
     params: str = Field("lm.*_layers.*.weight,lm.tokens.weight",
                         description="comma-separated patterns of the parameters to fine-tune")
     full_steps: int | None = Field(None, ge=1, description="phase-1 updates (default: --steps)")
