@@ -133,13 +133,19 @@ def aot_compile_check(op: str, arch: int = 90) -> int:
     constexpr specialisation), so CPU-only CI runs this in a subprocess without TRITON_INTERPRET:
     the wrappers run on CPU tensors and each ``kernel[grid](...)`` is compiled instead of launched.
     """
+    from petserve.kernels import triton_bottleneck, triton_lowrank
+
+    mod = triton_lowrank if op == "add_lowrank" else triton_bottleneck
+    return aot_compile_launches(mod, lambda: _drive_every_code_path(mod, op), arch)
+
+
+def aot_compile_launches(mod, drive, arch: int = 90) -> int:
+    """Run ``drive()`` with every ``kernel[grid](...)`` of module ``mod`` compiled for
+    ``sm_<arch>`` instead of launched; the number of distinct compilations."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from petserve.kernels import triton_bottleneck, triton_lowrank
-
-    mod = triton_lowrank if op == "add_lowrank" else triton_bottleneck
     types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
              torch.int32: "i32", torch.int64: "i64"}
     done = set()
@@ -154,7 +160,7 @@ def aot_compile_check(op: str, arch: int = 90) -> int:
             done.add(key)
 
     _replace_launches(mod, compile_launch)
-    _drive_every_code_path(mod, op)
+    drive()
     return len(done)
 
 

@@ -255,34 +255,18 @@ def test_dispatch_forced_triton(monkeypatch):
 
 def aot_compile_check(arch: int = 90) -> int:
     """Compile every launch add_sparse_triton makes (each dtype, decode and prefill tiles) to a
-    cubin for ``sm_<arch>`` without a GPU, as tests.kernels.aot_compile_check does for the other
-    ops; return the number of distinct compilations."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    cubin for ``sm_<arch>`` without a GPU (tests.kernels.aot_compile_launches); return the number
+    of distinct compilations."""
+    from tests.kernels import aot_compile_launches
 
-    from tests.kernels import _replace_launches
-
-    types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-             torch.int32: "i32", torch.int64: "i64"}
-    done = set()
-
-    def compile_launch(kernel, args, constexprs):
-        sig = {n: "*" + types[a.dtype] if isinstance(a, torch.Tensor) else "i32"
-               for n, a in zip(kernel.arg_names, args)}
-        sig.update({n: "constexpr" for n in constexprs})
-        key = (kernel.__name__, tuple(sig.values()), tuple(constexprs.items()))
-        if key not in done:
-            triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32))
-            done.add(key)
-
-    _replace_launches(triton_sparse, compile_launch)
-    for dtype, tokens_per_row in itertools.product(
-            (torch.float16, torch.bfloat16, torch.float32), (1, 40)):
-        seg = SegmentMeta.from_rows(torch.arange(-1, 7), tokens_per_row)
-        w = sparse_stack(8, generator("aot"), dtype)
-        add_sparse_triton(torch.zeros(seg.num_tokens, D_OUT, dtype=dtype),
-                          torch.zeros(seg.num_tokens, D_IN, dtype=dtype), w, seg)
-    return len(done)
+    def drive():
+        for dtype, tokens_per_row in itertools.product(
+                (torch.float16, torch.bfloat16, torch.float32), (1, 40)):
+            seg = SegmentMeta.from_rows(torch.arange(-1, 7), tokens_per_row)
+            w = sparse_stack(8, generator("aot"), dtype)
+            add_sparse_triton(torch.zeros(seg.num_tokens, D_OUT, dtype=dtype),
+                              torch.zeros(seg.num_tokens, D_IN, dtype=dtype), w, seg)
+    return aot_compile_launches(triton_sparse, drive, arch)
 
 
 @pytest.mark.slow
