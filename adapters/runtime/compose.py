@@ -22,12 +22,12 @@ def compose(members: list[tuple[str, CompiledAdapter]], model) -> CompiledAdapte
     """``members``: (name, compiled) in request order. The result is the same for any order."""
     base_vectors = {n: p.detach() for n, p in model.lm.vector_params().items()}
     base_visual = {k: v.detach() for k, v in model.visual_embed.state_dict().items()}
-    out, owner = CompiledAdapter(), {}
+    out, owner, sparse = CompiledAdapter(), {}, {}
     for name, c in members:
         for site, f in c.lowrank.items():
             out.lowrank[site] = _join_lowrank(out.lowrank.get(site), f)
         for site, f in c.sparse.items():
-            out.sparse[site] = f if site not in out.sparse else add_sparse_forms(out.sparse[site], f)
+            sparse.setdefault(site, []).append(f)
         for site, f in c.bottleneck.items():
             _claim(owner, f"a module on {site}", name)
             out.bottleneck[site] = f
@@ -41,6 +41,7 @@ def compose(members: list[tuple[str, CompiledAdapter]], model) -> CompiledAdapte
             current = out.visual or {k: b.to(c.visual[k]) for k, b in base_visual.items()}
             out.visual = {k: current[k] + (c.visual[k] - base_visual[k].to(c.visual[k]))
                           for k in current}
+    out.sparse = {site: fs[0] if len(fs) == 1 else add_sparse_forms(*fs) for site, fs in sparse.items()}
     return out
 
 
@@ -58,11 +59,12 @@ def _join_lowrank(a: LowRankForm | None, b: LowRankForm) -> LowRankForm:
     return LowRankForm(torch.cat([a.A, b.A]), torch.cat([a.B * a.scale, b.B * b.scale], 1), 1.0)
 
 
-def add_sparse_forms(a: SparseForm, b: SparseForm) -> SparseForm:
-    """``a + b`` with entries at the same position summed; sorted by (row, col), unique."""
-    d_in = a.shape[1]
-    flat = torch.cat([a.rows * d_in + a.cols, b.rows * d_in + b.cols])
-    vals = torch.cat([a.vals, b.vals.to(a.vals)])
+def add_sparse_forms(*forms: SparseForm) -> SparseForm:
+    """The sum of ``forms`` (one matrix's deltas) with entries at the same position summed;
+    sorted by (row, col), unique. One sort for all of them."""
+    d_in = forms[0].shape[1]
+    flat = torch.cat([f.rows * d_in + f.cols for f in forms])
+    vals = torch.cat([f.vals.to(forms[0].vals) for f in forms])
     uniq, where = torch.unique(flat, return_inverse=True)
     summed = vals.new_zeros(uniq.shape[0]).index_add(0, where, vals)
-    return SparseForm.from_flat(uniq, summed, a.shape)
+    return SparseForm.from_flat(uniq, summed, forms[0].shape)
