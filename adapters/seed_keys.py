@@ -152,13 +152,6 @@ def _linear(keys: Keys, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     return keys.take(f"{prefix}.weight"), keys.take(f"{prefix}.bias")
 
 
-def _every_task(keys: Keys, prefix: str, tasks: list[str], suffixes: list[str]) -> None:
-    """Consume the other tasks' copies of a per-task module (checked only for presence)."""
-    for t in tasks:
-        for s in suffixes:
-            keys.take(f"{prefix}.adapters.{t}.{s}")
-
-
 # ---- VL-PET ---------------------------------------------------------------------------------
 def _vlpet(keys: Keys, L: Layout, model, opts: dict) -> list[SeedAdapter] | None:
     if f"{L.sublayer('enc', 0, 'self')}.attn_adapter_multihead_up.weight" not in keys:
@@ -226,11 +219,13 @@ def _vlpet_gate(keys: Keys, prefix: str, site: str, params: dict) -> str | None:
 
 
 # ---- LoRA (VL-BART only in the seeds) -------------------------------------------------------
-LORA_LINEARS = {"t5": {"q": "q", "v": "v"}, "bart": {"q": "q_proj", "v": "v_proj"}}
+LORA_LINEARS = {"q": "q_proj", "v": "v_proj"}     # ours -> BART's (LoRALinearController)
 
 
 def _lora(keys: Keys, L: Layout, model, opts: dict) -> list[SeedAdapter] | None:
-    names = LORA_LINEARS[L.family]
+    if L.family != "bart":          # the seeds' VL-T5 builds no LoRA: its keys are unknown keys
+        return None
+    names = LORA_LINEARS
     probe = f"{L.attention('enc', 0, 'self')}.{names['q']}.lora_As."
     if not any(k.startswith(probe) for k in keys.state):
         return None

@@ -42,35 +42,41 @@ def _backbone(spec: str):
 
 
 def run_import(args, extra) -> int:
-    from petserve.adapters.adapter_file import AdapterFileError, adapter_bytes, load_adapter, save_adapter
+    from petserve.adapters.adapter_file import AdapterFileError, adapter_bytes, load_adapter
+    from petserve.adapters.atomic_file import write_atomically
     from petserve.adapters.sft_format import SFTFormatError, from_seed, load_seed_sft
     model = _backbone(args.backbone)
     try:
         cfg, params = from_seed(load_seed_sft(args.diff), model)
         data = adapter_bytes("sft", cfg, params, model, args.task, name=args.name)
-        load_adapter(data, model)                  # every check a server would make
+        af = load_adapter(data, model)             # every check a server would make
     except (SFTFormatError, AdapterFileError, ValueError) as e:
         raise CliError(str(e)) from None
-    save_adapter(args.out, "sft", cfg, params, model, args.task, name=args.name)
+    write_atomically(Path(args.out), lambda f: f.write(data))
     print(json.dumps({"path": str(args.out), "kind": "sft", "entries": len(cfg.entries),
-                      "trainable_parameters": sum(v.numel() for k, v in params.items()
-                                                  if not k.endswith(".idx"))}))
+                      "trainable_parameters": af.meta.trainable_parameters}))
     return 0
+
+
+def load_sft_file(path: Path, model, flag: str):
+    """The sft adapter file at ``path``, checked against ``model``; CliError naming ``flag``."""
+    from petserve.adapters.adapter_file import AdapterFileError, load_adapter
+    try:
+        af = load_adapter(path, model)
+    except (AdapterFileError, OSError) as e:
+        raise CliError(f"{flag}{path}: {e}") from None
+    if af.kind != "sft":
+        raise CliError(f"{flag}{path} is a {af.kind} adapter, not an sft adapter")
+    return af
 
 
 def run_export(args, extra) -> int:
     import torch
 
-    from petserve.adapters.adapter_file import AdapterFileError, load_adapter
     from petserve.adapters.atomic_file import write_atomically
     from petserve.adapters.sft_format import to_seed
     model = _backbone(args.backbone)
-    try:
-        af = load_adapter(args.adapter, model)
-    except (AdapterFileError, OSError) as e:
-        raise CliError(f"{args.adapter}: {e}") from None
-    if af.kind != "sft":
-        raise CliError(f"{args.adapter} is a {af.kind} adapter; only sft adapters export to this format")
+    af = load_sft_file(args.adapter, model, "")
     obj = to_seed(af.config, af.params, model)
     write_atomically(Path(args.out), lambda f: torch.save(obj, f))
     print(json.dumps({"path": str(args.out), "diffs": len(obj["diffs"]), "abs": len(obj["abs"])}))

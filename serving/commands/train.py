@@ -160,17 +160,9 @@ def sft_options(extra: list[str]) -> SFTArgs:
 
 
 def _train_sft(model, s: SFTArgs, train, held_out, a: TrainArgs):
-    from petserve.adapters.adapter_file import AdapterFileError, load_adapter
     from petserve.adapters.training.lt_sft import LTSFTConfig, train_sft
-    base = None
-    if s.base is not None:
-        try:
-            af = load_adapter(s.base, model)
-        except (AdapterFileError, OSError) as e:
-            raise CliError(f"--base {s.base}: {e}") from None
-        if af.kind != "sft":
-            raise CliError(f"--base {s.base} is a {af.kind} adapter; a task sft trains on an sft")
-        base = af.compile(model)
+    from petserve.serving.commands.sft_files import load_sft_file
+    base = None if s.base is None else load_sft_file(s.base, model, "--base ").compile(model)
     ltc = LTSFTConfig(params=tuple(p for p in s.params.split(",") if p), share=s.share,
                       count=s.count, per_param=s.per_param, full_steps=s.full_steps)
     try:
