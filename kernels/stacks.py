@@ -6,7 +6,7 @@ branch without device synchronisation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,7 +82,8 @@ class SparseStack:
     rows, cols: (E,) int64, vals: (E,) in the compute dtype; the entries of slot s are
     ``ptr_host[s] : ptr_host[s + 1]`` (a slot without a delta has an empty range), sorted by
     (row, col) within a slot, each (row, col) at most once per slot. ptr: (S + 1,) int64 on the
-    device, the same offsets. d_out, d_in: the weight's shape.
+    device, the same offsets. d_out, d_in: the weight's shape. ``cache``: values derived from the
+    entries by their users (a stack is rebuilt, never changed, when a slot changes).
     """
 
     rows: torch.Tensor
@@ -92,6 +93,7 @@ class SparseStack:
     ptr_host: list[int]
     d_out: int
     d_in: int
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def count(self, slot: int) -> int:
         return self.ptr_host[slot + 1] - self.ptr_host[slot]

@@ -98,20 +98,12 @@ class StepContext:
         if bneck is None:
             return h
         if residual is not None and bneck.residual_host and any(bneck.residual_host):
-            x = self._residual_rows(bneck.residual_host, x, residual)
+            rows = self.meta.rows_of(bneck.residual_host)
+            x = residual if rows is True else torch.where(rows, residual, x)
         B, T, d = h.shape
         out = bottleneck_residual(h.reshape(B * T, d), x.reshape(B * T, -1), bneck,
                                   self.meta.seg(stream, T))
         return out.view(B, T, d)
-
-    def _residual_rows(self, residual_host: list[bool], x: torch.Tensor, residual: torch.Tensor):
-        """x with the rows of slots flagged in ``residual_host`` replaced by ``residual``."""
-        slots = self.meta.row_slots.tolist()
-        pick = [s >= 0 and residual_host[s] for s in slots]
-        if all(pick):
-            return residual
-        mask = torch.tensor(pick, device=x.device).view(-1, *[1] * (x.dim() - 1))
-        return torch.where(mask, residual, x)
 
     def select(self, rows: torch.Tensor) -> StepContext:
         return StepContext(self.weights, self.meta.select(rows), self.lowrank_dropout)
@@ -119,18 +111,28 @@ class StepContext:
 
 def embedding_rows(ids: torch.Tensor, delta: SparseStack, seg) -> torch.Tensor:
     """(N, d) rows of each token's slot delta dE[s] at its id (zero where its slot changed no
-    such row): the changed rows of a slot are densified once, then looked up (keeps autograd)."""
+    such row): a slot's changed rows are densified once per stack, then looked up (keeps
+    autograd: a training step builds its stack afresh)."""
     out = delta.vals.new_zeros(ids.shape[0], delta.d_in)
     for s, idx in seg.segments():
-        lo, hi = delta.ptr_host[s], delta.ptr_host[s + 1]
-        if lo == hi:
+        if delta.count(s) == 0:
             continue
-        rows, cols, vals = delta.rows[lo:hi], delta.cols[lo:hi], delta.vals[lo:hi]
-        changed, where = torch.unique(rows, return_inverse=True)       # sorted vocabulary rows
-        table = vals.new_zeros(changed.shape[0], delta.d_in).index_put((where, cols), vals,
-                                                                       accumulate=True)
+        changed, table = _changed_rows(delta, s)
         tok = ids.index_select(0, idx)
         pos = torch.searchsorted(changed, tok).clamp_max(changed.shape[0] - 1)
-        hit = (changed[pos] == tok).unsqueeze(1).to(vals.dtype)
+        hit = (changed[pos] == tok).unsqueeze(1).to(table.dtype)
         out = out.index_add(0, idx, table[pos] * hit)
     return out
+
+
+def _changed_rows(delta: SparseStack, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted changed rows, their dense (rows, d_in) deltas) of slot ``s``, kept on the stack."""
+    got = delta.cache.get(("rows", s))
+    if got is None:
+        lo, hi = delta.ptr_host[s], delta.ptr_host[s + 1]
+        rows, cols, vals = delta.rows[lo:hi], delta.cols[lo:hi], delta.vals[lo:hi]
+        changed, where = torch.unique(rows, return_inverse=True)
+        table = vals.new_zeros(changed.shape[0], delta.d_in).index_put((where, cols), vals,
+                                                                       accumulate=True)
+        got = delta.cache[("rows", s)] = (changed, table)
+    return got

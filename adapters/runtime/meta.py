@@ -49,6 +49,16 @@ class BatchMeta:
             self._segs[key] = SegmentMeta.from_rows(self.row_slots, length, valid)
         return self._segs[key]
 
+    def rows_of(self, slot_flags: list[bool]) -> torch.Tensor | bool:
+        """(B, 1, 1) bool: rows whose slot is flagged in ``slot_flags``; True when every row is
+        (cached per flag pattern, so the layers of a step pay one host read)."""
+        key = ("flags", tuple(slot_flags))
+        if key not in self._segs:
+            pick = [s >= 0 and slot_flags[s] for s in self.row_slots.tolist()]
+            self._segs[key] = True if all(pick) else \
+                torch.tensor(pick, device=self.row_slots.device).view(-1, 1, 1)
+        return self._segs[key]
+
     def base_seg(self, length: int) -> SegmentMeta:
         """Like seg(), but rows without an adapter use the backbone row of vector stacks."""
         key = ("base", length)
