@@ -30,15 +30,16 @@ from petserve.adapters.backbone.model import DEFAULT_INPUTS, RowInput
 from petserve.adapters.backbone.visual import grid_side, pool_grid
 from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
 from petserve.adapters.runtime.bank import SlotBank
-from petserve.adapters.runtime.compose import CompositionError, compose
 from petserve.adapters.tasks import InputFormat, get_task
 from petserve.serving.engine_io import InferenceRequest, InferenceResult
 from petserve.serving.errors import ApiError
 from petserve.serving.metrics import BACKBONE_LABEL, COMPOSITE_LABEL
 from petserve.serving.scheduler import Job, Scheduler
 from petserve.serving.server_config import EngineConfig
-from petserve.serving.slot_pool import SlotPool, compile_on_cpu, parse_stored
+from petserve.serving.slot_pool import SlotPool, compile_on_cpu, compose_members, parse_stored
 from petserve.serving.store import AdapterStore
+
+INPUT_FORMATS_KEPT = 4096      # parsed input formats kept (all dropped when full)
 
 
 class Engine:
@@ -51,6 +52,7 @@ class Engine:
                                    config.max_prefill_tokens, self._complete)
         self._lock = threading.Lock()
         self._per_adapter: dict[str, dict[str, float]] = {}
+        self._inputs: dict[tuple[str, int], InputFormat] = {}     # see _input_format
         self._latency_ema_s = 1.0
 
     @property
@@ -109,12 +111,7 @@ class Engine:
         for i, v in zip(ids, versions):
             af = parse_stored(self.store.read(i, v), self.model)
             parts.append((i, compile_on_cpu(af, self.model, task if af.task_conditioned else None)))
-        if len(parts) == 1:
-            return parts[0][1]
-        try:
-            return compose(parts, self.model)
-        except CompositionError as e:
-            raise ApiError.unprocessable("adapters_do_not_compose", str(e)) from None
+        return parts[0][1] if len(parts) == 1 else compose_members(parts, self.model)
 
     def _complete(self, job: Job, out: GenerationResult) -> None:
         """Scheduler callback: a job's searcher finished."""
@@ -183,9 +180,21 @@ class Engine:
         # None: stored before uploads recorded it; the pool then parses the file to find out
         if stored.meta.get("task_conditioned", True):
             self.pool.check_task(adapter_id, stored.version, task)
-        # stored before uploads recorded it: such adapters were all made with the defaults
-        inputs = InputFormat.model_validate(stored.meta.get("inputs", {}))
-        return stored.version, inputs
+        return stored.version, self._input_format(adapter_id, stored)
+
+    def _input_format(self, adapter_id: str, stored) -> InputFormat:
+        """The stored version's input format, parsed once per (id, version); an adapter stored
+        before uploads recorded it was made with the defaults."""
+        key = (adapter_id, stored.version)
+        with self._lock:
+            got = self._inputs.get(key)
+        if got is None:
+            got = InputFormat.model_validate(stored.meta.get("inputs", {}))
+            with self._lock:
+                if len(self._inputs) >= INPUT_FORMATS_KEPT:
+                    self._inputs.clear()
+                self._inputs[key] = got
+        return got
 
     def _composite_versions(self, ids: tuple[str, ...], task: str) -> tuple[tuple[int, ...], InputFormat]:
         """Each member's latest version (one store read each) and the input format they share;

@@ -60,6 +60,14 @@ def compile_on_cpu(af: AdapterFile, model, task: str | None) -> CompiledAdapter:
         raise
 
 
+def compose_members(parts: list[tuple[str, CompiledAdapter]], model) -> CompiledAdapter:
+    """adapters/runtime/compose.py's composite; members that do not compose are a 422."""
+    try:
+        return compose(parts, model)
+    except CompositionError as e:
+        raise ApiError.unprocessable("adapters_do_not_compose", str(e)) from None
+
+
 def parse_stored(data: bytes, model) -> AdapterFile:
     """A stored blob parsed and validated; a blob that no longer fits this backbone is the client's
     upload gone stale, so AdapterFileError becomes an ApiError with its status and code."""
@@ -286,11 +294,7 @@ class SlotPool:
             if mkey not in e.compiled:
                 e.compiled[mkey] = compile_on_cpu(e.file, self.model, mkey)
             parts.append((m, e.compiled[mkey]))
-        try:
-            got = compose(parts, self.model)
-        except CompositionError as err:
-            raise ApiError.unprocessable("adapters_do_not_compose", str(err)) from None
-        self._composites[key] = got
+        got = self._composites[key] = compose_members(parts, self.model)
         while len(self._composites) > self.cpu_capacity:
             self._composites.popitem(last=False)
         return tkey, got

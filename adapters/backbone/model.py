@@ -55,6 +55,7 @@ class VLModel(nn.Module):
             cfg.vision.feat_dim, cfg.lm.d_model, cfg.n_images, norm=cfg.visual_norm,
             eps=cfg.lm.norm_eps if cfg.visual_norm == "rms" else 1e-5, object_order=cfg.object_order)
         self.fingerprint = ""          # set by loading.build_backbone
+        self._choices: dict[str, tuple[int, ...]] = {}   # choice_ids per task
 
     @property
     def device(self):
@@ -74,13 +75,19 @@ class VLModel(nn.Module):
     def choice_ids(self, task: str) -> tuple[int, ...]:
         """How a task answered by choosing is decoded: the tokens every target starts with (BART's
         ``<s>``), -1, then the first token of each answer word (the seeds: ``tokenizer(word,
-        add_special_tokens=False).input_ids[0]``). () for a freely generated task."""
-        words = get_task(task).choices
-        if not words:
-            return ()
-        prefix = self.target_ids("")[:-1]          # an empty target less its end of sequence
-        firsts = [self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
-        return (*prefix, -1, *firsts)
+        add_special_tokens=False).input_ids[0]``). () for a freely generated task. Tokenized once
+        per task."""
+        got = self._choices.get(task)
+        if got is None:
+            words = get_task(task).choices
+            if not words:
+                got = ()
+            else:
+                prefix = self.target_ids("")[:-1]      # an empty target less its end of sequence
+                firsts = [self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+                got = (*prefix, -1, *firsts)
+            self._choices[task] = got
+        return got
 
     def target_ids(self, target: str) -> list[int]:
         return list(self.tokenizer(target)["input_ids"])
