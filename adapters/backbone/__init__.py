@@ -8,7 +8,7 @@ from importlib import import_module
 from petserve.adapters.backbone.config import PRESETS, BackboneConfig, LMConfig, VisionConfig, preset
 
 _LAZY = {"build_backbone": "loading", "fingerprint": "loading", "save_backbone": "loading",
-         "RowInput": "model", "VLModel": "model", "prompt_text": "model",
+         "RowInput": "model", "VLModel": "model",
          "VisualTokens": "visual", "feature_tokens": "visual"}
 
 __all__ = ["PRESETS", "BackboneConfig", "LMConfig", "VisionConfig", "preset", *_LAZY]

@@ -29,12 +29,6 @@ from petserve.adapters.tasks import InputFormat, get_task
 DEFAULT_INPUTS = InputFormat()
 
 
-def prompt_text(task: str, text: str, inputs: InputFormat = DEFAULT_INPUTS) -> str:
-    """The input text: ``vqa: {question}``, ``nlvr: {statement}``, ``caption:`` by default, else
-    the prompt strings the adapter recorded."""
-    return inputs.prompt(task, text)
-
-
 @dataclass
 class RowInput:
     """One request as the model sees it: token ids of the prompt text and its visual tokens
