@@ -5,6 +5,8 @@ it takes, whether its target is a caption (scored by BLEU/CIDEr, longer default 
 whether it is answered by choosing between words (NLVR2: the likelier of ``true`` and ``false`` at
 the first decoder position, as the seeds decide it) rather than by free generation. A
 video task uses its image task's prefix, so one adapter trained on images and clips answers both.
+``text`` is unlabelled text under the backbone's denoising objective (adapters/data/denoise.py), with
+no prefix, as T5 pre-trains: what a language SFT learns from; no endpoint serves it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("caption", "caption", "image", caption=True),
     Task("video_qa", "vqa", "video"),
     Task("video_caption", "caption", "video", caption=True),
+    Task("text", "", "image"),
 )}
 TASK_NAMES = tuple(TASKS)
 # the tasks a task-conditioned adapter (Hyperformer, multiple adapters) has entries for by default
@@ -77,6 +80,8 @@ class InputFormat(BaseModel):
         """The text the tokenizer sees for ``task`` and the request's ``text``."""
         t = get_task(task)
         if self.prompts is None:
+            if not t.prefix:
+                return text
             return f"{t.prefix}: {text}".strip() if text else f"{t.prefix}:"
         prefix = self.prompts.get(t.name, self.prompts.get(t.prefix))
         if prefix is None:

@@ -31,9 +31,11 @@ def scores(shipped):
 def test_shipped_assets_are_small_and_complete(shipped):
     files = [p for p in demo.SHIPPED_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 5 * 2**20
-    assert set(shipped.adapters) == set(demo.TARGETS)
-    kinds = {json.loads(_meta(p))["kind"] for p in shipped.adapters.values()}
-    assert len(kinds) == 4                              # four different kinds
+    sfts = {r.adapter_id for r in demo.SFT_RECIPES}
+    assert set(shipped.adapters) == set(demo.TARGETS) | sfts
+    kinds = {i: json.loads(_meta(p))["kind"] for i, p in shipped.adapters.items()}
+    assert len({kinds[t] for t in demo.TARGETS}) == 4   # four different kinds
+    assert {kinds[i] for i in sfts} == {"sft"}
 
 
 def _meta(path) -> str:
@@ -57,6 +59,22 @@ def test_each_adapter_answers_video_clips_too(scores, task):
 def test_bare_backbone_and_mismatched_adapter_score_far_lower(scores, task):
     assert scores.bare[task] <= scores.adapter[task] - 0.30, scores
     assert scores.mismatched[task] <= scores.adapter[task] - 0.30, scores
+
+
+@pytest.fixture(scope="module")
+def composition(shipped):
+    return demo.composition_scores(shipped, n=60)
+
+
+def test_composition_demo_each_member_alone_fails_in_french(composition):
+    assert composition.language_alone < demo.ALONE_LIMIT, composition
+    assert composition.task_alone < demo.ALONE_LIMIT, composition
+    assert composition.bare == 0.0, composition
+
+
+def test_composition_demo_in_english_answers_the_task(composition):
+    """colors-sft over lang-en, as it was trained, served as a composite: the English figure."""
+    assert composition.english_composed >= 0.95, composition
 
 
 def test_ensure_prefers_shipped_then_cache_then_builds(shipped, tmp_path, monkeypatch):
@@ -92,6 +110,8 @@ def test_the_builder_is_deterministic(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "BASE", replace(demo.BASE, pretrain=tiny))
     monkeypatch.setattr(demo, "RECIPES", tuple(
         replace(r, train_size=8, steps=2, batch_size=4, video_size=2) for r in demo.RECIPES))
+    monkeypatch.setattr(demo, "SFT_RECIPES", tuple(
+        replace(r, train_size=8, steps=2, batch_size=4) for r in demo.SFT_RECIPES))
     first = demo.build_demo_assets(tmp_path / "a", progress=False)
     second = demo.build_demo_assets(tmp_path / "b", progress=False)
     assert demo.valid_assets(tmp_path / "a") is not None

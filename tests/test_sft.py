@@ -42,7 +42,7 @@ def random_sft(model, seed: int, density: float = 0.05, names=TOUCHED, dense: tu
         numel = math.prod(known[name][2])
         k = max(1, int(numel * density))
         params[f"{name}.idx"] = torch.randperm(numel, generator=g)[:k].sort().values
-        params[f"{name}.val"] = torch.randn(k, generator=g) * 0.5
+        params[f"{name}.val"] = torch.randn(k, generator=g) * 0.2
         entries[name] = k
     for name in dense:
         base = model.get_parameter(name).detach()

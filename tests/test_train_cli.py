@@ -26,6 +26,18 @@ def test_train_writes_a_loadable_adapter(tmp_path, capsys):
     assert adapter.config.r == 4 and adapter.config.alpha == 8 and adapter.meta.task == "vqa"
 
 
+def test_a_language_sft_learns_french_captions_by_denoising(tmp_path, capsys):
+    """--lang fr draws the demo source in French; --denoise learns its captions as unlabelled text
+    (span corruption on a T5: the eval's targets are the hidden words)."""
+    argv = ["train", "--kind", "sft", "--task", "text", "--data", "demo:caption", "--lang", "fr",
+            "--denoise", "--out", str(tmp_path / "fr.safetensors"), *TINY, "--steps", "2",
+            "--share", "0.01"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["kind"] == "sft" and summary["task"] == "text" and summary["steps"] == 2
+    assert load_adapter(tmp_path / "fr.safetensors", build_backbone("tiny")).meta.kind == "sft"
+
+
 def test_checkpoint_and_resume_from_the_cli(tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     assert main(_train(tmp_path, "--steps", "4", "--checkpoint-dir", ckpt, "--eval-every", "2",
@@ -96,6 +108,12 @@ def _bad_jsonl(tmp_path):
     (["--kind", "lora", "--task", "vqa", "--data", "demo:colors", "--out", "x", "--rr", "4"],
      "no option --rr"),
     (["--kind", "lora", "--task", "vqa", "--data", "demo:nope", "--out", "x"], "unknown demo task"),
+    (["--kind", "lora", "--task", "vqa", "--data", "demo:colors", "--out", "x", "--lang", "de"],
+     "--lang: Input should be 'en' or 'fr'"),
+    (["--kind", "lora", "--task", "vqa", "--data", "missing.jsonl", "--out", "x", "--lang", "fr"],
+     "--lang fr: only a demo: source has another language"),
+    (["--kind", "sft", "--task", "caption", "--data", "demo:caption", "--out", "x", "--denoise"],
+     "--denoise learns unlabelled text: give --task text"),
     (["--kind", "lora", "--task", "vqa", "--data", "missing.jsonl", "--out", "x"], "file not found"),
     (["--kind", "lora", "--task", "vqa", "--data", "vqav2:q.json,a.json", "--out", "x"],
      "needs 3 comma-separated paths"),

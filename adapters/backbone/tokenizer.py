@@ -1,7 +1,11 @@
 """Tokenizers: a local Hugging Face tokenizer directory, or the built-in tiny word-level one.
 
 The tiny tokenizer needs no download: a fixed word list covering the task prefixes, the demo tasks
-(colors, shapes, counts, captions) and common English question words. Unknown words map to <unk>.
+(colors, shapes, counts, captions), common English question words and the demo's second language
+(French words for the same world, docs/METHODS.md "Composition"). Unknown words map to <unk>. Like
+the real T5 / BART / VL-T5 vocabularies it ends with special tokens: T5's span-corruption sentinels
+``<extra_id_k>``, BART's ``<mask>``, and VL-T5's ``<vis_extra_id_k>`` rows (visual token k of an image
+adds the embedding of row V-1-k), so no word's row doubles as an object-order embedding.
 """
 from __future__ import annotations
 
@@ -19,7 +23,17 @@ circle square triangle rectangle star
 zero one two three four five six seven eight nine ten
 big small large little
 """.split()
-TINY_VOCAB = SPECIALS + sorted(set(_WORDS) - set(SPECIALS))
+_FRENCH = """
+de quelle quel quels est la le les forme formes couleur objets objet y t il qu ce qui gauche droite
+du et un une deux trois quatre cinq rouge vert bleu jaune orange violet blanc noir cercle carre
+triangle combien oui non image
+""".split()
+SENTINELS = [f"<extra_id_{k}>" for k in range(10)]   # T5 span corruption
+MASK = "<mask>"                                        # BART text infilling
+VIS_EXTRA = [f"<vis_extra_id_{k}>" for k in range(64)][::-1]   # row V-1-k is <vis_extra_id_k>
+_ENGLISH = sorted(set(_WORDS) - set(SPECIALS))
+TINY_VOCAB = (SPECIALS + _ENGLISH + sorted(set(_FRENCH) - set(_ENGLISH)) + SENTINELS + [MASK]
+              + VIS_EXTRA)
 TINY_VOCAB_SIZE = len(TINY_VOCAB)
 
 
@@ -34,6 +48,8 @@ def tiny_tokenizer(family: str = "t5"):
 
     vocab = {w: i for i, w in enumerate(TINY_VOCAB)}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    extra = SENTINELS + [MASK] + VIS_EXTRA
+    tok.add_special_tokens(extra)       # matched whole, before the text is split into words
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -44,7 +60,8 @@ def tiny_tokenizer(family: str = "t5"):
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", special_tokens=[("<s>", 3), ("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", bos_token="<s>")
+                                   unk_token="<unk>", bos_token="<s>", mask_token=MASK,
+                                   additional_special_tokens=extra)
 
 
 def load_tokenizer(directory: Path | None, family: str):

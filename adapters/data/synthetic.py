@@ -45,6 +45,18 @@ QUESTIONS = {
     "count": "how many shapes are there?",
     "caption": "",
 }
+# The demo's second language (docs/METHODS.md, "Composition"): the same world in French words.
+LANGUAGES = ("en", "fr")
+FRENCH = {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune", "orange": "orange",
+          "purple": "violet", "white": "blanc", "black": "noir", "circle": "cercle",
+          "square": "carre", "triangle": "triangle", "one": "un", "two": "deux", "three": "trois",
+          "four": "quatre", "five": "cinq"}
+QUESTIONS_FR = {
+    "colors": "de quelle couleur est la forme ?",
+    "shapes": "quelle est la forme ?",
+    "count": "combien de formes y a-t-il ?",
+    "caption": "",
+}
 _GAP = 4  # keeps shapes visibly apart so "count" is unambiguous to a human too
 _MAX_TRIES = 200
 _MAX_RESTARTS = 50
@@ -141,17 +153,43 @@ def render_scene(scene: Scene) -> Image.Image:
     return img
 
 
-def answer_for(task_id: str, shapes: tuple[Shape, ...]) -> str:
-    """The target string of ``task_id`` for a scene (captions list shapes left to right)."""
+def word(english: str, lang: str = "en") -> str:
+    """A colour, shape or number word of the demo world in ``lang``."""
+    return english if lang == "en" else FRENCH[english]
+
+
+def object_name(s: Shape, lang: str = "en") -> str:
+    """``red circle`` / ``cercle rouge`` (French puts the colour after the noun)."""
+    if lang == "en":
+        return f"{s.color} {s.shape}"
+    return f"{FRENCH[s.shape]} {FRENCH[s.color]}"
+
+
+def question_for(task_id: str, lang: str = "en") -> str:
     _check_task(task_id)
+    _check_lang(lang)
+    return (QUESTIONS if lang == "en" else QUESTIONS_FR)[task_id]
+
+
+def answer_for(task_id: str, shapes: tuple[Shape, ...], lang: str = "en") -> str:
+    """The target string of ``task_id`` for a scene in ``lang`` (captions list shapes left to
+    right: ``a red circle and a blue square``, ``un cercle rouge et un carre bleu``)."""
+    _check_task(task_id)
+    _check_lang(lang)
     if task_id == "colors":
-        return shapes[0].color
+        return word(shapes[0].color, lang)
     if task_id == "shapes":
-        return shapes[0].shape
+        return word(shapes[0].shape, lang)
     if task_id == "count":
-        return NUMBER_WORDS[len(shapes) - 1]
+        return word(NUMBER_WORDS[len(shapes) - 1], lang)
     ordered = sorted(shapes, key=lambda s: (s.center[0], s.center[1]))
-    return " and ".join(f"a {s.color} {s.shape}" for s in ordered)
+    article, conj = ("a", " and ") if lang == "en" else ("un", " et ")
+    return conj.join(f"{article} {object_name(s, lang)}" for s in ordered)
+
+
+def _check_lang(lang: str) -> None:
+    if lang not in LANGUAGES:
+        raise ValueError(f"unknown demo language {lang!r}; valid: {', '.join(LANGUAGES)}")
 
 
 def make_demo_scenes(task_id: str, n: int, seed: int, size: int = IMAGE_SIZE) -> list[Scene]:
@@ -161,18 +199,20 @@ def make_demo_scenes(task_id: str, n: int, seed: int, size: int = IMAGE_SIZE) ->
     return [sample_scene(rng, _num_shapes(task_id, rng), size) for _ in range(n)]
 
 
-def make_demo_examples(task_id: str, n: int, seed: int) -> list[Example]:
-    """``n`` image examples of a demo task, deterministic in ``seed``.
+def make_demo_examples(task_id: str, n: int, seed: int, lang: str = "en") -> list[Example]:
+    """``n`` image examples of a demo task, deterministic in ``seed``; questions and answers in
+    ``lang`` (the same seed draws the same scenes in every language).
 
     ``task_id`` is one of :data:`DEMO_TASKS`; anything else raises ValueError.
     """
     task = "caption" if task_id == "caption" else "vqa"
-    out = []
+    question, out = question_for(task_id, lang), []
+    suffix = "" if lang == "en" else f"-{lang}"
     for i, scene in enumerate(make_demo_scenes(task_id, n, seed)):
-        answer = answer_for(task_id, scene.shapes)
+        answer = answer_for(task_id, scene.shapes, lang)
         out.append(Example(
-            task=task, text=QUESTIONS[task_id], target=answer, references=[answer],
-            images=[render_scene(scene)], example_id=f"{task_id}-{seed}-{i}",
+            task=task, text=question, target=answer, references=[answer],
+            images=[render_scene(scene)], example_id=f"{task_id}{suffix}-{seed}-{i}",
         ))
     return out
 

@@ -14,6 +14,12 @@ The base must see colours, shapes, counts and positions, yet must NOT already an
        is there a green triangle?       -> yes / no   (negatives share a colour or a shape)
        are there three objects?         -> yes / no
        what is left of the red circle?  -> blue square   (its neighbour; also "right of")
+       is the color of the circle red?  -> yes / no   (also "is the red shape a circle?")
+
+With ``french`` > 0 that share of the questions is asked and answered in the demo's second
+language (``quels objets y a-t-il ?`` -> ``cercle rouge , carre bleu``): the base is bilingual the
+way the multilingual models composable SFT starts from are (docs/METHODS.md, "Composition"), while
+every demo task, and every task adapter, stays English.
 
 The demo tasks differ in prefix (``vqa:`` / ``caption:``), wording and output format (one colour
 word, one shape word, a number word, a caption with articles), so the bare backbone fails them and
@@ -30,13 +36,14 @@ from tqdm.auto import tqdm
 
 from petserve.adapters.backbone.model import RowInput, VLModel
 from petserve.adapters.backbone.visual import VisualTokens
-from petserve.adapters.data.synthetic import COLORS, NUMBER_WORDS, SHAPES
+from petserve.adapters.data.synthetic import COLORS, NUMBER_WORDS, SHAPES, Shape, object_name, word
 from petserve.adapters.runtime.context import StepContext
 from petserve.adapters.training.scene_pool import MAX_OBJECTS, ScenePool, make_scene_pool
 from petserve.adapters.training.schedule import batch_indices, lr_at, warmup_steps
 
 PRETRAIN_TASK = "gqa"
-QUESTION_MIX = (("list", 0.35), ("exists", 0.25), ("count", 0.2), ("relation", 0.2))
+QUESTION_MIX = (("list", 0.3), ("exists", 0.2), ("count", 0.15), ("relation", 0.15),
+                ("attribute", 0.2))
 
 
 @dataclass(frozen=True)
@@ -48,57 +55,89 @@ class PretrainConfig:
     lr: float = 2e-3
     batch_size: int = 32
     seed: int = 0
+    french: float = 0.0             # share of grounding questions in French
 
 
 # ---- grounding questions -------------------------------------------------------------------
-def _name(s) -> str:
-    return f"{s.color} {s.shape}"
+# (question templates, answers yes / no) per language
+_WORDING = {
+    "en": {"list": "what objects are there?", "exists": "is there a {}?",
+           "count": "are there {} objects?", "relation": "what is {} of the {}?",
+           "color": "is the color of the {} {}?", "shape": "is the {} shape a {}?",
+           "left": "left", "right": "right", "yes": "yes", "no": "no"},
+    "fr": {"list": "quels objets y a-t-il ?", "exists": "y a-t-il un {} ?",
+           "count": "y a-t-il {} objets ?", "relation": "qu'est-ce qui est a {} du {} ?",
+           "color": "la couleur du {} est {} ?", "shape": "la forme {} est un {} ?",
+           "left": "gauche", "right": "droite", "yes": "oui", "no": "non"},
+}
 
 
 def left_to_right(scene):
     return sorted(scene.shapes, key=lambda s: (s.center[0], s.center[1]))
 
 
-def grounding_question(scene, rng: random.Random) -> tuple[str, str]:
-    """One (question, answer) pair about ``scene`` (formats in the module docstring)."""
+def grounding_question(scene, rng: random.Random, lang: str = "en") -> tuple[str, str]:
+    """One (question, answer) pair about ``scene`` in ``lang`` (formats in the module docstring)."""
+    w = _WORDING[lang]
     kinds, weights = zip(*QUESTION_MIX)
     kind = rng.choices(kinds, weights)[0]
-    if kind == "relation":
-        pair = _relation(scene, rng)
+    if kind in ("relation", "attribute"):
+        pair = (_relation if kind == "relation" else _attribute)(scene, rng, lang)
         if pair is not None:
             return pair
         kind = "list"
     if kind == "exists":
-        return _exists(scene, rng)
+        return _exists(scene, rng, lang)
     if kind == "count":
         n = len(scene.shapes)
         asked = n if rng.random() < 0.5 else rng.choice([k for k in range(1, 6) if k != n])
-        return f"are there {NUMBER_WORDS[asked - 1]} objects?", "yes" if asked == n else "no"
-    return "what objects are there?", " , ".join(_name(s) for s in left_to_right(scene))
+        return (w["count"].format(word(NUMBER_WORDS[asked - 1], lang)),
+                w["yes"] if asked == n else w["no"])
+    return w["list"], " , ".join(object_name(s, lang) for s in left_to_right(scene))
 
 
-def _exists(scene, rng: random.Random) -> tuple[str, str]:
+def _exists(scene, rng: random.Random, lang: str) -> tuple[str, str]:
+    w = _WORDING[lang]
     present = sorted({(s.color, s.shape) for s in scene.shapes})
     color, shape = rng.choice(present)
-    if rng.random() < 0.5:
-        return f"is there a {color} {shape}?", "yes"
-    while (color, shape) in present:        # a near miss: keep the colour or the shape
-        if rng.random() < 0.5:
-            color = rng.choice(COLORS)
-        else:
-            shape = rng.choice(SHAPES)
-    return f"is there a {color} {shape}?", "no"
+    if rng.random() >= 0.5:
+        while (color, shape) in present:    # a near miss: keep the colour or the shape
+            if rng.random() < 0.5:
+                color = rng.choice(COLORS)
+            else:
+                shape = rng.choice(SHAPES)
+    name = object_name(Shape(shape, color, 0, 0, 1), lang)
+    return w["exists"].format(name), w["yes"] if (color, shape) in present else w["no"]
 
 
-def _relation(scene, rng: random.Random) -> tuple[str, str] | None:
-    names = [_name(s) for s in left_to_right(scene)]
+def _attribute(scene, rng: random.Random, lang: str) -> tuple[str, str] | None:
+    """Is the colour of the (only) circle red? / Is the (only) red shape a circle? -> yes / no."""
+    w = _WORDING[lang]
+    asks = [("color", s) for s in scene.shapes if [t.shape for t in scene.shapes].count(s.shape) == 1]
+    asks += [("shape", s) for s in scene.shapes if [t.color for t in scene.shapes].count(s.color) == 1]
+    if not asks:
+        return None
+    what, s = rng.choice(asks)
+    yes = rng.random() < 0.5
+    if what == "color":
+        asked = s.color if yes else rng.choice([c for c in COLORS if c != s.color])
+        question = w["color"].format(word(s.shape, lang), word(asked, lang))
+    else:
+        asked = s.shape if yes else rng.choice([k for k in SHAPES if k != s.shape])
+        question = w["shape"].format(word(s.color, lang), word(asked, lang))
+    return question, w["yes"] if yes else w["no"]
+
+
+def _relation(scene, rng: random.Random, lang: str) -> tuple[str, str] | None:
+    names = [object_name(s, lang) for s in left_to_right(scene)]
     unique = [i for i, n in enumerate(names) if names.count(n) == 1]
     options = [(i, side) for i in unique for side, j in (("left", i - 1), ("right", i + 1))
                if 0 <= j < len(names)]
     if not options:
         return None
     i, side = rng.choice(options)
-    return f"what is {side} of the {names[i]}?", names[i - 1 if side == "left" else i + 1]
+    question = _WORDING[lang]["relation"].format(_WORDING[lang][side], names[i])
+    return question, names[i - 1 if side == "left" else i + 1]
 
 
 # ---- the base model ------------------------------------------------------------------------
@@ -260,7 +299,8 @@ def _language_loss(model: VLModel, pool: ScenePool, feats: torch.Tensor, step: i
     order = torch.zeros(feats.shape[1], dtype=torch.long, device=feats.device)
     rows, targets = [], []
     for i in batch_indices(step, len(pool), pc.batch_size, pc.seed + 1):
-        question, answer = grounding_question(pool.scenes[i], rng)
+        lang = "fr" if pc.french and rng.random() < pc.french else "en"
+        question, answer = grounding_question(pool.scenes[i], rng, lang)
         rows.append(RowInput(model.row_input(PRETRAIN_TASK, question, None).ids,
                              VisualTokens(feats[i], boxes, order)))
         targets.append(model.target_ids(answer))

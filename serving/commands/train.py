@@ -19,7 +19,7 @@ from petserve.serving.store import ADAPTER_ID_RE
 
 FLAGS = ("kind", "task", "data", "out", "backbone", "steps", "epochs", "batch_size", "lr",
          "warmup_ratio", "clip_grad", "weight_decay", "seed", "train_size", "eval_data", "eval_size",
-         "eval_every", "num_beams", "checkpoint_dir", "push", "id", "token")
+         "eval_every", "num_beams", "checkpoint_dir", "push", "id", "token", "lang")
 SOURCES = "demo:TASK_ID, demo-video:TASK_ID, FILE.jsonl, vqav2:QUESTIONS,ANNOTATIONS,IMAGE_DIR or " \
           "coco:CAPTIONS,IMAGE_DIR"
 
@@ -47,6 +47,9 @@ class TrainArgs(BaseModel):
     eval_every: int = Field(0, ge=0, description="evaluate every N updates (and at the end)")
     num_beams: int = Field(1, ge=1, description="beam width when evaluating")
     checkpoint_dir: Path | None = Field(None, description="checkpoint here (and --resume from it)")
+    lang: Literal["en", "fr"] = Field("en", description="language of a demo source's questions "
+                                      "and answers (en, fr)")
+    denoise: bool = False
     resume: bool = False
     quiet: bool = False
     push: str | None = Field(None, description="server URL to upload the adapter to")
@@ -61,6 +64,8 @@ class TrainArgs(BaseModel):
             raise ValueError("--resume needs --checkpoint-dir")
         if self.push and not self.id:
             raise ValueError("--push needs --id")
+        if self.denoise and self.task != "text":
+            raise ValueError("--denoise learns unlabelled text: give --task text")
         return self
 
 
@@ -73,6 +78,9 @@ def register(sub) -> None:
         default = "" if info.is_required() or info.default is None else f" (default {info.default})"
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None,
                        help=(info.description or "") + default)
+    p.add_argument("--denoise", action="store_true", help="learn the data's answers / captions as "
+                   "unlabelled text with the backbone's denoising objective (T5 span corruption, "
+                   "BART text infilling): a language sft")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run, accepts_extra=True)
@@ -84,7 +92,7 @@ def parse_args(args) -> TrainArgs:
         if required not in given:
             raise CliError(f"--{required} is required")
     try:
-        return TrainArgs(resume=args.resume, quiet=args.quiet, **given)
+        return TrainArgs(resume=args.resume, quiet=args.quiet, denoise=args.denoise, **given)
     except ValidationError as e:
         first = e.errors()[0]
         where = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "arguments"
@@ -103,6 +111,11 @@ def run(args, extra: list[str]) -> int:
         cfg = make_config(kind_cls, parse_kind_options(kind_cls, extra))
     train, held_out = load_sources(a)
     model = load_backbone(a.backbone, a.quiet)
+    if a.denoise:
+        from petserve.adapters.data.denoise import denoising_examples
+        family = model.cfg.lm.family
+        train = denoising_examples(train, family, a.seed)
+        held_out = held_out and denoising_examples(held_out, family, a.seed + 1)
     if a.kind == "sft":
         result = _train_sft(model, sft, train, held_out, a)
     else:
@@ -185,24 +198,29 @@ def load_backbone(spec: str, quiet: bool = False):
 
 def load_sources(a: TrainArgs):
     """(training examples, held-out examples or None) from --data / --eval-data."""
-    train = load_source(a.data, a.train_size, a.seed, "--data")
+    train = load_source(a.data, a.train_size, a.seed, "--data", a.lang)
     if a.eval_data:
-        return train, load_source(a.eval_data, a.eval_size, a.seed + 1_000_003, "--eval-data")
+        return train, load_source(a.eval_data, a.eval_size, a.seed + 1_000_003, "--eval-data",
+                                  a.lang)
     if a.data.startswith(("demo:", "demo-video:")):   # a fresh draw: never seen in training
-        return train, load_source(a.data, a.eval_size, a.seed + 1_000_003, "--data")
+        return train, load_source(a.data, a.eval_size, a.seed + 1_000_003, "--data", a.lang)
     if a.eval_every:
         raise CliError("--eval-every needs --eval-data for a file data source")
     return train, None
 
 
-def load_source(spec: str, size: int, seed: int, flag: str) -> list:
-    """Examples of a data source (see SOURCES); any problem -> CliError naming it."""
+def load_source(spec: str, size: int, seed: int, flag: str, lang: str = "en") -> list:
+    """Examples of a data source (see SOURCES; ``lang``: a demo source's language); any problem ->
+    CliError naming it."""
     from petserve.adapters import data
     scheme, _, rest = spec.partition(":")
+    if lang != "en" and scheme != "demo":
+        raise CliError(f"--lang {lang}: only a demo: source has another language")
     try:
-        if scheme in ("demo", "demo-video"):
-            make = data.make_demo_examples if scheme == "demo" else data.make_demo_video_examples
-            return make(rest, size, seed)
+        if scheme == "demo":
+            return data.make_demo_examples(rest, size, seed, lang)
+        if scheme == "demo-video":
+            return data.make_demo_video_examples(rest, size, seed)
         if scheme == "vqav2":
             return data.load_vqav2(*_parts(rest, 3, spec, flag))
         if scheme == "coco":
