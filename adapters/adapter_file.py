@@ -60,6 +60,8 @@ class AdapterMeta(BaseModel):
     trainable_parameters: int = 0
     name: str = ""
     inputs: InputFormat = Field(default_factory=InputFormat)
+    # where a generated adapter came from: {"generator": name, "context_sha256": digest}
+    generated: dict[str, str] | None = None
 
 
 @dataclass
@@ -94,14 +96,14 @@ def cast_params(params: dict[str, torch.Tensor], dtype: torch.dtype,
 # ---- writing -------------------------------------------------------------------------------
 def adapter_bytes(kind: str, config: KindConfig, params: dict[str, torch.Tensor], model: VLModel,
                   task: str, name: str = "", dtype: torch.dtype = torch.float32,
-                  inputs: InputFormat | None = None) -> bytes:
+                  inputs: InputFormat | None = None, generated: dict[str, str] | None = None) -> bytes:
     """Serialise an adapter (checked against the kind's declared tensors first)."""
     from safetensors.torch import save
     kind_cls = get_kind(kind)
     _check_tensors(kind_cls.param_shapes(config, model), {k: tuple(v.shape) for k, v in params.items()})
     meta = AdapterMeta(format_version=FORMAT_VERSION, kind=kind, config=config.model_dump(mode="json"),
                        backbone=BackboneRef(fingerprint=model.fingerprint, name=model.cfg.name),
-                       task=task, name=name, inputs=inputs or InputFormat(),
+                       task=task, name=name, inputs=inputs or InputFormat(), generated=generated,
                        trainable_parameters=sum(v.numel() for v in params.values()
                                                 if v.is_floating_point()))
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()

@@ -172,8 +172,10 @@ class VLModel(nn.Module):
     def decode(self, ids, pos, cache: DecoderCache, ctx: StepContext) -> torch.Tensor:
         return self.lm.decode(ids, pos, cache, ctx)
 
-    def loss(self, rows: list[RowInput], targets: list[list[int]], ctx: StepContext) -> torch.Tensor:
-        """Mean token cross-entropy of the targets under teacher forcing."""
+    def teacher_forced_logits(self, rows: list[RowInput], targets: list[list[int]],
+                              ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, L, V), labels (B, L) with -100 past each target) of the targets under
+        teacher forcing."""
         enc, valid = self.encode(rows, ctx)
         cache = self.init_cache(enc, valid, ctx)
         B, L = len(targets), max(len(t) for t in targets)
@@ -183,5 +185,10 @@ class VLModel(nn.Module):
         start = torch.full((B, 1), self.cfg.lm.decoder_start_id, dtype=torch.long, device=self.device)
         inputs = torch.cat([start, labels[:, :-1].clamp_min(0)], 1)
         pos = torch.arange(L, device=self.device).expand(B, L)
-        logits = self.decode(inputs, pos, cache, ctx)
+        return self.decode(inputs, pos, cache, ctx), labels
+
+    def loss(self, rows: list[RowInput], targets: list[list[int]], ctx: StepContext) -> torch.Tensor:
+        """Mean token cross-entropy of the targets under teacher forcing."""
+        logits, labels = self.teacher_forced_logits(rows, targets, ctx)
+        B, L = labels.shape
         return F.cross_entropy(logits.float().reshape(B * L, -1), labels.reshape(-1), ignore_index=-100)
