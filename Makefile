@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m petserve.benchmarks.plot_serving benchmarks/results/engine_cpu.jsonl benchmarks/results/serving_cpu.jsonl
 	$(PY) -m petserve.benchmarks.bench_load --out benchmarks/results/load_cpu.jsonl
 	$(PY) -m petserve.benchmarks.bench_sft --out benchmarks/results/sft_cpu.jsonl
+	$(PY) -m petserve.benchmarks.bench_generator --out benchmarks/results/generator_cpu.jsonl
 
 bench-smoke: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m petserve.benchmarks.bench_kernels --smoke
@@ -35,6 +36,7 @@ bench-smoke: $(STAMP)
 	$(PY) -m petserve.benchmarks.bench_serving --smoke
 	$(PY) -m petserve.benchmarks.bench_load --smoke
 	$(PY) -m petserve.benchmarks.bench_sft --smoke
+	$(PY) -m petserve.benchmarks.bench_generator --smoke
 
 # On a CUDA machine: kernels (Triton, bf16), model decode step, engine and HTTP at GPU sizes.
 bench-gpu: $(STAMP)

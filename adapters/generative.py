@@ -230,13 +230,12 @@ def generate_loras(model: VLModel, generator: Generator, contexts: list[list[tup
     return out
 
 
-def context_hash(items: list[tuple[RowInput, list[int]]]) -> str:
-    """A digest of a context as the backbone sees it (token ids and visual features)."""
+def context_hash(items) -> str:
+    """A digest of a context as the backbone sees it: per item its prompt ids, a key of its media
+    (e.g. the feature cache's content hash; None for text) and its target ids."""
     h = hashlib.sha256()
-    for row, target in items:
-        h.update(json.dumps([row.ids, target, row.zero_boxes]).encode())
-        if row.visual is not None:
-            h.update(row.visual.feats.detach().float().cpu().numpy().tobytes())
+    for ids, media_key, target in items:
+        h.update(json.dumps([list(ids), media_key, list(target)]).encode())
     return h.hexdigest()
 
 

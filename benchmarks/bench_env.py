@@ -26,3 +26,25 @@ def commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_results(rows: list[dict], out, plot) -> None:
+    """Write ``rows`` as JSON lines to ``out``, ``plot(rows, png)`` beside it, and print them."""
+    import json
+    from pathlib import Path
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot(rows, out.with_suffix(".png"))
+    for r in rows:
+        print(json.dumps({**r["setup"], **r["metrics"]}))
+    print(f"wrote {out}")
+
+
+def save_figure(fig, rows: list[dict], png) -> None:
+    """Title ``fig`` with the rows' device, lay it out, save it to ``png`` and close it."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(rows[0]["device"] if rows else "")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

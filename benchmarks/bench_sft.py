@@ -15,7 +15,6 @@ Rows (``{"setup", "metrics", "device", "commit"}``, one per measurement):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from petserve.benchmarks.bench_env import commit, device_name
+from petserve.benchmarks.bench_env import commit, device_name, save_figure, write_results
 from petserve.benchmarks.workloads import Workload, make_requests, serving_backbone
 
 
@@ -128,10 +127,7 @@ def plot(rows: list[dict], png: Path) -> None:
     b.set_xlabel("members")
     b.set_ylabel("compose ms")
     b.set_title("composite compile time")
-    fig.suptitle(rows[0]["device"] if rows else "")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, rows, png)
 
 
 def parse_args(argv):
@@ -175,12 +171,7 @@ def main(argv=None) -> int:
             [memory_row(model, store, args)]
         for r in rows:
             r["setup"]["backbone"] = args.backbone
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plot(rows, args.out.with_suffix(".png"))
-    for r in rows:
-        print(json.dumps({**r["setup"], **r["metrics"]}))
-    print(f"wrote {args.out}")
+    write_results(rows, args.out, plot)
     return 0
 
 

@@ -24,7 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from petserve.serving.auth import TokenCheck, resolve_token
 from petserve.serving.errors import ApiError
 from petserve.serving.media import MediaLimits
-from petserve.serving.metrics import COMPOSITE_LABEL, CONTENT_TYPE, HttpMetrics, RecordMetrics, render
+from petserve.serving.metrics import (
+    COMPOSITE_LABEL,
+    CONTENT_TYPE,
+    CONTEXT_LABEL,
+    HttpMetrics,
+    RecordMetrics,
+    render,
+)
 from petserve.serving.schemas import (
     CAPTION_FORM_SCHEMA,
     VQA_FORM_SCHEMA,
@@ -33,11 +40,13 @@ from petserve.serving.schemas import (
     CaptionRequest,
     CaptionResponse,
     ErrorResponse,
+    GenerateRequest,
     HealthResponse,
     MediaBytes,
     ModelInputs,
     VqaRequest,
     VqaResponse,
+    build_context,
     build_inference_request,
     describe_validation_error,
     finite_or_floor,
@@ -50,7 +59,7 @@ from petserve.serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapte
 log = logging.getLogger(__name__)
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _MEDIA_PARTS = ("image", "images", "video")
-_JSON_PARTS = ("features", "boxes")
+_JSON_PARTS = ("features", "boxes", "context")
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Backend(Protocol):
     async def health(self) -> None: ...             # ApiError 503 "unhealthy" when it is not
     async def generate(self, request): ...          # InferenceRequest -> InferenceResult
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter: ...
+    async def generate_adapter(self, adapter_id: str, context) -> StoredAdapter: ...
     async def list(self) -> list[StoredAdapter]: ...
     async def get(self, adapter_id: str) -> StoredAdapter: ...
     async def delete(self, adapter_id: str) -> StoredAdapter: ...
@@ -108,13 +118,18 @@ async def _read_form(request: Request, max_part_bytes: int) -> tuple[dict, dict[
     return text, files
 
 
-def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple:
+def _form_to_json_parts(text: dict) -> None:
+    """Parse the form fields that carry JSON (features, boxes, context) in place."""
     for key in _JSON_PARTS:
         if key in text:
             try:
                 text[key] = json.loads(text[key])
             except (ValueError, RecursionError):     # 10,000 nested brackets: RecursionError
                 raise ApiError.unprocessable("invalid_request", f"{key}: not valid JSON") from None
+
+
+def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple:
+    _form_to_json_parts(text)
     if files["file"]:
         raise ApiError.unprocessable("invalid_request", "file: not a field of this route (the "
                                      "media parts are image, images and video)")
@@ -193,11 +208,39 @@ def _body_doc(json_schema: dict, form_schema: dict, json_type="application/json"
 
 
 _WRITE_DOC = {"security": [{"bearer": []}]}
+_GENERATE_DOC = {**_WRITE_DOC, **_body_doc(
+    _ref("GenerateRequest"),
+    {"type": "object", "properties": {"context": {"type": "string", "description": "the JSON "
+                                                  "array of context items"}},
+     "required": ["context"], "additionalProperties": False})}
 _UPLOAD_DOC = {**_WRITE_DOC, **_body_doc(
     {"type": "string", "format": "binary"},
     {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
      "required": ["file"]},
     json_type="application/octet-stream")}
+
+
+async def read_context_body(request: Request, config: ServerConfig) -> GenerateRequest:
+    """The generate route's body: JSON, or a form whose text field ``context`` holds the JSON
+    array (``curl -F context=@context-items.json`` or ``-F context='[...]'``)."""
+    ctype = _content_type(request)
+    if ctype in _FORM_TYPES:
+        text, files = await _read_form(request, config.max_body_bytes)
+        if any(files.values()):
+            raise ApiError.unprocessable("invalid_request", "context: send the items as the JSON "
+                                         "text field `context` (images base64 inside it)")
+        _form_to_json_parts(text)
+        try:
+            return GenerateRequest.model_validate(text)
+        except ValidationError as e:
+            raise validation_api_error(e) from None
+    if ctype in ("", "application/json") or ctype.endswith("+json"):
+        try:
+            return GenerateRequest.model_validate_json(await request.body() or b"null", strict=True)
+        except ValidationError as e:
+            raise validation_api_error(e) from None
+    raise ApiError.unsupported_media(
+        "unsupported_content_type", f"send application/json or multipart/form-data, not {ctype!r}")
 
 
 def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck | None = None,
@@ -233,12 +276,14 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         if config.auth_reads:
             token_check.require(request.headers.get("authorization"))
         body, media = await read_generation_body(request, model_cls, config, limits)
-        request.state.adapter = COMPOSITE_LABEL if isinstance(body.adapter, list) else body.adapter
+        request.state.adapter = COMPOSITE_LABEL if isinstance(body.adapter, list) else \
+            CONTEXT_LABEL if body.context is not None else body.adapter
         if not known_inputs:
             info = await backend.info()
             known_inputs.append(ModelInputs(
                 info.feature_dim, info.accepts_pixels, config.media.video_frames,
-                config.engine.max_new_tokens_cap, config.engine.max_beams))
+                config.engine.max_new_tokens_cap, config.engine.max_beams,
+                config.engine.max_context_items))
         engine_request = await run_in_threadpool(
             build_inference_request, body, media, known_inputs[0], limits)
         return await backend.generate(engine_request)
@@ -264,9 +309,10 @@ def _used(r) -> dict:
     """The answer's adapter fields: a composite lists its members and their versions."""
     if isinstance(r.adapter, tuple):
         return {"adapter": list(r.adapter), "adapter_version": None,
-                "adapter_versions": list(r.adapter_version)}
+                "adapter_versions": list(r.adapter_version), "context_sha256": None}
     versions = [] if r.adapter_version is None else [r.adapter_version]
-    return {"adapter": r.adapter, "adapter_version": r.adapter_version, "adapter_versions": versions}
+    return {"adapter": r.adapter, "adapter_version": r.adapter_version, "adapter_versions": versions,
+            "context_sha256": r.context_sha256}
 
 
 def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
@@ -276,6 +322,19 @@ def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
             token_check.require(request.headers.get("authorization"))
         request.state.adapter = validate_adapter_id(adapter_id)
         return adapter_id
+
+    limits = config.media.limits()
+
+    @app.post("/v1/adapters/{adapter_id:path}/generate", status_code=201,
+              response_model=AdapterInfo, responses=ERROR_RESPONSES, openapi_extra=_GENERATE_DOC,
+              summary="Generate a new version of an adapter from a context (Generative Adapter)")
+    async def generate_adapter(adapter_id: str, request: Request) -> AdapterInfo:
+        adapter_id = checked_id(request, adapter_id, write=True)
+        body = await read_context_body(request, config)
+        info = await backend.info()
+        context = await run_in_threadpool(build_context, body.context, info.accepts_pixels, limits,
+                                          config.engine.max_context_items)
+        return AdapterInfo.from_stored(await backend.generate_adapter(adapter_id, context))
 
     # `:path` lets ids like '../../etc' reach validate_adapter_id (a clear 400), not a 404.
     @app.put("/v1/adapters/{adapter_id:path}", status_code=201, response_model=AdapterInfo,
@@ -394,7 +453,7 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (VqaRequest, CaptionRequest):
+        for model in (VqaRequest, CaptionRequest, GenerateRequest):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema

@@ -6,7 +6,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("serve", "train", "params", "push", "import_seed", "sft_files")   # modules in serving/commands/
+# modules in serving/commands/
+COMMANDS = ("serve", "train", "train_generator", "params", "push", "import_seed", "sft_files")
 
 
 class CliError(Exception):

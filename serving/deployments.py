@@ -49,19 +49,23 @@ class LocalBackend:
     """serving.api.Backend on a model, an Engine and a LocalDirStore in this process."""
 
     def __init__(self, model, store: LocalDirStore, engine_config, max_adapter_bytes: int,
-                 replica: str = "local") -> None:
+                 replica: str = "local", generator=None, generator_name: str = "") -> None:
         from petserve.serving.engine import Engine
         self.model, self.store, self.replica = model, store, replica
         self.max_adapter_bytes = max_adapter_bytes
-        self.engine = Engine(model, store, engine_config)
+        self.engine = Engine(model, store, engine_config, generator, generator_name)
 
     @classmethod
     def from_config(cls, config: ServerConfig, replica: str = "local") -> LocalBackend:
         from petserve.adapters.backbone import build_backbone
         model = build_backbone(config.backbone or "tiny", device=config.resolved_device())
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        generator, name = None, ""
+        if config.generator is not None:
+            from petserve.adapters.generative import load_generator
+            generator, name = load_generator(config.generator, model), config.generator.stem
         return cls(model, store, config.engine, config.max_adapter_bytes,
-                   replica)
+                   replica, generator, name)
 
     def start(self) -> None:
         self.engine.start()
@@ -92,6 +96,11 @@ class LocalBackend:
         return self.store.put(adapter_id, blob, meta)
 
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
+        return await asyncio.to_thread(self.upload_now, adapter_id, data)
+
+    async def generate_adapter(self, adapter_id: str, context) -> StoredAdapter:
+        """The generator's adapter of ``context``, stored as a new version like an upload."""
+        data = await self.engine.generated_adapter(context, name=adapter_id)
         return await asyncio.to_thread(self.upload_now, adapter_id, data)
 
     async def list(self) -> list[StoredAdapter]:
@@ -167,11 +176,18 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
     from petserve.serving.auth import resolve_token
     resolved = resolve_token(config.token, config.token_env)
     notes, demo = [], []
+    assets = None
     if config.backbone is None:
         assets = ensure_demo_assets()
-        config = config.model_copy(update={"backbone": str(assets.backbone_dir)})
+        update = {"backbone": str(assets.backbone_dir)}
+        if config.generator is None:
+            update["generator"] = assets.generator
+        config = config.model_copy(update=update)
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
         demo = seed_store(store, assets.adapters, config.backbone, config.max_adapter_bytes)
+    if config.generator is not None and config.generator != getattr(assets, "generator", None):
+        check_generator(config.generator, config.backbone)
+        notes.append(f"generator {config.generator}")
     if config.adapters_dir is not None:
         files = adapter_files(config.adapters_dir)
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
@@ -181,6 +197,14 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
             raise ValueError(f"--adapters {config.adapters_dir}: {e.message}") from None
         notes.append(f"adapters from {config.adapters_dir}: {', '.join(sorted(files))}")
     return PreparedServer(config, resolved.token, resolved.generated, demo, notes)
+
+
+def check_generator(path: Path, backbone: str) -> None:
+    """ValueError naming the problem when ``path`` is not a generator for ``backbone`` (before
+    replicas start and fail on it)."""
+    from petserve.adapters.backbone import build_backbone
+    from petserve.adapters.generative import load_generator
+    load_generator(path, build_backbone(backbone))
 
 
 def adapter_files(directory: Path) -> dict[str, Path]:
@@ -276,6 +300,9 @@ class BackboneReplica:
     async def upload(self, adapter_id: str, data: bytes) -> Outcome:
         return await _outcome(self.backend.upload(adapter_id, data))
 
+    async def generate_adapter(self, adapter_id: str, context) -> Outcome:
+        return await _outcome(self.backend.generate_adapter(adapter_id, context))
+
     async def list(self) -> Outcome:
         return await _outcome(self.backend.list())
 
@@ -349,6 +376,9 @@ class RayBackend:
 
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
         return await self._call("upload", adapter_id, data, adapter=adapter_id)
+
+    async def generate_adapter(self, adapter_id: str, context) -> StoredAdapter:
+        return await self._call("generate_adapter", adapter_id, context, adapter=adapter_id)
 
     async def list(self) -> list[StoredAdapter]:
         return await self._call("list")

@@ -31,28 +31,48 @@ from petserve.adapters.backbone.visual import grid_side, pool_grid
 from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
 from petserve.adapters.runtime.bank import SlotBank
 from petserve.adapters.tasks import InputFormat, get_task
-from petserve.serving.engine_io import InferenceRequest, InferenceResult
+from petserve.serving.engine_io import ContextInput, InferenceRequest, InferenceResult
 from petserve.serving.errors import ApiError
-from petserve.serving.metrics import BACKBONE_LABEL, COMPOSITE_LABEL
-from petserve.serving.scheduler import Job, Scheduler
+from petserve.serving.metrics import BACKBONE_LABEL, COMPOSITE_LABEL, CONTEXT_LABEL
+from petserve.serving.scheduler import ContextItem, ContextJob, Job, Scheduler
 from petserve.serving.server_config import EngineConfig
-from petserve.serving.slot_pool import SlotPool, compile_on_cpu, compose_members, parse_stored
+from petserve.serving.slot_pool import (
+    GENERATED_PREFIX,
+    SlotPool,
+    compile_on_cpu,
+    compose_members,
+    is_generated,
+    parse_stored,
+)
 from petserve.serving.store import AdapterStore
 
 INPUT_FORMATS_KEPT = 4096      # parsed input formats kept (all dropped when full)
 
 
+def _copy_outcome(src: Future, dst: Future, digest: str) -> None:
+    """A request on a generated adapter finished: its result, naming the context instead."""
+    if src.exception() is not None:
+        dst.set_exception(src.exception())
+        return
+    r = src.result()
+    r.adapter, r.adapter_version, r.context_sha256 = None, None, digest
+    dst.set_result(r)
+
+
 class Engine:
-    def __init__(self, model, store: AdapterStore, config: EngineConfig | None = None):
+    def __init__(self, model, store: AdapterStore, config: EngineConfig | None = None,
+                 generator=None, generator_name: str = ""):
         self.model, self.store = model, store
+        self.generator, self.generator_name = generator, generator_name
         self.config = config = config or EngineConfig()
         self.pool = SlotPool(model, store, config.num_slots, config.cpu_cache_adapters)
         self.features = FeatureCache(config.feature_cache_items)
         self.scheduler = Scheduler(model, self.pool, self.features, config.max_batch_rows,
-                                   config.max_prefill_tokens, self._complete)
+                                   config.max_prefill_tokens, self._complete, generator)
         self._lock = threading.Lock()
         self._per_adapter: dict[str, dict[str, float]] = {}
         self._inputs: dict[tuple[str, int], InputFormat] = {}     # see _input_format
+        self._generating: dict[str, Future] = {}      # generated id -> its ContextJob's future
         self._latency_ema_s = 1.0
 
     @property
@@ -78,10 +98,56 @@ class Engine:
     def submit(self, req: InferenceRequest) -> Future:
         """Queue ``req``; the future resolves to an InferenceResult (or an ApiError). Raises
         ApiError now for an unknown adapter (404), a task the adapter lacks (422), too many encoder
-        tokens (413) or a full queue (503)."""
+        tokens (413) or a full queue (503). A request with an inline ``context`` first has its
+        adapter generated (once per distinct context while the pool keeps it)."""
+        if req.context is not None:
+            return self._submit_with_context(req)
         job = self._job(req)
         self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
         return job.future
+
+    def _submit_with_context(self, req: InferenceRequest) -> Future:
+        """Generate the context's adapter (or find it in the pool, keyed by the context's hash),
+        then queue the request on it; the result names the context, not an adapter."""
+        from dataclasses import replace
+
+        from petserve.adapters.kinds.lora import LoRA
+        items, digest = self._context_items(req.context)
+        key = GENERATED_PREFIX + digest
+        on_key = replace(req, adapter=key, context=None)
+        done: Future = Future()
+
+        def queue_request() -> None:
+            try:
+                job = self._job(on_key)
+                self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
+            except ApiError as e:
+                done.set_exception(e)
+                return
+            job.future.add_done_callback(lambda f: _copy_outcome(f, done, digest))
+
+        def generated(f: Future) -> None:
+            with self._lock:
+                self._generating.pop(key, None)
+            if f.exception() is not None:
+                done.set_exception(f.exception())
+                return
+            self.pool.put_generated(key, LoRA.compile(self.generator.cfg.lora_config(), f.result(),
+                                                      self.model, "vqa"))
+            queue_request()
+
+        if self.pool.has_generated(key):
+            queue_request()
+            return done
+        with self._lock:
+            pending = self._generating.get(key)
+        if pending is None:
+            job = ContextJob(items)
+            self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
+            with self._lock:
+                pending = self._generating.setdefault(key, job.future)
+        pending.add_done_callback(generated)
+        return done
 
     async def generate(self, req: InferenceRequest) -> InferenceResult:
         """``submit`` in a worker thread (tokenizing and hashing stay off the event loop)."""
@@ -119,7 +185,8 @@ class Engine:
                                  job.version, dict(job.timings_ms), out.tokens)
         total_ms = job.timings_ms["total"]
         with self._lock:
-            label = COMPOSITE_LABEL if isinstance(job.adapter, tuple) else job.adapter or BACKBONE_LABEL
+            label = COMPOSITE_LABEL if isinstance(job.adapter, tuple) else \
+                CONTEXT_LABEL if is_generated(job.adapter) else job.adapter or BACKBONE_LABEL
             entry = self._per_adapter.setdefault(label,
                                                  {"count": 0, "latency_ms_sum": 0.0})
             entry["count"] += 1
@@ -132,6 +199,59 @@ class Engine:
         batches = math.ceil(max(1, self.scheduler.queue_length()) / self.config.max_batch_rows)
         return max(1.0, self._latency_ema_s * batches)
 
+    # ---- contexts -> adapters (Generative Adapter) ----------------------------------------
+    def submit_context(self, context: list[ContextInput]) -> tuple[Future, str]:
+        """Queue a context for the generator: (future of the LoRA's tensors, the context's sha256).
+        ApiError as ``_context_items``, 503 when the queue is full."""
+        items, digest = self._context_items(context)
+        job = ContextJob(items)
+        self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
+        return job.future, digest
+
+    def _context_items(self, context: list[ContextInput]) -> tuple[list[ContextItem], str]:
+        """The items as the backbone reads them and the context's sha256 (ApiError 422 without
+        a generator, 413 for too many items or an item over the encoder limit)."""
+        from petserve.adapters.generative import context_hash
+        if self.generator is None:
+            raise ApiError.unprocessable("no_generator", "this server has no generator for its "
+                                         "backbone (start it with --generator FILE, made by "
+                                         "`petserve train-generator`)")
+        if len(context) > self.config.max_context_items:
+            raise ApiError.payload_too_large(
+                f"the context has {len(context)} items, over this replica's limit of "
+                f"{self.config.max_context_items} (max_context_items)", code="context_too_long")
+        items = [self._context_item(i, c) for i, c in enumerate(context)]
+        return items, context_hash([(it.ids, it.visual_key, it.target) for it in items])
+
+    def _context_item(self, i: int, c: ContextInput) -> ContextItem:
+        model = self.model
+        if c.text is not None:          # plain text: read and reconstructed (the text task)
+            ids, target, key, visual = model.row_input("text", c.text, None).ids, \
+                model.target_ids(c.text), None, (lambda: None)
+        else:
+            images = [c.image]
+            ids, target = model.row_input("vqa", c.question, None).ids, model.target_ids(c.answer)
+            key = images_key(images)
+
+            def visual():
+                return encode_visual(model, images, None, None, None)
+        n = len(ids) + (0 if key is None else model.vision.boxes.shape[0])
+        if n > self.config.max_prefill_tokens or len(target) > self.config.max_prefill_tokens:
+            raise ApiError.payload_too_large(f"context[{i}] has {max(n, len(target))} tokens, "
+                                             f"over this replica's limit of "
+                                             f"{self.config.max_prefill_tokens}",
+                                             code="input_too_long")
+        return ContextItem(ids, key, visual, target)
+
+    async def generated_adapter(self, context: list[ContextInput], name: str = "") -> bytes:
+        """The ``lora`` adapter file the generator makes of ``context`` (metadata: the generator
+        and the context's hash)."""
+        from petserve.adapters.generative import lora_file_bytes
+        future, digest = await asyncio.to_thread(self.submit_context, context)
+        params = await asyncio.wrap_future(future)
+        return await asyncio.to_thread(lora_file_bytes, self.generator, params, self.model, "vqa",
+                                       self.generator_name, digest, name)
+
     # ---- request -> job ------------------------------------------------------------------
     def _job(self, req: InferenceRequest) -> Job:
         """A Job: the adapter's latest stored version, the prompt tokenized, the visual content
@@ -139,6 +259,8 @@ class Engine:
         version, inputs = None, DEFAULT_INPUTS
         if isinstance(req.adapter, tuple):
             version, inputs = self._composite_versions(req.adapter, req.task)
+        elif is_generated(req.adapter):
+            version = 0                  # generated from an inline context, held by the pool
         elif req.adapter is not None:
             version, inputs = self._adapter_version(req.adapter, req.task)
         key, n_visual = self._visual_key(req)

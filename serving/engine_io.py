@@ -11,6 +11,17 @@ import numpy as np
 
 
 @dataclass
+class ContextInput:
+    """One item of a context a generator turns into an adapter (Generative Adapter): a
+    demonstration (image, question, answer) or plain ``text``."""
+
+    question: str = ""
+    answer: str = ""
+    image: object = None             # a PIL RGB image for a demonstration
+    text: str | None = None          # a text-only item
+
+
+@dataclass
 class InferenceRequest:
     adapter: str | tuple[str, ...] | None   # adapter id, a tuple of ids composed; None = backbone
     task: str                        # "vqa" | "gqa" | "nlvr" | "caption" | "video_qa" | "video_caption"
@@ -21,6 +32,7 @@ class InferenceRequest:
     boxes: np.ndarray | None = None                 # optional (N, 4) boxes for features
     max_new_tokens: int | None = None               # None: the task's default, clamped to the cap
     num_beams: int = 1
+    context: list[ContextInput] | None = None       # instead of adapter: generate one from this
 
 
 @dataclass
@@ -31,3 +43,4 @@ class InferenceResult:
     adapter_version: int | tuple[int, ...] | None    # a composite: each member's version
     timings_ms: dict[str, float]     # queue, vision, prefill, decode, total
     tokens: list[int] = field(default_factory=list)   # generated ids, end-of-sequence excluded
+    context_sha256: str | None = None   # the inline context whose generated adapter answered

@@ -51,6 +51,7 @@ BACKBONE_LABEL = "_backbone"
 UNKNOWN_LABEL = "_unknown"
 OTHER_LABEL = "_other"
 COMPOSITE_LABEL = "_composite"       # a request naming several adapters composed
+CONTEXT_LABEL = "_context"           # a request whose adapter is generated from its inline context
 T = TypeVar("T")
 
 

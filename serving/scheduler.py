@@ -9,7 +9,11 @@ Each iteration:
 2. prefill every admitted job together (one encoder pass, rows on different adapters and kinds),
    then append their rows to the running decode state (DecoderCache.concat / BatchMeta.concat);
 3. one decode_step for every running row;
-4. advance each job's searcher; finished jobs complete their futures at once and release their slot.
+4. advance each job's searcher; finished jobs complete their futures at once and release their slot;
+5. one chunk of waiting contexts (Generative Adapter: ``ContextJob``): up to ``max_batch_rows``
+   context items of one or more contexts in one teacher-forced backbone pass, their S summed into
+   each context's; a context whose items are all in becomes its LoRA. One chunk per iteration, so
+   turning a long context into an adapter never stalls the decode steps of running requests.
 
 A failure fails only the jobs it touched (a job's vision or adapter load: that job; a prefill: the
 jobs admitted with it; a decode step: the running jobs) and the thread goes on.
@@ -72,6 +76,29 @@ class Job:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ContextItem:
+    """One item of a context as the backbone sees it: prompt ids, its visual tokens (computed on
+    the scheduler thread through the feature cache, like a Job's) and the teacher-forced target."""
+
+    ids: list[int]
+    visual_key: str | None
+    encode_visual: Callable[[], VisualTokens | None]
+    target: list[int]
+
+
+@dataclass
+class ContextJob:
+    """A context to turn into a LoRA with the engine's generator; the future resolves to the
+    LoRA's tensors (``lora.<site>.A`` / ``.B``)."""
+
+    items: list[ContextItem]
+    future: Future = field(default_factory=Future)
+    started: bool = False
+    done: int = 0                        # items already summed into S
+    S: dict | None = None                # site -> (r, r)
+
+
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)    # rows, adapters or requests in one step
 
 
@@ -118,8 +145,9 @@ class Progress:
 
 class Scheduler:
     def __init__(self, model, pool: SlotPool, features: FeatureCache, max_batch_rows: int,
-                 max_prefill_tokens: int, on_done: Callable[[Job, GenerationResult], None]):
-        self.model, self.pool, self.features = model, pool, features
+                 max_prefill_tokens: int, on_done: Callable[[Job, GenerationResult], None],
+                 generator=None):
+        self.model, self.pool, self.features, self.generator = model, pool, features, generator
         self.max_rows, self.max_tokens, self.on_done = max_batch_rows, max_prefill_tokens, on_done
         self.counters = StepCounters()
         self.progress = Progress()
@@ -129,18 +157,22 @@ class Scheduler:
         # owned by the scheduler thread; the two ints are published for stats / queue limits
         self._pending: list[Job] = []
         self._running: list[Job] = []                 # in row order of _state
+        self._contexts: deque[ContextJob] = deque()   # FIFO; the first may be part-way done
         self._state: DecodeState | None = None
         self.pending_count, self.running_rows = 0, 0
 
     # ---- any thread ----------------------------------------------------------------------
-    def enqueue(self, job: Job, max_queue: int, retry_after_s: float) -> None:
+    def enqueue(self, job: Job | ContextJob, max_queue: int, retry_after_s: float) -> None:
         with self._cv:
             if self._stopping:
                 raise ApiError(503, "shutting_down", "the replica is shutting down; retry on another")
-            if len(self._inbox) + self.pending_count >= max_queue:
+            if len(self._inbox) + self.pending_count + len(self._contexts) >= max_queue:
                 raise ApiError.overloaded(retry_after_s, f"{max_queue} requests are already "
                                           "waiting on this replica; retry later")
-            self._inbox.append(job)
+            if isinstance(job, ContextJob):
+                self._contexts.append(job)
+            else:
+                self._inbox.append(job)
             self._cv.notify()
 
     def health_problem(self, failures: int, stall_s: float) -> str | None:
@@ -183,11 +215,15 @@ class Scheduler:
             thread.join()
         err = ApiError(503, "shutting_down", "the replica is shutting down; retry on another")
         with self._cv:
-            jobs, self._pending = [*self._pending, *self._inbox, *self._running], []
+            jobs, self._pending = [*self._pending, *self._inbox, *self._running, *self._contexts], []
             self._inbox.clear()
+            self._contexts.clear()
         self._running, self._state = [], None
         for job in jobs:
-            self._fail(job, err)
+            if isinstance(job, ContextJob):
+                self._fail_context(job, err)
+            else:
+                self._fail(job, err)
         self.pending_count = self.running_rows = 0
 
     # ---- the loop ------------------------------------------------------------------------
@@ -203,7 +239,8 @@ class Scheduler:
 
     def _wait_for_work(self) -> bool:
         with self._cv:
-            while not self._stopping and not (self._inbox or self._pending or self._running):
+            while not self._stopping and not (self._inbox or self._pending or self._running
+                                              or self._contexts):
                 self._cv.wait()
             self._pending.extend(self._inbox)
             self._inbox.clear()
@@ -216,7 +253,9 @@ class Scheduler:
             self._prefill(admitted)
         if self._state is not None:
             self._step()
-        elif not admitted:
+        if self._contexts:
+            self._context_chunk()
+        elif not admitted and self._state is None:
             with self._cv:    # waiting jobs, none admissible (slots busy elsewhere): don't spin
                 self._cv.wait(0.005)
 
@@ -327,6 +366,66 @@ class Scheduler:
         for j in jobs:
             if j.searcher.done:
                 self._finish(j)
+
+    # ---- 5. one chunk of contexts --------------------------------------------------------
+    def _context_chunk(self) -> None:
+        from petserve.adapters.generative import context_states
+        with self._cv:
+            jobs, part, room = [], [], self.max_rows
+            for job in list(self._contexts):
+                if room == 0:
+                    break
+                if not job.started:
+                    if not job.future.set_running_or_notify_cancel():
+                        self._contexts.remove(job)              # cancelled while waiting
+                        continue
+                    job.started = True
+                take = job.items[job.done:job.done + room]
+                jobs.append((job, len(take)))
+                part += [(len(jobs) - 1, item) for item in take]
+                room -= len(take)
+        if not part:
+            return
+        try:
+            rows = []
+            for _, item in part:
+                visual = (item.encode_visual() if item.visual_key is None
+                          else self.features.get_or_compute(item.visual_key, item.encode_visual))
+                rows.append(RowInput(item.ids, visual))
+            states, masks = context_states(self.model, self.generator.sites, rows,
+                                           [item.target for _, item in part])
+            owner = torch.tensor([k for k, _ in part], device=self.model.device)
+            S = self.generator.accumulate(None, states, masks, owner, len(jobs))
+        except Exception as e:  # noqa: BLE001
+            log.exception("context chunk of %d items failed", len(part))
+            self.progress.failed("context", e)
+            with self._cv:
+                for job, _ in jobs:
+                    self._contexts.remove(job)
+            for job, _ in jobs:
+                self._fail_context(job, e)
+            return
+        self.progress.succeeded("context")
+        for k, (job, n) in enumerate(jobs):
+            mine = {site: v[k:k + 1] for site, v in S.items()}
+            job.S = mine if job.S is None else {site: job.S[site] + mine[site] for site in mine}
+            job.done += n
+            if job.done == len(job.items):
+                with self._cv:
+                    self._contexts.remove(job)
+                try:
+                    job.future.set_result(self.generator.lora_params(job.S, 0))
+                except InvalidStateError:
+                    pass
+
+    def _fail_context(self, job: ContextJob, err: Exception) -> None:
+        if not isinstance(err, ApiError):
+            err = ApiError(500, "generation_failed",
+                           f"generating the adapter failed: {type(err).__name__}: {err}")
+        try:
+            job.future.set_exception(err)
+        except InvalidStateError:
+            pass
 
     # ---- completion ----------------------------------------------------------------------
     def _finish(self, job: Job) -> None:

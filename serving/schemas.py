@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from petserve.adapters.tasks import QUESTION_TASKS
-from petserve.serving.engine_io import InferenceRequest
+from petserve.serving.engine_io import ContextInput, InferenceRequest
 from petserve.serving.errors import ApiError
 from petserve.serving.media import MediaLimits, decode_base64, decode_image, decode_video
 from petserve.serving.server_config import MAX_BEAMS, MAX_MEMBERS, MAX_NEW_TOKENS
@@ -66,6 +66,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ContextEntry(_Body):
+    """One item of a context: a demonstration (image, question and answer), or plain text."""
+
+    image: str | None = Field(None, description="the demonstration's image" + _B64_DOC)
+    question: Text | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS,
+                                  description="the demonstration's question")
+    answer: Text | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS,
+                                description="the demonstration's answer")
+    text: Text | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS,
+                              description="a text-only item (instead of image, question, answer)")
+
+
 class GenerationFields(_Body):
     adapter: str | list[str] | None = Field(
         None, description=_ADAPTER_DOC + _COMPOSE_DOC,
@@ -74,6 +86,11 @@ class GenerationFields(_Body):
             {"type": "array", "minItems": 1, "maxItems": MAX_MEMBERS, "uniqueItems": True,
              "items": {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$"}},
             {"type": "null"}]})
+
+    context: list[ContextEntry] | None = Field(
+        None, min_length=1, description="instead of `adapter`: demonstrations (or text items) the "
+        "server's generator turns into an adapter for this request (Generative Adapter); cached "
+        "by the context's hash, never stored")
 
     @field_validator("adapter", mode="before")
     @classmethod
@@ -124,6 +141,14 @@ class CaptionRequest(GenerationFields):
                          description="optional text after the 'caption:' prefix")
 
 
+class GenerateRequest(_Body):
+    """Turn a context into an adapter with the server's generator (Generative Adapter)."""
+
+    context: list[ContextEntry] = Field(
+        min_length=1, description="demonstrations of the task (or text items); the server's "
+        "max_context_items bounds their number (more: 413)")
+
+
 class _Generated(BaseModel):
     """What every generation answer carries besides its text."""
 
@@ -135,6 +160,8 @@ class _Generated(BaseModel):
     adapter_versions: list[int] = Field(
         description="the version of every adapter used, in order (one for a single adapter)")
     timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
+    context_sha256: str | None = Field(None, description="a request with an inline `context`: the "
+                                       "context's sha256 (its generated adapter answered)")
 
 
 class VqaResponse(_Generated):
@@ -219,6 +246,8 @@ def _form_schema(title: str, text_fields: dict, required: list[str]) -> dict:
         "video": {**binary, "description": "video file"},
         "features": {"type": "string", "description": "JSON array: " + _FEATURES_DOC},
         "boxes": {"type": "string", "description": "JSON array of [x1, y1, x2, y2] rows"},
+        "context": {"type": "string", "description": "instead of adapter: a JSON array of "
+                    "{image (base64), question, answer} or {text} items (Generative Adapter)"},
         "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_TOKENS},
         "num_beams": {"type": "integer", "minimum": 1, "maximum": MAX_BEAMS},
     })
@@ -259,6 +288,7 @@ class ModelInputs:
     video_frames: int
     max_new_tokens: int          # EngineConfig.max_new_tokens_cap
     max_beams: int               # EngineConfig.max_beams
+    max_context_items: int = 64  # EngineConfig.max_context_items
 
 
 def media_from_json(body: GenerationFields, limits: MediaLimits) -> MediaBytes:
@@ -301,9 +331,48 @@ def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes
     adapter = tuple(body.adapter) if isinstance(body.adapter, list) else body.adapter
     if isinstance(adapter, tuple) and len(adapter) == 1:
         adapter = adapter[0]
+    context = None
+    if body.context is not None:
+        if adapter is not None:
+            raise ApiError.unprocessable("invalid_request", "give `adapter` or `context`, not both")
+        context = build_context(body.context, inputs.accepts_pixels, limits,
+                                inputs.max_context_items)
     return InferenceRequest(adapter=adapter, task=task, text=text, images=images,
                             frames=frames, features=features, boxes=boxes,
-                            max_new_tokens=body.max_new_tokens, num_beams=body.num_beams)
+                            max_new_tokens=body.max_new_tokens, num_beams=body.num_beams,
+                            context=context)
+
+
+def build_context(entries: list[ContextEntry], accepts_pixels: bool, limits: MediaLimits,
+                  max_items: int) -> list[ContextInput]:
+    """Admission of a context: 413 over ``max_items``; each item a whole demonstration (image,
+    question, answer) or text alone (422 naming the item otherwise); images decoded (4xx from
+    serving.media). CPU-heavy: call it off the event loop."""
+    if len(entries) > max_items:
+        raise ApiError.payload_too_large(f"the context has {len(entries)} items, over this "
+                                         f"server's limit of {max_items} (max_context_items)",
+                                         code="context_too_long")
+    out = []
+    for i, e in enumerate(entries):
+        demo = {"image": e.image, "question": e.question, "answer": e.answer}
+        if e.text is not None:
+            if any(v is not None for v in demo.values()):
+                raise ApiError.unprocessable("invalid_context", f"context[{i}]: give text alone, "
+                                             "or image, question and answer")
+            out.append(ContextInput(text=e.text))
+            continue
+        missing = [k for k, v in demo.items() if v is None]
+        if missing:
+            raise ApiError.unprocessable("invalid_context", f"context[{i}]: a demonstration needs "
+                                         f"image, question and answer (missing {', '.join(missing)})")
+        if not accepts_pixels:
+            raise ApiError.unprocessable("features_only", "this backbone has no vision encoder, so "
+                                         "it cannot read a demonstration's image")
+        name = f"context[{i}].image"
+        data = decode_base64(e.image, field=name, max_bytes=limits.max_image_bytes)
+        out.append(ContextInput(question=e.question, answer=e.answer,
+                                image=decode_image(data, limits, field=name)))
+    return out
 
 
 def _check_generation(body: GenerationFields, inputs: ModelInputs) -> None:

@@ -42,6 +42,8 @@ class EngineConfig(_Strict):
     max_batch_rows: int = Field(32, ge=1, description="decoder rows per step (a beam is a row)")
     max_prefill_tokens: int = Field(4096, ge=1, description="encoder tokens admitted per step")
     max_queue: int = Field(256, ge=1, description="waiting requests; beyond it 503 overloaded")
+    max_context_items: int = Field(64, ge=1, description="items in one context a generator turns "
+                                   "into an adapter (more: 413)")
     feature_cache_items: int = Field(1024, ge=0, description="vision features cached by content")
     max_new_tokens_cap: int = Field(MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     max_beams: int = Field(MAX_BEAMS, ge=1, le=MAX_BEAMS)
@@ -90,6 +92,8 @@ class ServerConfig(_Strict):
 
     backbone: str | None = Field(None, description="preset name or backbone directory")
     store_dir: Path = Field(default_factory=default_store_dir)
+    generator: Path | None = Field(None, description="Generative Adapter generator for the backbone "
+                                   "(petserve train-generator); the embedded default ships one")
     adapters_dir: Path | None = Field(None, description="put every *.safetensors here into the store "
                                       "at start (id: the file name without .safetensors)")
     host: str = "127.0.0.1"

@@ -95,14 +95,21 @@ class PoolCounters:
     copy_ms_sum: float = 0.0
 
 
+GENERATED_PREFIX = "@"   # ids of adapters generated from an inline context (never store ids)
+
+
+def is_generated(adapter_id) -> bool:
+    return isinstance(adapter_id, str) and adapter_id.startswith(GENERATED_PREFIX)
+
+
 @dataclass
 class _CpuEntry:
-    file: AdapterFile
+    file: AdapterFile | None                 # None: generated from a context, never stored
     compiled: dict[str | None, CompiledAdapter] = field(default_factory=dict)
 
     @property
     def task_conditioned(self) -> bool:
-        return self.file.task_conditioned
+        return self.file is not None and self.file.task_conditioned
 
 
 @dataclass
@@ -123,6 +130,7 @@ class SlotPool:
         self._idle: OrderedDict[int, None] = OrderedDict()       # resident, unreferenced; LRU first
         self._cpu: OrderedDict[tuple[str, int], _CpuEntry] = OrderedDict()
         self._composites: OrderedDict[tuple[Members, str | None], CompiledAdapter] = OrderedDict()
+        self._generated: OrderedDict[str, CompiledAdapter] = OrderedDict()   # LRU, version 0
         self._stats = PoolCounters()
         self._lock = threading.RLock()
 
@@ -171,6 +179,19 @@ class SlotPool:
         ApiError (404 deleted, 4xx unusable file)."""
         with self._lock:
             self._cpu_entry(adapter_id, version)
+
+    def has_generated(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._generated
+
+    def put_generated(self, adapter_id: str, compiled: CompiledAdapter) -> None:
+        """Keep an adapter generated from an inline context (id ``@<context hash>``, version 0)
+        beside the stored ones: loaded into slots, evicted and LRU-dropped like them."""
+        with self._lock:
+            self._generated[adapter_id] = compiled
+            self._generated.move_to_end(adapter_id)
+            while len(self._generated) > self.cpu_capacity:
+                self._generated.popitem(last=False)
 
     def check_composite(self, members: Members, task: str) -> None:
         """Compose the members for ``task`` into the CPU cache now: ApiError 422 when they do not
@@ -301,6 +322,14 @@ class SlotPool:
 
     def _cpu_entry(self, adapter_id: str, version: int) -> _CpuEntry:
         """The parsed adapter from the CPU cache, read from the store on a miss (LRU)."""
+        if is_generated(adapter_id):
+            compiled = self._generated.get(adapter_id)
+            if compiled is None:
+                raise ApiError(503, "generated_adapter_evicted", "the adapter generated from this "
+                               "context was evicted before it could run; retry",
+                               {"Retry-After": "1"})
+            self._generated.move_to_end(adapter_id)
+            return _CpuEntry(None, {None: compiled})
         key = (adapter_id, version)
         entry = self._cpu.get(key)
         if entry is not None:

@@ -218,7 +218,7 @@ def test_image_pair_video_and_caption(client, tmp_path):
                     data={"max_new_tokens": "3"})
     assert r.status_code == 200, r.text
     assert set(r.json()) == {"caption", "logprob", "adapter", "adapter_version", "adapter_versions",
-                             "timings_ms"}
+                             "timings_ms", "context_sha256"}
 
 
 def _bad_cases():

@@ -9,7 +9,14 @@ import peft  # noqa: F401
 import pytest
 import torch
 
-from petserve.benchmarks import bench_engine, bench_load, bench_serving, bench_sft, plot_serving  # noqa: E402
+from petserve.benchmarks import (  # noqa: E402
+    bench_engine,
+    bench_generator,
+    bench_load,
+    bench_serving,
+    bench_sft,
+    plot_serving,
+)
 from petserve.benchmarks.workloads import Workload, draw_adapters, make_requests  # noqa: E402
 
 ROW_KEYS = {"setup", "metrics", "device", "commit"}
@@ -102,4 +109,16 @@ def test_bench_sft_smoke(tmp_path):
     memory = next(r for r in rows if r["setup"]["measure"] == "memory")["metrics"]
     assert 0 < memory["file_vs_dense"] < 0.1           # 1% density: a small fraction of a dense copy
     assert all(r["metrics"]["tokens_per_s"] > 0 for r in rows if r["setup"]["measure"] == "throughput")
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_generator_smoke(tmp_path):
+    """Generation latency per context size, batched contexts, inline vs stored under load."""
+    out = tmp_path / "generator.jsonl"
+    assert bench_generator.main(["--smoke", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    measures = [r["setup"]["measure"] for r in rows]
+    assert measures.count("latency") == 2 and "batched" in measures and measures.count("load") == 3
+    assert all(r["metrics"]["generate_ms"] > 0 for r in rows if r["setup"]["measure"] != "load")
+    assert all(r["metrics"]["requests_per_s"] > 0 for r in rows if r["setup"]["measure"] == "load")
     assert out.with_suffix(".png").stat().st_size > 0

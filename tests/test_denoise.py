@@ -53,7 +53,7 @@ def test_french_grounding_questions_mirror_the_english_ones():
     pairs = {lang: [grounding_question(scene, random.Random(s), lang) for s in range(40)]
              for lang in ("en", "fr")}
     answers = {"yes": "oui", "no": "non", "red circle": "cercle rouge", "blue square": "carre bleu",
-               "red circle , blue square": "cercle rouge , carre bleu"}
+               "red circle , blue square": "cercle rouge , carre bleu", "two objects": "deux objets"}
     assert [answers[a] for _, a in pairs["en"]] == [a for _, a in pairs["fr"]]
     assert ("quels objets y a-t-il ?", "cercle rouge , carre bleu") in pairs["fr"]
 
@@ -94,3 +94,10 @@ def test_denoising_examples_keep_task_and_media_and_are_deterministic():
     assert all(x.references == [x.target] for x in a)
     with pytest.raises(ValueError, match="empty"):
         corrupt("  ", random.Random(0), "t5")
+
+
+def test_all_caps_words_survive_the_lowercasing_tiny_tokenizer(tiny_t5):
+    ids = tiny_t5.target_ids("RED circle and A blue SQUARE")
+    assert tiny_t5.tokenizer.convert_ids_to_tokens(ids)[:3] == ["^", "red", "circle"]
+    assert tiny_t5.decode_text(ids) == "RED circle and a blue SQUARE"
+    assert tiny_t5.decode_text(tiny_t5.target_ids("what color is it?")) == "what color is it?"

@@ -82,12 +82,13 @@ def test_the_output_is_an_ordinary_lora_file(tiny_t5):
     gen = _random_generator(tiny_t5)
     items = _items(tiny_t5, "colors", 4, 4)
     params = generate_loras(tiny_t5, gen, [items])[0]
-    digest = context_hash(items)
+    keyed = [(row.ids, f"image-{i}", target) for i, (row, target) in enumerate(items)]
+    digest = context_hash(keyed)
     data = lora_file_bytes(gen, params, tiny_t5, "vqa", "demo-gen", digest, name="made")
     adapter = load_adapter(data, tiny_t5)
     assert adapter.kind == "lora" and adapter.config.r == 4
     assert adapter.meta.generated == {"generator": "demo-gen", "context_sha256": digest}
-    assert context_hash(items) == digest != context_hash(items[:3])
+    assert context_hash(keyed) == digest != context_hash(keyed[:3])
 
 
 def test_a_fresh_generator_generates_a_no_op(tiny_t5):
@@ -113,3 +114,20 @@ def test_the_artifact_round_trips_and_refuses_what_it_cannot_use(tiny_t5, tiny_b
         load_generator(tmp_path / "missing", tiny_t5)
     with pytest.raises(GeneratorError, match="at least one item"):
         generate_loras(tiny_t5, gen, [[]])
+
+
+def test_train_generator_from_the_command_line(tmp_path, capsys):
+    """Meta-training on the demo family (a few updates), the held-out scores printed as JSON."""
+    import json
+
+    from petserve.serving.cli import main
+    out = tmp_path / "g.safetensors"
+    assert main(["train-generator", "--backbone", "tiny", "--out", str(out), "--steps", "2",
+                 "--r", "4", "--score-n", "2", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(summary["held_out"]) == ["count/french", "shapes/upper"]
+    assert set(summary["own"]) == set(summary["bare"]) == {"count/french", "shapes/upper"}
+    from petserve.adapters.backbone import build_backbone
+    assert load_generator(out, build_backbone("tiny")).cfg.r == 4
+    assert main(["train-generator", "--out", str(out), "--steps", "0"]) == 2
+    assert "must be at least 1" in capsys.readouterr().err

@@ -259,3 +259,31 @@ def test_sigkill_right_after_a_201_while_the_same_id_is_mid_upload(tmp_path):
         assert_healthy(second.url)
     finally:
         second.kill()
+
+
+# ---- the Generative Adapter commands of the README --------------------------------------------
+
+
+def readme_block_after(marker: str) -> str:
+    """The first ```bash block after the line holding ``marker``."""
+    text = (ROOT / "README.md").read_text()
+    rest = text[text.index(marker):]
+    start = rest.index("```bash\n") + len("```bash\n")
+    return rest[start:rest.index("```", start)]
+
+
+def test_the_readme_generate_commands_through_curl(server, tmp_path):
+    """Literally as printed (the embedded default ships its generator): write a context, generate
+    an adapter from it, ask with it by id and with the context inline."""
+    block = readme_block_after("Generate an adapter from a context")
+    script = block.replace("localhost:8000", server.url[7:]).replace(".venv/bin/python",
+                                                                     str(ROOT / ".venv/bin/python"))
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "TOKEN": TOKEN}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    replies = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    generated, by_id, inline = replies
+    assert generated["kind"] == "lora" and generated["id"] == "count-fr", generated
+    assert by_id["adapter"] == "count-fr" and by_id["adapter_version"] == generated["version"]
+    assert inline["adapter"] is None and len(inline["context_sha256"]) == 64
+    assert inline["answer"] == by_id["answer"]

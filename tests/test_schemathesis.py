@@ -45,8 +45,11 @@ def api_schema(tiny_t5, tmp_path_factory):
     config = ServerConfig(store_dir=store_dir, token=TOKEN, max_body_bytes=2**20,
                           max_adapter_bytes=2**20,
                           engine=EngineConfig(num_slots=2))
+    from petserve.adapters.generative import Generator, GeneratorConfig
     backend = LocalBackend(tiny_t5, LocalDirStore(store_dir), config.engine,
-                           config.max_adapter_bytes)
+                           config.max_adapter_bytes,
+                           generator=Generator.init(GeneratorConfig(r=2), tiny_t5),
+                           generator_name="fuzz-generator")
     cfg, params = random_adapter(tiny_t5, "lora", {"r": 4}, seed=0)
     backend.upload_now("fuzz", adapter_bytes("lora", cfg, params, tiny_t5, "vqa"))
     backend.start()
@@ -56,7 +59,8 @@ def api_schema(tiny_t5, tmp_path_factory):
 
 OPERATIONS = [("POST", "/v1/vqa"), ("POST", "/v1/caption"), ("PUT", "/v1/adapters/{adapter_id}"),
               ("GET", "/v1/adapters"), ("GET", "/v1/adapters/{adapter_id}"),
-              ("DELETE", "/v1/adapters/{adapter_id}"), ("GET", "/healthz"), ("GET", "/metrics")]
+              ("DELETE", "/v1/adapters/{adapter_id}"), ("GET", "/healthz"), ("GET", "/metrics"),
+              ("POST", "/v1/adapters/{adapter_id}/generate")]
 EXAMPLES = {"positive": 20, "negative": 15}
 
 
@@ -100,7 +104,7 @@ def with_real_media(case, media: str, adapter: str):
     """Random media bytes never decode; swap in real ones (and sometimes a stored adapter) so
     generated text, task and option values reach the engine. Decoding stays short."""
     body = case.body
-    for key in ("image", "images", "video", "features", "boxes"):
+    for key in ("image", "images", "video", "features", "boxes", "context"):
         body.pop(key, None)
     if body.get("task") == "nlvr":
         body["images"] = [PNG_B64, PNG_B64]

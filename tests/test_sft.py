@@ -101,7 +101,9 @@ def compiled(model, kind, cfg, params, task="vqa"):
 def test_a_composite_equals_the_dense_model_built_by_hand(request, family):
     model = request.getfixturevalue(family)
     a, b = random_sft(model, 1), random_sft(model, 2, dense=("visual_embed.box.weight",))
-    lora = random_adapter(model, "lora", {"r": 4}, seed=3)
+    # a LoRA of moderate size: merged into fp32 weights (the oracle) vs applied unmerged, a large
+    # random one differs by fp32 rounding alone beyond the 1e-5 asked (9e-5 at noise 0.15)
+    lora = random_adapter(model, "lora", {"r": 4}, seed=3, noise=0.05)
     batch = rows(model, 2)
     with torch.no_grad():
         want = logits(dense_model(model, [a, b], [lora]), SlotBank(model, 1), [-1, -1], batch)

@@ -22,6 +22,7 @@ from torch import nn
 from petserve.adapters.backbone.cache import DecoderCache
 from petserve.adapters.backbone.config import BackboneConfig
 from petserve.adapters.backbone.lm import Seq2SeqLM
+from petserve.adapters.backbone.tokenizer import caps_marker, mark_caps, unmark_caps
 from petserve.adapters.backbone.visual import VisionEncoder, VisualEmbedding, VisualTokens, object_index
 from petserve.adapters.runtime.context import StepContext
 from petserve.adapters.tasks import InputFormat, get_task
@@ -43,6 +44,7 @@ class VLModel(nn.Module):
     def __init__(self, cfg: BackboneConfig, tokenizer):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
+        self._caps = caps_marker(tokenizer)
         self.lm = Seq2SeqLM(cfg.lm)
         self.vision = VisionEncoder(cfg.vision) if cfg.vision.kind == "clip" else None
         self.visual_embed = VisualEmbedding(
@@ -63,7 +65,8 @@ class VLModel(nn.Module):
     def row_input(self, task: str, text: str, visual: VisualTokens | None,
                   inputs: InputFormat = DEFAULT_INPUTS) -> RowInput:
         """The row of a request for an adapter trained with ``inputs``."""
-        ids = inputs.truncate(task, list(self.tokenizer(inputs.prompt(task, text))["input_ids"]))
+        prompt = mark_caps(inputs.prompt(task, text), self._caps)
+        ids = inputs.truncate(task, list(self.tokenizer(prompt)["input_ids"]))
         return RowInput(ids, visual, inputs.boxes == "zero")
 
     def choice_ids(self, task: str) -> tuple[int, ...]:
@@ -84,10 +87,10 @@ class VLModel(nn.Module):
         return got
 
     def target_ids(self, target: str) -> list[int]:
-        return list(self.tokenizer(target)["input_ids"])
+        return list(self.tokenizer(mark_caps(target, self._caps))["input_ids"])
 
     def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return unmark_caps(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), self._caps)
 
     # ---- encoder ---------------------------------------------------------------------------
     def encode(self, rows: list[RowInput], ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:

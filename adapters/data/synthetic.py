@@ -57,6 +57,17 @@ QUESTIONS_FR = {
     "count": "combien de formes y a-t-il ?",
     "caption": "",
 }
+# The generated-adapter task family (docs/METHODS.md, "Generated adapters"): an attribute (one of
+# the QA demo tasks) answered in a style. A code word is an unrelated word of the tiny vocabulary,
+# from a fixed random table.
+ATTRIBUTES = ("colors", "shapes", "count")
+STYLES = ("english", "french", "upper", "code")
+_ANSWER_WORDS = COLORS + SHAPES + NUMBER_WORDS
+CODE_WORDS = dict(zip(_ANSWER_WORDS, random.Random(20241108).sample(
+    ["image", "picture", "photo", "video", "frame", "scene", "thing", "things", "kind", "type",
+     "size", "top", "bottom", "middle", "center", "here", "this", "that", "these", "those", "big",
+     "small", "large", "little", "zero", "six", "seven", "eight", "nine", "ten", "gray", "brown",
+     "pink", "star", "rectangle"], len(_ANSWER_WORDS))))
 _GAP = 4  # keeps shapes visibly apart so "count" is unambiguous to a human too
 _MAX_TRIES = 200
 _MAX_RESTARTS = 50
@@ -185,6 +196,30 @@ def answer_for(task_id: str, shapes: tuple[Shape, ...], lang: str = "en") -> str
     ordered = sorted(shapes, key=lambda s: (s.center[0], s.center[1]))
     article, conj = ("a", " and ") if lang == "en" else ("un", " et ")
     return conj.join(f"{article} {object_name(s, lang)}" for s in ordered)
+
+
+def styled(answer: str, style: str) -> str:
+    """A demo answer word in a style of the generated-adapter family."""
+    if style == "english":
+        return answer
+    if style == "french":
+        return FRENCH[answer]
+    if style == "upper":
+        return answer.upper()
+    if style == "code":
+        return CODE_WORDS[answer]
+    raise ValueError(f"unknown answer style {style!r}; valid: {', '.join(STYLES)}")
+
+
+def make_styled_examples(attribute: str, style: str, n: int, seed: int) -> list[Example]:
+    """``n`` examples of a QA demo task (``attribute``) whose answers are in ``style``."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTES)}")
+    out = []
+    for ex in make_demo_examples(attribute, n, seed):
+        a = styled(ex.target, style)
+        out.append(replace(ex, target=a, references=[a], example_id=f"{ex.example_id}-{style}"))
+    return out
 
 
 def _check_lang(lang: str) -> None:

@@ -15,6 +15,7 @@ The base must see colours, shapes, counts and positions, yet must NOT already an
        are there three objects?         -> yes / no
        what is left of the red circle?  -> blue square   (its neighbour; also "right of")
        is the color of the circle red?  -> yes / no   (also "is the red shape a circle?")
+       how many objects are there?      -> three objects
 
 With ``french`` > 0 that share of the questions is asked and answered in the demo's second
 language (``quels objets y a-t-il ?`` -> ``cercle rouge , carre bleu``): the base is bilingual the
@@ -42,8 +43,8 @@ from petserve.adapters.training.scene_pool import MAX_OBJECTS, ScenePool, make_s
 from petserve.adapters.training.schedule import batch_indices, lr_at, warmup_steps
 
 PRETRAIN_TASK = "gqa"
-QUESTION_MIX = (("list", 0.3), ("exists", 0.2), ("count", 0.15), ("relation", 0.15),
-                ("attribute", 0.2))
+QUESTION_MIX = (("list", 0.25), ("exists", 0.2), ("count", 0.1), ("how_many", 0.1),
+                ("relation", 0.15), ("attribute", 0.2))
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,12 @@ _WORDING = {
     "en": {"list": "what objects are there?", "exists": "is there a {}?",
            "count": "are there {} objects?", "relation": "what is {} of the {}?",
            "color": "is the color of the {} {}?", "shape": "is the {} shape a {}?",
+           "how_many": "how many objects are there?", "objects": ("object", "objects"),
            "left": "left", "right": "right", "yes": "yes", "no": "no"},
     "fr": {"list": "quels objets y a-t-il ?", "exists": "y a-t-il un {} ?",
            "count": "y a-t-il {} objets ?", "relation": "qu'est-ce qui est a {} du {} ?",
            "color": "la couleur du {} est {} ?", "shape": "la forme {} est un {} ?",
+           "how_many": "combien d'objets y a-t-il ?", "objects": ("objet", "objets"),
            "left": "gauche", "right": "droite", "yes": "oui", "no": "non"},
 }
 
@@ -88,6 +91,9 @@ def grounding_question(scene, rng: random.Random, lang: str = "en") -> tuple[str
         kind = "list"
     if kind == "exists":
         return _exists(scene, rng, lang)
+    if kind == "how_many":
+        n = len(scene.shapes)
+        return w["how_many"], f"{word(NUMBER_WORDS[n - 1], lang)} {w['objects'][n > 1]}"
     if kind == "count":
         n = len(scene.shapes)
         asked = n if rng.random() < 0.5 else rng.choice([k for k in range(1, 6) if k != n])

@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--adapters", type=Path, help="directory of .safetensors adapters to put into the "
                                                  "store at start (id: the file name), e.g. "
                                                  "import-seed's DIR/adapters")
+    p.add_argument("--generator", type=Path, help="Generative Adapter generator for the backbone "
+                   "(petserve train-generator; the embedded default ships one): enables "
+                   "POST /v1/adapters/{id}/generate and inline `context` requests")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, help="backbone replicas (one per GPU when GPUs exist)")
@@ -54,7 +57,7 @@ def server_config(args):
         if args.config is not None:
             data = ServerConfig.from_yaml(args.config).model_dump(exclude_unset=True)
         flags = {"backbone": args.backbone, "store_dir": args.store, "adapters_dir": args.adapters,
-                 "host": args.host,
+                 "generator": args.generator, "host": args.host,
                  "port": args.port, "replicas": args.replicas, "device": args.device}
         data.update({k: v for k, v in flags.items() if v is not None})
         if args.num_slots is not None:
