@@ -49,13 +49,16 @@ from petserve.serving.store import AdapterStore
 INPUT_FORMATS_KEPT = 4096      # parsed input formats kept (all dropped when full)
 
 
-def _copy_outcome(src: Future, dst: Future, digest: str) -> None:
-    """A request on a generated adapter finished: its result, naming the context instead."""
+def _copy_outcome(src: Future, dst: Future, digest: str, generate_ms: float) -> None:
+    """A request on a generated adapter finished: its result, naming the context instead, with
+    the time its adapter took to generate (0 when the pool had it) in its timings."""
     if src.exception() is not None:
         dst.set_exception(src.exception())
         return
     r = src.result()
     r.adapter, r.adapter_version, r.context_sha256 = None, None, digest
+    r.timings_ms["generate"] = generate_ms
+    r.timings_ms["total"] = r.timings_ms.get("total", 0.0) + generate_ms
     dst.set_result(r)
 
 
@@ -116,15 +119,16 @@ class Engine:
         key = GENERATED_PREFIX + digest
         on_key = replace(req, adapter=key, context=None)
         done: Future = Future()
+        t0 = time.perf_counter()
 
-        def queue_request() -> None:
+        def queue_request(generate_ms: float) -> None:
             try:
                 job = self._job(on_key)
                 self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
             except ApiError as e:
                 done.set_exception(e)
                 return
-            job.future.add_done_callback(lambda f: _copy_outcome(f, done, digest))
+            job.future.add_done_callback(lambda f: _copy_outcome(f, done, digest, generate_ms))
 
         def generated(f: Future) -> None:
             with self._lock:
@@ -134,10 +138,10 @@ class Engine:
                 return
             self.pool.put_generated(key, LoRA.compile(self.generator.cfg.lora_config(), f.result(),
                                                       self.model, "vqa"))
-            queue_request()
+            queue_request((time.perf_counter() - t0) * 1e3)
 
         if self.pool.has_generated(key):
-            queue_request()
+            queue_request(0.0)
             return done
         with self._lock:
             pending = self._generating.get(key)

@@ -221,3 +221,13 @@ def test_a_multipart_context_field(served):
     assert r.status_code == 201, r.text
     bad = client.post("/v1/adapters/gen-form/generate", headers=AUTH, data={"context": "[{"})
     assert bad.status_code == 422 and "not valid JSON" in bad.json()["error"]["message"]
+
+
+def test_an_inline_answer_times_its_generation(served):
+    client, _, _ = served
+    _, body = demonstrations(2, seed=41)
+    ask = {"image": body[0]["image"], "question": "what color is the shape?", "max_new_tokens": 3,
+           "context": body}
+    first, second = (client.post("/v1/vqa", json=ask).json()["timings_ms"] for _ in range(2))
+    assert first["generate"] > 0 and second["generate"] == 0.0      # then from the slot pool
+    assert first["total"] >= first["generate"]

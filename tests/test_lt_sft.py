@@ -95,7 +95,7 @@ def test_the_readme_sft_commands_train_a_language_and_a_task_sft(tmp_path):
         summaries.append(json.loads(done.stdout.splitlines()[-1]))
     assert summaries[0]["kind"] == summaries[1]["kind"] == "sft"
     assert summaries[0]["task"] == "text"
-    assert summaries[0]["eval"]["exact_match"] >= 0.5          # hidden words; measured 0.69
+    assert summaries[0]["eval"]["exact_match"] >= 0.5          # hidden words; measured 0.67
     assert summaries[1]["eval"]["vqa_accuracy"] >= 0.9          # measured 1.0
 
 
