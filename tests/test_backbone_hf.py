@@ -85,3 +85,29 @@ def test_clip_tower_matches_hugging_face(act, tmp_path):
     save_file(nested, str(tmp_path / "model.safetensors"))
     load_clip_weights(ours, tmp_path)
     assert torch.equal(ours.pre_layrnorm.weight, theirs["pre_layrnorm.weight"] + 1)
+
+
+@pytest.mark.parametrize("eos", [2, 7])
+def test_clip_text_tower_matches_hugging_face(eos):
+    """Our ClipText = transformers' CLIPTextModelWithProjection (weights copied by name, padded
+    batch of different lengths; eos 2 takes the legacy argmax end, another id its first
+    occurrence)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from petserve.adapters.backbone.clip import ClipText, ClipTextConfig
+    cfg = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=16, projection_dim=24,
+               eos_token_id=eos, bos_token_id=0, pad_token_id=1)
+    torch.manual_seed(0)
+    hf = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).eval()
+    ours = ClipText(ClipTextConfig.from_dict(cfg)).eval()
+    state = {k.removeprefix("text_model."): v for k, v in hf.state_dict().items()
+             if not k.endswith("position_ids")}
+    ours.load_state_dict(state)
+    ids = torch.tensor([[0, 5, 9, 12, eos if eos != 2 else 49, 1, 1],
+                        [0, 8, 3, 4, 6, 10, eos if eos != 2 else 49]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=valid.long()).text_embeds
+        got = ours(ids, valid)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -71,11 +71,13 @@ class _Attention(nn.Module):
         self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d)
         self.q_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:             # (n, T, d)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, T, d); ``mask`` (n, 1, T, T) bool, True = may attend (the text tower's)."""
         n, T, d = x.shape
         split = lambda t: t.view(n, T, self.heads, -1).transpose(1, 2)     # (n, H, T, d/H)
         out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                             split(self.v_proj(x)), scale=self.scale)
+                                             split(self.v_proj(x)), attn_mask=mask,
+                                             scale=self.scale)
         return self.out_proj(out.transpose(1, 2).reshape(n, T, d))
 
 
@@ -98,8 +100,8 @@ class _Layer(nn.Module):
         self.mlp = _Mlp(c)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -157,3 +159,88 @@ class ClipVision(nn.Module):
         elif isinstance(m, _Mlp):
             m.fc1.weight.normal_(0.0, (2 * d) ** -0.5 * f)
             m.fc2.weight.normal_(0.0, d ** -0.5 * (2 * L) ** -0.5 * f)
+
+
+# ---- the text tower (CapS-Adapter's classes and captions) --------------------------------------
+@dataclass(frozen=True)
+class ClipTextConfig:
+    """CLIPTextConfig's fields that the text tower uses, with its defaults (ViT-B/32's), plus the
+    projection width shared with the image side."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    eos_token_id: int = 2
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClipTextConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class _TextEmbeddings(nn.Module):
+    def __init__(self, c: ClipTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+
+
+class ClipText(nn.Module):
+    """CLIP's text transformer with its projection (transformers' CLIPTextModelWithProjection:
+    the same parameter names, ``text_model.`` dropped): causal self-attention over the tokens, the
+    final norm, the hidden state at the end-of-text token, projected. ``forward(ids, valid)`` ->
+    (n, projection_dim) text embeddings, not normalised."""
+
+    def __init__(self, c: ClipTextConfig):
+        super().__init__()
+        self.config = c
+        self.embeddings = _TextEmbeddings(c)
+        self.encoder = _Encoder(c)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
+        self._init()
+
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        n, T = ids.shape
+        pos = torch.arange(T, device=ids.device)
+        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding(pos)
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        mask = (causal & valid[:, None, :]).unsqueeze(1)          # (n, 1, T, T)
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        x = self.final_layer_norm(x)
+        if self.config.eos_token_id == 2:     # transformers' rule for checkpoints of that era
+            end = ids.argmax(-1)
+        else:
+            end = (ids == self.config.eos_token_id).int().argmax(-1)
+        return self.text_projection(x[torch.arange(n, device=ids.device), end])
+
+    @torch.no_grad()
+    def _init(self) -> None:
+        c = self.config
+        f, d, L = c.initializer_factor, c.hidden_size, c.num_hidden_layers
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, c.initializer_range)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            if isinstance(m, _Attention):
+                for p in (m.q_proj, m.k_proj, m.v_proj):
+                    p.weight.normal_(0.0, d ** -0.5 * (2 * L) ** -0.5 * f)
+                m.out_proj.weight.normal_(0.0, d ** -0.5 * f)
+            elif isinstance(m, _Mlp):
+                m.fc1.weight.normal_(0.0, (2 * d) ** -0.5 * f)
+                m.fc2.weight.normal_(0.0, d ** -0.5 * (2 * L) ** -0.5 * f)
+        self.embeddings.token_embedding.weight.normal_(0.0, 0.02 * f)
+        self.embeddings.position_embedding.weight.normal_(0.0, 0.02 * f)
+        self.text_projection.weight.normal_(0.0, d ** -0.5 * f)
