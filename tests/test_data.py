@@ -382,3 +382,15 @@ def test_coco_errors(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(DataError, match="malformed JSON"):
         load_coco_captions(path, images)
+
+
+def test_the_shifted_domain_outlines_shapes_on_a_dark_noisy_background() -> None:
+    from petserve.adapters.data.synthetic import SHIFTED_BACKGROUND, Scene, Shape, render_shifted
+    scene = Scene(112, (Shape("square", "red", 20, 20, 60),))
+    a, b = np.asarray(render_shifted(scene, 3)), np.asarray(render_shifted(scene, 3))
+    assert (a == b).all() and not (a == np.asarray(render_shifted(scene, 4))).all()
+    corner, inside, edge = a[2:10, 2:10], a[40:60, 40:60], a[20, 30:70]
+    for patch in (corner, inside):             # unfilled: the inside is background too
+        assert abs(patch.mean(axis=(0, 1)) - np.array(SHIFTED_BACKGROUND)).max() < 8
+    assert edge[:, 0].mean() > 150 and edge[:, 1].mean() < 100      # the red outline
+    assert a.std() > 5                                             # noise

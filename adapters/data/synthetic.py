@@ -182,6 +182,32 @@ def question_for(task_id: str, lang: str = "en") -> str:
     return (QUESTIONS if lang == "en" else QUESTIONS_FR)[task_id]
 
 
+# The shifted target domain of the cache-classification demo (docs/METHODS.md, "Cache
+# classification"): outlined, unfilled shapes on a dark background, with Gaussian pixel noise.
+SHIFTED_BACKGROUND = (40, 40, 40)
+SHIFTED_NOISE_STD = 12.0
+
+
+def render_shifted(scene: Scene, seed: int, outline: int | None = None) -> Image.Image:
+    """The scene in the shifted domain; the noise is drawn from ``seed`` (same seed, same
+    pixels)."""
+    img = Image.new("RGB", (scene.size, scene.size), SHIFTED_BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    width = outline or max(2, scene.size // 56)
+    for sh in scene.shapes:
+        color = COLOR_RGB[sh.color]
+        box = (sh.x, sh.y, sh.x + sh.size - 1, sh.y + sh.size - 1)
+        if sh.shape == "circle":
+            draw.ellipse(box, outline=color, width=width)
+        elif sh.shape == "square":
+            draw.rectangle(box, outline=color, width=width)
+        else:
+            pts = [(box[0], box[3]), (box[2], box[3]), (sh.center[0], box[1])]
+            draw.line([*pts, pts[0]], fill=color, width=width, joint="curve")
+    noise = np.random.default_rng(seed).normal(0.0, SHIFTED_NOISE_STD, (scene.size, scene.size, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+
+
 def answer_for(task_id: str, shapes: tuple[Shape, ...], lang: str = "en") -> str:
     """The target string of ``task_id`` for a scene in ``lang`` (captions list shapes left to
     right: ``a red circle and a blue square``, ``un cercle rouge et un carre bleu``)."""
