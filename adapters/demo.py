@@ -31,6 +31,7 @@ import torch
 
 from petserve.adapters.generative import GeneratorConfig
 from petserve.adapters.training.generator_training import GeneratorTrainConfig
+from petserve.adapters.training.lit import LiTConfig
 from petserve.adapters.training.lt_sft import DEFAULT_PARAMS
 from petserve.adapters.training.pretrain import PretrainConfig
 
@@ -119,6 +120,9 @@ SFT_RECIPES = (
 GENERATOR_CONFIG = GeneratorConfig(r=8, alpha=16)
 GENERATOR_RECIPE = GeneratorTrainConfig(steps=2000, tasks_per_step=4, seed=301)
 GENERATOR_FILE = "generator.safetensors"
+# CLIP's text side for /v1/classify and CapS (adapters/clip_towers.py), LiT-trained on the base.
+TOWERS_RECIPE = LiTConfig(steps=1000, seed=401)
+TOWERS_FILE = "clip_text.safetensors"
 GENERATED_TARGET, OTHER_CONTEXT_LIMIT = 0.6, 0.2
 
 
@@ -127,13 +131,15 @@ class DemoAssets:
     backbone_dir: Path
     adapters: dict[str, Path]          # task id -> adapter file
     generator: Path | None = None      # the Generative Adapter generator for the backbone
+    clip_text: Path | None = None      # CLIP's text side (classification)
 
 
 def recipe_digest() -> str:
     """Changes whenever the builder would build something else (the shipped files are then stale)."""
     spec = {"format": ASSET_FORMAT, "base": asdict(BASE), "adapters": [asdict(r) for r in RECIPES],
             "sft": [asdict(r) for r in SFT_RECIPES], "generator": asdict(GENERATOR_RECIPE),
-            "generator_config": GENERATOR_CONFIG.model_dump(mode="json")}
+            "generator_config": GENERATOR_CONFIG.model_dump(mode="json"),
+            "clip_text": asdict(TOWERS_RECIPE)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -160,6 +166,7 @@ def valid_assets(directory: Path) -> DemoAssets | None:
     backbone it names (fingerprints checked); None otherwise."""
     from petserve.adapters.adapter_file import AdapterFileError, load_adapter
     from petserve.adapters.backbone import build_backbone
+    from petserve.adapters.clip_towers import load_towers
     from petserve.adapters.generative import load_generator
     try:
         manifest = json.loads((Path(directory) / MANIFEST).read_text())
@@ -172,6 +179,7 @@ def valid_assets(directory: Path) -> DemoAssets | None:
         for path in assets.adapters.values():
             load_adapter(path, model)
         load_generator(assets.generator, model)
+        load_towers(assets.clip_text, model)
     except (OSError, ValueError, KeyError, AdapterFileError):
         return None
     return assets
@@ -180,7 +188,7 @@ def valid_assets(directory: Path) -> DemoAssets | None:
 def _assets_of(directory: Path, manifest: dict) -> DemoAssets:
     return DemoAssets(directory / manifest["backbone"],
                       {task: directory / name for task, name in manifest["adapters"].items()},
-                      directory / manifest["generator"])
+                      directory / manifest["generator"], directory / manifest["clip_text"])
 
 
 @contextmanager
@@ -227,6 +235,7 @@ def _lock_path(out_dir: Path) -> Path:
 def _build_into(work: Path, progress: bool) -> dict:
     from petserve.adapters.backbone import build_backbone, save_backbone
     from petserve.adapters.training import ExampleFeatures, save_trained
+    from petserve.adapters.training.lit import train_lit
     started = time.time()
     with single_thread():
         save_backbone(pretrained_base(progress), work / "backbone")
@@ -243,8 +252,9 @@ def _build_into(work: Path, progress: bool) -> dict:
                                                     model, name=f"demo-{recipe.adapter_id}").name
         generator = train_demo_generator(model, cache, progress)
         generator.save(work / GENERATOR_FILE, name="demo-generator")
+        train_lit(model, replace(TOWERS_RECIPE, progress=progress))[0].save(work / TOWERS_FILE)
     manifest = {"recipe": recipe_digest(), "fingerprint": model.fingerprint, "backbone": "backbone",
-                "adapters": files, "generator": GENERATOR_FILE,
+                "adapters": files, "generator": GENERATOR_FILE, "clip_text": TOWERS_FILE,
                 "build_seconds": round(time.time() - started, 1)}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

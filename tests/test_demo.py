@@ -131,11 +131,13 @@ def test_the_builder_is_deterministic(tmp_path, monkeypatch):
         replace(r, train_size=8, steps=2, batch_size=4) for r in demo.SFT_RECIPES))
     monkeypatch.setattr(demo, "GENERATOR_RECIPE", replace(demo.GENERATOR_RECIPE, steps=2,
                                                           pool_size=16))
+    monkeypatch.setattr(demo, "TOWERS_RECIPE", replace(demo.TOWERS_RECIPE, steps=2, scenes=40))
     first = demo.build_demo_assets(tmp_path / "a", progress=False)
     second = demo.build_demo_assets(tmp_path / "b", progress=False)
     assert demo.valid_assets(tmp_path / "a") is not None
     for task, path in first.adapters.items():
         assert path.read_bytes() == second.adapters[task].read_bytes(), task
     assert first.generator.read_bytes() == second.generator.read_bytes()
+    assert first.clip_text.read_bytes() == second.clip_text.read_bytes()
     weights = "model.safetensors"
     assert (first.backbone_dir / weights).read_bytes() == (second.backbone_dir / weights).read_bytes()

@@ -193,7 +193,7 @@ def render_shifted(scene: Scene, seed: int, outline: int | None = None) -> Image
     pixels)."""
     img = Image.new("RGB", (scene.size, scene.size), SHIFTED_BACKGROUND)
     draw = ImageDraw.Draw(img)
-    width = outline or max(2, scene.size // 56)
+    width = outline or max(2, scene.size // 14)       # 16 px at 224, 4 px at the tiny ViT's 56
     for sh in scene.shapes:
         color = COLOR_RGB[sh.color]
         box = (sh.x, sh.y, sh.x + sh.size - 1, sh.y + sh.size - 1)
