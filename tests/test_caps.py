@@ -1,5 +1,5 @@
 """CapS-Adapter's logits (adapters/caps.py): the formula against a literal numpy re-computation,
-many heads batched equal each alone, and the weights' search."""
+many heads batched equal each alone, the weights' search, and the cache file's checks."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from petserve.adapters import caps
+from petserve.adapters.cache_file import CacheFileError, cache_bytes, load_cache
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -96,3 +97,41 @@ def test_the_search_finds_weights_at_least_as_good_as_zero_shot():
     assert float((caps.logits(val, best).argmax(-1) == y).float().mean()) == pytest.approx(acc)
     image_only, _ = caps.search_weights(h, val, y, grid, image_only=True)
     assert image_only.gamma == 0.0 and image_only.delta == 0.0
+
+
+# ---- the cache adapter file ---------------------------------------------------------------------
+
+
+def test_a_cache_file_round_trips():
+    h = random_head(11)
+    head, meta = load_cache(cache_bytes(h, clip="abc", name="n"), clip="abc", dim=16)
+    assert head.labels == h.labels and meta["name"] == "n" and meta["kind"] == "cache"
+    f = unit(torch.randn(3, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    torch.testing.assert_close(caps.logits(f.float(), head), caps.logits(f, h).float(),
+                               atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, code, fragment", [
+    (dict(labels=[]), "invalid_cache", "1-4096 classes"),
+    (dict(labels=["a", "a", "b", "c", "d"]), "invalid_cache", "distinct"),
+    (dict(targets=torch.full((12,), 7)), "invalid_cache", "class indices"),
+    (dict(images=torch.zeros(12, 8, dtype=torch.float64)), "invalid_cache", "'images' has shape"),
+    (dict(delta=1.5), "invalid_cache", "delta must be in"),
+])
+def test_bad_cache_heads_are_refused(change, code, fragment):
+    from dataclasses import replace
+    with pytest.raises(CacheFileError, match=fragment) as e:
+        cache_bytes(replace(random_head(12), **change), clip="abc")
+    assert e.value.code == code
+
+
+def test_a_cache_for_another_clip_or_width_is_refused():
+    data = cache_bytes(random_head(13), clip="abc")
+    with pytest.raises(CacheFileError, match="made with CLIP towers abc") as e:
+        load_cache(data, clip="xyz", dim=16)
+    assert e.value.code == "clip_mismatch"
+    with pytest.raises(CacheFileError, match="16 wide") as e:
+        load_cache(data, clip="abc", dim=64)
+    assert e.value.code == "feature_dim_mismatch"
+    with pytest.raises(CacheFileError, match="not a petserve cache file"):
+        load_cache(b"junk junk junk", clip="abc", dim=16)
