@@ -91,12 +91,27 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _parse_json_body(raw: bytes, model_cls, limits) -> tuple:
+def _is_json(ctype: str) -> bool:
+    return ctype in ("", "application/json") or ctype.endswith("+json")
+
+
+def _json_model(raw: bytes, model_cls):
     try:
         # strict: JSON `true` or "2" is not a number (form fields are strings, so forms stay lax)
-        body = model_cls.model_validate_json(raw or b"null", strict=True)
+        return model_cls.model_validate_json(raw or b"null", strict=True)
     except ValidationError as e:
         raise validation_api_error(e) from None
+
+
+def _form_model(text: dict, model_cls):
+    try:
+        return model_cls.model_validate(text)
+    except ValidationError as e:
+        raise validation_api_error(e) from None
+
+
+def _parse_json_body(raw: bytes, model_cls, limits) -> tuple:
+    body = _json_model(raw, model_cls)
     return body, media_from_json(body, limits)
 
 
@@ -140,10 +155,7 @@ def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple
         raise ApiError.unprocessable("invalid_request", "images: need exactly two image files")
     if files["images"] and model_cls is not VqaRequest:
         raise ApiError.unprocessable("invalid_request", "images: only /v1/vqa takes an image pair")
-    try:
-        body = model_cls.model_validate(text)
-    except ValidationError as e:
-        raise validation_api_error(e) from None
+    body = _form_model(text, model_cls)
     media = MediaBytes(image=(files["image"] or [None])[0], pair=files["images"],
                        video=(files["video"] or [None])[0])
     return body, media
@@ -156,7 +168,7 @@ async def read_generation_body(request: Request, model_cls, config: ServerConfig
     if ctype in _FORM_TYPES:
         text, files = await _read_form(request, config.max_body_bytes)
         return _form_to_body(text, files, model_cls)
-    if ctype in ("", "application/json") or ctype.endswith("+json"):
+    if _is_json(ctype):
         raw = await request.body()
         return await run_in_threadpool(_parse_json_body, raw, model_cls, limits)
     raise ApiError.unsupported_media(
@@ -230,15 +242,10 @@ async def read_context_body(request: Request, config: ServerConfig) -> GenerateR
             raise ApiError.unprocessable("invalid_request", "context: send the items as the JSON "
                                          "text field `context` (images base64 inside it)")
         _form_to_json_parts(text)
-        try:
-            return GenerateRequest.model_validate(text)
-        except ValidationError as e:
-            raise validation_api_error(e) from None
-    if ctype in ("", "application/json") or ctype.endswith("+json"):
-        try:
-            return GenerateRequest.model_validate_json(await request.body() or b"null", strict=True)
-        except ValidationError as e:
-            raise validation_api_error(e) from None
+        return _form_model(text, GenerateRequest)
+    if _is_json(ctype):
+        raw = await request.body()
+        return await run_in_threadpool(_json_model, raw, GenerateRequest)
     raise ApiError.unsupported_media(
         "unsupported_content_type", f"send application/json or multipart/form-data, not {ctype!r}")
 

@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 
 import torch
 
@@ -29,6 +30,7 @@ from petserve.adapters.backbone.feature_cache import (
 from petserve.adapters.backbone.model import DEFAULT_INPUTS, RowInput
 from petserve.adapters.backbone.visual import grid_side, pool_grid
 from petserve.adapters.generation import GenerationRequest, GenerationResult, generate
+from petserve.adapters.kinds.lora import LoRA
 from petserve.adapters.runtime.bank import SlotBank
 from petserve.adapters.tasks import InputFormat, get_task
 from petserve.serving.engine_io import ContextInput, InferenceRequest, InferenceResult
@@ -112,9 +114,6 @@ class Engine:
     def _submit_with_context(self, req: InferenceRequest) -> Future:
         """Generate the context's adapter (or find it in the pool, keyed by the context's hash),
         then queue the request on it; the result names the context, not an adapter."""
-        from dataclasses import replace
-
-        from petserve.adapters.kinds.lora import LoRA
         items, digest = self._context_items(req.context)
         key = GENERATED_PREFIX + digest
         on_key = replace(req, adapter=key, context=None)
@@ -136,8 +135,9 @@ class Engine:
             if f.exception() is not None:
                 done.set_exception(f.exception())
                 return
-            self.pool.put_generated(key, LoRA.compile(self.generator.cfg.lora_config(), f.result(),
-                                                      self.model, "vqa"))
+            if not self.pool.has_generated(key):     # once, for every request that waited on it
+                self.pool.put_generated(key, LoRA.compile(self.generator.cfg.lora_config(),
+                                                          f.result(), self.model, "vqa"))
             queue_request((time.perf_counter() - t0) * 1e3)
 
         if self.pool.has_generated(key):
@@ -146,10 +146,9 @@ class Engine:
         with self._lock:
             pending = self._generating.get(key)
         if pending is None:
-            job = ContextJob(items)
-            self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
+            future = self._enqueue_context(items)
             with self._lock:
-                pending = self._generating.setdefault(key, job.future)
+                pending = self._generating.setdefault(key, future)
         pending.add_done_callback(generated)
         return done
 
@@ -208,9 +207,12 @@ class Engine:
         """Queue a context for the generator: (future of the LoRA's tensors, the context's sha256).
         ApiError as ``_context_items``, 503 when the queue is full."""
         items, digest = self._context_items(context)
+        return self._enqueue_context(items), digest
+
+    def _enqueue_context(self, items: list[ContextItem]) -> Future:
         job = ContextJob(items)
         self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
-        return job.future, digest
+        return job.future
 
     def _context_items(self, context: list[ContextInput]) -> tuple[list[ContextItem], str]:
         """The items as the backbone reads them and the context's sha256 (ApiError 422 without

@@ -220,10 +220,7 @@ class Scheduler:
             self._contexts.clear()
         self._running, self._state = [], None
         for job in jobs:
-            if isinstance(job, ContextJob):
-                self._fail_context(job, err)
-            else:
-                self._fail(job, err)
+            self._fail(job, err)
         self.pending_count = self.running_rows = 0
 
     # ---- the loop ------------------------------------------------------------------------
@@ -403,7 +400,7 @@ class Scheduler:
                 for job, _ in jobs:
                     self._contexts.remove(job)
             for job, _ in jobs:
-                self._fail_context(job, e)
+                self._fail(job, e)
             return
         self.progress.succeeded("context")
         for k, (job, n) in enumerate(jobs):
@@ -417,15 +414,6 @@ class Scheduler:
                     job.future.set_result(self.generator.lora_params(job.S, 0))
                 except InvalidStateError:
                     pass
-
-    def _fail_context(self, job: ContextJob, err: Exception) -> None:
-        if not isinstance(err, ApiError):
-            err = ApiError(500, "generation_failed",
-                           f"generating the adapter failed: {type(err).__name__}: {err}")
-        try:
-            job.future.set_exception(err)
-        except InvalidStateError:
-            pass
 
     # ---- completion ----------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
@@ -443,9 +431,11 @@ class Scheduler:
             self.pool.release(job.slot)
             job.slot = -1
 
-    def _fail(self, job: Job, err: Exception) -> None:
-        """Fail one job with a clear ApiError (client errors keep theirs; the rest become 500)."""
-        self._release(job)
+    def _fail(self, job: Job | ContextJob, err: Exception) -> None:
+        """Fail one job or context with a clear ApiError (client errors keep theirs; the rest
+        become 500)."""
+        if isinstance(job, Job):
+            self._release(job)
         if not isinstance(err, ApiError):
             err = ApiError(500, "inference_failed", f"inference failed: {type(err).__name__}: {err}")
         with self.counters.lock:
