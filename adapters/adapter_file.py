@@ -169,6 +169,23 @@ def parse_header(data: bytes) -> tuple[dict, memoryview]:
     return header, body
 
 
+def read_petserve_file(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the ``petserve`` metadata as a dict, the tensors) of any petserve safetensors artifact
+    (adapter, generator, text tower, cache); AdapterFileError when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    header, _ = parse_header(data)
+    raw = header.get("__metadata__") or {}
+    try:
+        meta = json.loads(raw["petserve"])
+        tensors = load(bytes(data))
+    except (KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise AdapterFileError("missing_metadata", f"no readable petserve metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise AdapterFileError("bad_metadata", "petserve metadata is not an object")
+    return meta, tensors
+
+
 def _check_table(header: dict, body_len: int) -> None:
     spans = []
     for name, entry in header.items():

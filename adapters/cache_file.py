@@ -54,13 +54,10 @@ def cache_bytes(head: CacheHead, clip: str, name: str = "") -> bytes:
 def load_cache(data: bytes, clip: str, dim: int) -> tuple[CacheHead, dict]:
     """(head, metadata) of a cache file for the towers of identity ``clip`` and width ``dim``;
     CacheFileError otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from petserve.adapters.adapter_file import read_petserve_file
     try:
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        meta = json.loads(header["__metadata__"]["petserve"])
-        tensors = load(data)
-    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+        meta, tensors = read_petserve_file(data)
+    except ValueError as e:
         raise CacheFileError("invalid_cache", f"not a petserve cache file ({e})") from None
     if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
         raise CacheFileError("invalid_cache", "not a petserve cache file (format "

@@ -74,16 +74,12 @@ class ClipTowers(torch.nn.Module):
 def load_towers(path: Path, model) -> ClipTowers:
     """The text tower file in ``path`` for ``model`` (its tokenizer is the backbone's); TowersError
     for another backbone or a file that is not one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from petserve.adapters.adapter_file import read_petserve_file
     try:
-        data = Path(path).read_bytes()
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        meta = json.loads(header["__metadata__"]["petserve"])
-        tensors = load(data)
+        meta, tensors = read_petserve_file(Path(path).read_bytes())
     except FileNotFoundError:
         raise TowersError(f"{path}: no such text tower file") from None
-    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise TowersError(f"{path}: not a petserve text tower file ({e})") from None
     if meta.get("format") != TOWERS_FORMAT:
         raise TowersError(f"{path}: not a petserve text tower file")

@@ -362,20 +362,10 @@ def demo_scores(assets: DemoAssets, n: int = 60, seed: int = HELD_OUT_SEED,
 
 
 def _answer_all(model, bank, requests: list[tuple], seed: int, batch_size: int) -> dict:
-    """``requests``: (*key, GenerationRequest); answered shuffled (slots and tasks mixed in every
-    batch) -> {key: answer text}."""
-    import random
-
-    from petserve.adapters.generation import generate
-    requests = list(requests)
-    random.Random(seed).shuffle(requests)
-    answers = {}
+    """``requests``: (*key, GenerationRequest); answered shuffled, single-threaded -> {key: text}."""
+    from petserve.adapters.generation import answer_mixed
     with single_thread():
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
-            for r, res in zip(chunk, generate(model, bank, [r[-1] for r in chunk])):
-                answers[r[:-1]] = res.text
-    return answers
+        return {k: r.text for k, r in answer_mixed(model, bank, requests, seed, batch_size).items()}
 
 
 def make_held_out(task: str, n: int, seed: int, video: bool = False, lang: str = "en"):

@@ -269,3 +269,17 @@ def generate(model: VLModel, weights: RuntimeWeights,
     for r in results:
         r.text = model.decode_text(r.tokens)
     return results
+
+
+def answer_mixed(model, bank, requests: list[tuple], seed: int, batch_size: int = 96) -> dict:
+    """``requests``: (*key, GenerationRequest); answered in a seeded shuffle (slots and tasks
+    mixed in every batch) -> {key: its GenerationResult}. What the demo score commands use."""
+    import random
+    requests = list(requests)
+    random.Random(seed).shuffle(requests)
+    out = {}
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        for r, res in zip(chunk, generate(model, bank, [r[-1] for r in chunk])):
+            out[r[:-1]] = res
+    return out

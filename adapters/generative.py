@@ -147,16 +147,12 @@ class Generator:
 def load_generator(path: Path, model: VLModel) -> Generator:
     """The generator in ``path`` for ``model``; GeneratorError naming the problem (not a generator
     file, another backbone, missing or misshapen tensors)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from petserve.adapters.adapter_file import read_petserve_file
     try:
-        data = Path(path).read_bytes()
-        tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["petserve"])
+        meta, tensors = read_petserve_file(Path(path).read_bytes())
     except FileNotFoundError:
         raise GeneratorError(f"{path}: no such generator file") from None
-    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise GeneratorError(f"{path}: not a petserve generator file ({e})") from None
     if meta.get("format") != GENERATOR_FORMAT or meta.get("version") != GENERATOR_VERSION:
         raise GeneratorError(f"{path}: not a petserve generator file (format {meta.get('format')!r} "

@@ -133,7 +133,7 @@ def generator_scores(model: VLModel, gen: Generator, combos, n: int = 60, demos:
                      seed: int = SCORE_SEED, cache: ExampleFeatures | None = None) -> GeneratorScores:
     """Generate one adapter per context (all contexts in shared backbone passes), serve them from
     one SlotBank and answer every combination's queries in mixed batches."""
-    from petserve.adapters.generation import GenerationRequest, generate
+    from petserve.adapters.generation import GenerationRequest, answer_mixed
     from petserve.adapters.runtime.bank import SlotBank
     trained, _ = task_family()
     combos = list(combos)
@@ -151,12 +151,8 @@ def generator_scores(model: VLModel, gen: Generator, combos, n: int = 60, demos:
         for variant, slot in (("own", sources.index(c)), ("other_context", sources.index(
                 other_task(c, trained))), ("bare", -1)):
             requests += [(variant, c, i, GenerationRequest(r, slot, 8)) for i, r in enumerate(rows)]
-    random.Random(seed).shuffle(requests)
-    hits = {}
-    for start in range(0, len(requests), 96):
-        chunk = requests[start:start + 96]
-        for (variant, c, i, _), res in zip(chunk, generate(model, bank, [r[3] for r in chunk])):
-            hits[variant, c, i] = res.text.strip() == query_pool.examples[c][i].target
+    hits = {(variant, c, i): res.text.strip() == query_pool.examples[c][i].target
+            for (variant, c, i), res in answer_mixed(model, bank, requests, seed).items()}
     table = {v: {f"{c[0]}/{c[1]}": sum(hits[v, c, i] for i in range(n)) / n for c in combos}
              for v in ("own", "other_context", "bare")}
     return GeneratorScores(**table)
