@@ -79,11 +79,16 @@ def rescale_rows(x: torch.Tensor, like: torch.Tensor, valid: torch.Tensor | None
 
 def terms(f: torch.Tensor, head: CacheHead) -> dict[str, torch.Tensor]:
     """The three (B, C) terms of ``head`` for normalised features f (B, D), unweighted by alpha
-    and gamma (delta and beta shape them): zero_shot, cache, kl."""
+    and gamma (delta and beta shape them): zero_shot, cache, kl. A head without supports (CLIP
+    zero-shot) has zero cache and kl terms."""
+    zero_shot = ZERO_SHOT_SCALE * f @ head.text.T
+    if head.images.shape[0] == 0:
+        return {"zero_shot": zero_shot, "cache": torch.zeros_like(zero_shot),
+                "kl": torch.zeros_like(zero_shot)}
     A = (1 - head.delta) * f @ head.images.T + head.delta * f @ head.captions.T       # (B, N)
     L = F.one_hot(head.targets, head.num_classes).to(f.dtype)                         # (N, C)
     kl = kl_rows(softened(f), softened(head.images))
-    return {"zero_shot": ZERO_SHOT_SCALE * f @ head.text.T,
+    return {"zero_shot": zero_shot,
             "cache": torch.exp(-head.beta * (1 - A)) @ L,
             "kl": -rescale_rows(kl, A) @ L}
 
@@ -109,7 +114,8 @@ class CacheStack:
     @classmethod
     def of(cls, heads: list[CacheHead]) -> CacheStack:
         S, D = len(heads), heads[0].text.shape[1]
-        C, N = max(h.num_classes for h in heads), max(h.images.shape[0] for h in heads)
+        C = max(h.num_classes for h in heads)
+        N = max(1, *(h.images.shape[0] for h in heads))    # zero-shot heads have no supports
         dt = heads[0].text.dtype
         text, images, captions = (torch.zeros(S, n, D, dtype=dt) for n in (C, N, N))
         onehot = torch.zeros(S, N, C, dtype=dt)

@@ -95,6 +95,11 @@ def load_towers(path: Path, model) -> ClipTowers:
     return towers.to(model.device).eval().requires_grad_(False)
 
 
+def load_clip(path: Path, model) -> ClipTowers:
+    """A text tower file (``load_towers``) or a CLIPModel directory (``from_checkpoint``)."""
+    return from_checkpoint(path, model) if Path(path).is_dir() else load_towers(path, model)
+
+
 def from_checkpoint(directory: Path, model) -> ClipTowers:
     """Both towers' text side from a CLIPModel ``save_pretrained`` directory (``config.json`` with
     ``text_config`` and ``projection_dim``; weights; a CLIP tokenizer beside them)."""

@@ -34,11 +34,14 @@ from petserve.serving.metrics import (
 )
 from petserve.serving.schemas import (
     CAPTION_FORM_SCHEMA,
+    CLASSIFY_FORM_SCHEMA,
     VQA_FORM_SCHEMA,
     AdapterInfo,
     AdapterList,
     CaptionRequest,
     CaptionResponse,
+    ClassifyRequest,
+    ClassifyResponse,
     ErrorResponse,
     GenerateRequest,
     HealthResponse,
@@ -46,6 +49,7 @@ from petserve.serving.schemas import (
     ModelInputs,
     VqaRequest,
     VqaResponse,
+    build_classify_request,
     build_context,
     build_inference_request,
     describe_validation_error,
@@ -59,7 +63,7 @@ from petserve.serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapte
 log = logging.getLogger(__name__)
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _MEDIA_PARTS = ("image", "images", "video")
-_JSON_PARTS = ("features", "boxes", "context")
+_JSON_PARTS = ("features", "boxes", "context", "labels")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Backend(Protocol):
     async def info(self) -> BackendInfo: ...
     async def health(self) -> None: ...             # ApiError 503 "unhealthy" when it is not
     async def generate(self, request): ...          # InferenceRequest -> InferenceResult
+    async def classify(self, request): ...          # ClassifyRequest -> ClassifyResult
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter: ...
     async def generate_adapter(self, adapter_id: str, context) -> StoredAdapter: ...
     async def list(self) -> list[StoredAdapter]: ...
@@ -311,6 +316,21 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         return CaptionResponse(caption=r.text, logprob=finite_or_floor(r.logprob), **_used(r),
                                timings_ms=r.timings_ms)
 
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
+              openapi_extra=_body_doc(_ref("ClassifyRequest"), _ref("ClassifyForm")),
+              summary="Classify an image on a cache adapter (CapS) or zero-shot over labels")
+    async def classify(request: Request) -> ClassifyResponse:
+        if config.auth_reads:
+            token_check.require(request.headers.get("authorization"))
+        body, media = await read_generation_body(request, ClassifyRequest, config, limits)
+        request.state.adapter = body.adapter
+        info = await backend.info()
+        engine_request = await run_in_threadpool(build_classify_request, body, media,
+                                                 info.accepts_pixels, limits)
+        r = await backend.classify(engine_request)
+        return ClassifyResponse(label=r.label, scores=r.scores, adapter=r.adapter,
+                                adapter_version=r.adapter_version, timings_ms=r.timings_ms)
+
 
 def _used(r) -> dict:
     """The answer's adapter fields: a composite lists its members and their versions."""
@@ -460,12 +480,13 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (VqaRequest, CaptionRequest, GenerateRequest):
+        for model in (VqaRequest, CaptionRequest, GenerateRequest, ClassifyRequest):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema
         components["VqaForm"] = VQA_FORM_SCHEMA
         components["CaptionForm"] = CAPTION_FORM_SCHEMA
+        components["ClassifyForm"] = CLASSIFY_FORM_SCHEMA
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         _document_adapter_id(schema)
         app.openapi_schema = schema

@@ -7,7 +7,8 @@ import importlib
 import sys
 
 # modules in serving/commands/
-COMMANDS = ("serve", "train", "train_generator", "params", "push", "import_seed", "sft_files")
+COMMANDS = ("serve", "train", "train_generator", "params", "push", "import_seed", "sft_files",
+            "build_cache")
 
 
 class CliError(Exception):

@@ -49,11 +49,12 @@ class LocalBackend:
     """serving.api.Backend on a model, an Engine and a LocalDirStore in this process."""
 
     def __init__(self, model, store: LocalDirStore, engine_config, max_adapter_bytes: int,
-                 replica: str = "local", generator=None, generator_name: str = "") -> None:
+                 replica: str = "local", generator=None, generator_name: str = "",
+                 towers=None) -> None:
         from petserve.serving.engine import Engine
         self.model, self.store, self.replica = model, store, replica
         self.max_adapter_bytes = max_adapter_bytes
-        self.engine = Engine(model, store, engine_config, generator, generator_name)
+        self.engine = Engine(model, store, engine_config, generator, generator_name, towers)
 
     @classmethod
     def from_config(cls, config: ServerConfig, replica: str = "local") -> LocalBackend:
@@ -64,8 +65,12 @@ class LocalBackend:
         if config.generator is not None:
             from petserve.adapters.generative import load_generator
             generator, name = load_generator(config.generator, model), config.generator.stem
+        towers = None
+        if config.clip is not None:
+            from petserve.adapters.clip_towers import load_clip
+            towers = load_clip(config.clip, model)
         return cls(model, store, config.engine, config.max_adapter_bytes,
-                   replica, generator, name)
+                   replica, generator, name, towers)
 
     def start(self) -> None:
         self.engine.start()
@@ -89,10 +94,14 @@ class LocalBackend:
     async def generate(self, request):
         return await self.engine.generate(request)
 
+    async def classify(self, request):
+        return await self.engine.classify(request)
+
     def upload_now(self, adapter_id: str, data: bytes) -> StoredAdapter:
         """Validate against this backbone (serving.uploads), then store a new version."""
         from petserve.serving.uploads import prepare_upload
-        blob, meta = prepare_upload(data, self.model, self.max_adapter_bytes)
+        blob, meta = prepare_upload(data, self.model, self.max_adapter_bytes,
+                                    towers=self.engine.towers)
         return self.store.put(adapter_id, blob, meta)
 
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
@@ -120,12 +129,12 @@ class LocalBackend:
 
 
 def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
-               max_bytes: int) -> list[str]:
+               max_bytes: int, clip: Path | None = None) -> list[str]:
     """Upload each demo file whose id is not in the store yet, or whose latest version there is
     an earlier build of the same adapter (the same adapter name in its file, other bytes: the
     shipped assets were rebuilt since). An adapter someone uploaded under a demo id with another
     name is left alone. Files are validated against `backbone`, built only when something is
-    uploaded. Returns the ids of `files`."""
+    uploaded; cache adapters against the CLIP text side `clip`. Returns the ids of `files`."""
     uploads = {}
     for adapter_id, path in sorted(files.items()):
         data = Path(path).read_bytes()
@@ -143,8 +152,12 @@ def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
         from petserve.adapters.backbone import build_backbone
         from petserve.serving.uploads import prepare_upload
         model = build_backbone(backbone)
+        towers = None
+        if clip is not None:
+            from petserve.adapters.clip_towers import load_clip
+            towers = load_clip(clip, model)
         for adapter_id, data in uploads.items():
-            blob, meta = prepare_upload(data, model, max_bytes)
+            blob, meta = prepare_upload(data, model, max_bytes, towers=towers)
             store.put(adapter_id, blob, meta)
     return sorted(files)
 
@@ -182,9 +195,12 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
         update = {"backbone": str(assets.backbone_dir)}
         if config.generator is None:
             update["generator"] = assets.generator
+        if config.clip is None:
+            update["clip"] = assets.clip_text
         config = config.model_copy(update=update)
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
-        demo = seed_store(store, assets.adapters, config.backbone, config.max_adapter_bytes)
+        demo = seed_store(store, assets.store_files(), config.backbone, config.max_adapter_bytes,
+                          config.clip)
     if config.generator is not None and config.generator != getattr(assets, "generator", None):
         check_generator(config.generator, config.backbone)
         notes.append(f"generator {config.generator}")
@@ -192,7 +208,7 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
         files = adapter_files(config.adapters_dir)
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
         try:
-            seed_store(store, files, config.backbone, config.max_adapter_bytes)
+            seed_store(store, files, config.backbone, config.max_adapter_bytes, config.clip)
         except ApiError as e:
             raise ValueError(f"--adapters {config.adapters_dir}: {e.message}") from None
         notes.append(f"adapters from {config.adapters_dir}: {', '.join(sorted(files))}")
@@ -297,6 +313,9 @@ class BackboneReplica:
     async def generate(self, request) -> Outcome:
         return await _outcome(self._with_adapter(request))
 
+    async def classify(self, request) -> Outcome:
+        return await _outcome(self.backend.classify(request))
+
     async def upload(self, adapter_id: str, data: bytes) -> Outcome:
         return await _outcome(self.backend.upload(adapter_id, data))
 
@@ -373,6 +392,9 @@ class RayBackend:
 
     async def generate(self, request):
         return await self._call("generate", request, adapter=request.adapter)
+
+    async def classify(self, request):
+        return await self._call("classify", request, adapter=request.adapter)
 
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
         return await self._call("upload", adapter_id, data, adapter=adapter_id)

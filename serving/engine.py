@@ -12,6 +12,8 @@ exactly, log-probability within float noise).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
 import threading
 import time
@@ -33,10 +35,16 @@ from petserve.adapters.generation import GenerationRequest, GenerationResult, ge
 from petserve.adapters.kinds.lora import LoRA
 from petserve.adapters.runtime.bank import SlotBank
 from petserve.adapters.tasks import InputFormat, get_task
-from petserve.serving.engine_io import ContextInput, InferenceRequest, InferenceResult
+from petserve.serving.engine_io import (
+    ClassifyRequest,
+    ClassifyResult,
+    ContextInput,
+    InferenceRequest,
+    InferenceResult,
+)
 from petserve.serving.errors import ApiError
 from petserve.serving.metrics import BACKBONE_LABEL, COMPOSITE_LABEL, CONTEXT_LABEL
-from petserve.serving.scheduler import ContextItem, ContextJob, Job, Scheduler
+from petserve.serving.scheduler import ClassifyJob, ContextItem, ContextJob, Job, Scheduler
 from petserve.serving.server_config import EngineConfig
 from petserve.serving.slot_pool import (
     GENERATED_PREFIX,
@@ -49,6 +57,8 @@ from petserve.serving.slot_pool import (
 from petserve.serving.store import AdapterStore
 
 INPUT_FORMATS_KEPT = 4096      # parsed input formats kept (all dropped when full)
+CACHE_HEADS_KEPT = 256         # cache heads (CapS adapters, zero-shot label sets) kept, LRU
+CACHE_KIND = "cache"
 
 
 def _copy_outcome(src: Future, dst: Future, digest: str, generate_ms: float) -> None:
@@ -66,14 +76,21 @@ def _copy_outcome(src: Future, dst: Future, digest: str, generate_ms: float) -> 
 
 class Engine:
     def __init__(self, model, store: AdapterStore, config: EngineConfig | None = None,
-                 generator=None, generator_name: str = ""):
+                 generator=None, generator_name: str = "", towers=None):
         self.model, self.store = model, store
         self.generator, self.generator_name = generator, generator_name
+        self.towers = towers             # CLIP's text side (adapters.clip_towers): /v1/classify
+        self.clip_identity = None
+        if towers is not None:
+            from petserve.adapters.cache_file import towers_identity
+            self.clip_identity = towers_identity(towers)
+        self.heads = FeatureCache(CACHE_HEADS_KEPT)
         self.config = config = config or EngineConfig()
         self.pool = SlotPool(model, store, config.num_slots, config.cpu_cache_adapters)
         self.features = FeatureCache(config.feature_cache_items)
         self.scheduler = Scheduler(model, self.pool, self.features, config.max_batch_rows,
-                                   config.max_prefill_tokens, self._complete, generator)
+                                   config.max_prefill_tokens, self._complete, generator, towers,
+                                   self.heads)
         self._lock = threading.Lock()
         self._per_adapter: dict[str, dict[str, float]] = {}
         self._inputs: dict[tuple[str, int], InputFormat] = {}     # see _input_format
@@ -186,21 +203,97 @@ class Engine:
         """Scheduler callback: a job's searcher finished."""
         result = InferenceResult(self.model.decode_text(out.tokens), out.logprob, job.adapter,
                                  job.version, dict(job.timings_ms), out.tokens)
-        total_ms = job.timings_ms["total"]
+        label = COMPOSITE_LABEL if isinstance(job.adapter, tuple) else \
+            CONTEXT_LABEL if is_generated(job.adapter) else job.adapter or BACKBONE_LABEL
+        self._count(label, job.timings_ms["total"])
+        job.future.set_result(result)
+
+    def _count(self, label: str, total_ms: float) -> None:
         with self._lock:
-            label = COMPOSITE_LABEL if isinstance(job.adapter, tuple) else \
-                CONTEXT_LABEL if is_generated(job.adapter) else job.adapter or BACKBONE_LABEL
-            entry = self._per_adapter.setdefault(label,
-                                                 {"count": 0, "latency_ms_sum": 0.0})
+            entry = self._per_adapter.setdefault(label, {"count": 0, "latency_ms_sum": 0.0})
             entry["count"] += 1
             entry["latency_ms_sum"] += total_ms
             self._latency_ema_s = 0.9 * self._latency_ema_s + 0.1 * total_ms / 1e3
-        job.future.set_result(result)
 
     def _retry_after_s(self) -> float:
         """Roughly when a queue slot frees: one request latency per batch of queued requests."""
         batches = math.ceil(max(1, self.scheduler.queue_length()) / self.config.max_batch_rows)
         return max(1.0, self._latency_ema_s * batches)
+
+    # ---- classification (CapS cache adapters, CLIP zero-shot) -----------------------------
+    def submit_classify(self, req: ClassifyRequest) -> Future:
+        """Queue an image to classify on a cache adapter or zero-shot over ``req.labels``; the
+        future resolves to a ClassifyResult. ApiError now: 422 without CLIP towers or for an
+        adapter that is no cache, 400 / 404 for a bad / unknown id, 503 for a full queue."""
+        job, version = self._classify_job(req)
+        self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
+        done: Future = Future()
+
+        def finished(f: Future) -> None:
+            if f.exception() is not None:
+                done.set_exception(f.exception())
+                return
+            head, probs = f.result()
+            self._count(req.adapter or BACKBONE_LABEL, job.timings_ms["total"])
+            done.set_result(self._classify_result(req, version, head, probs, job.timings_ms))
+        job.future.add_done_callback(finished)
+        return done
+
+    async def classify(self, req: ClassifyRequest) -> ClassifyResult:
+        return await asyncio.wrap_future(await asyncio.to_thread(self.submit_classify, req))
+
+    def classify_alone(self, req: ClassifyRequest) -> ClassifyResult:
+        """The oracle: ``req`` alone, its head read afresh, bypassing the scheduler and caches,
+        scored with adapters.caps.logits (no grouping)."""
+        from petserve.adapters.caps import logits
+        job, version = self._classify_job(req)
+        with torch.inference_mode():
+            head = job.load_head()
+            f = self.towers.image_embeds(job.encode_visual().feats[:1]).float()
+            probs = torch.softmax(logits(f, head), -1)[0]
+        return self._classify_result(req, version, head, probs, {})
+
+    def _classify_job(self, req: ClassifyRequest) -> tuple[ClassifyJob, int | None]:
+        if self.towers is None:
+            raise ApiError.unprocessable("no_clip", "this server has no CLIP text side to "
+                                         "classify with (start it with --clip FILE_OR_DIR)")
+        model, towers, image = self.model, self.towers, req.image
+        if req.adapter is not None:
+            stored = self.store.get(req.adapter)
+            if stored.meta.get("kind") != CACHE_KIND:
+                raise ApiError.unprocessable("not_a_cache", f"adapter {req.adapter!r} is a "
+                                             f"{stored.meta.get('kind')} adapter; /v1/classify "
+                                             "takes a cache adapter (petserve build-cache)")
+            adapter_id, version = req.adapter, stored.version
+            key = f"cache:{adapter_id}:{version}"
+
+            def load_head():
+                from petserve.adapters.cache_file import CacheFileError, load_cache
+                try:
+                    return load_cache(self.store.read(adapter_id, version), self.clip_identity,
+                                      towers.cfg.projection_dim)[0]
+                except CacheFileError as e:
+                    raise ApiError.unprocessable(e.code, str(e)) from None
+        else:
+            labels, version = list(req.labels), None
+            key = "labels:" + hashlib.sha256(json.dumps(labels).encode()).hexdigest()
+
+            def load_head():
+                from petserve.adapters.caps import CacheHead
+                from petserve.adapters.caps_build import class_embeddings
+                empty = torch.zeros(0, towers.cfg.projection_dim)
+                return CacheHead(labels, class_embeddings(towers, labels, ("{}",)).float(),
+                                 empty, empty, torch.zeros(0, dtype=torch.int64), alpha=0.0)
+
+        def visual():
+            return encode_visual(model, [image], None, None, None)
+        return ClassifyJob(key, load_head, images_key([image]), visual), version
+
+    def _classify_result(self, req: ClassifyRequest, version, head, probs, timings) -> ClassifyResult:
+        top = torch.topk(probs, min(req.top_k, head.num_classes))
+        scores = [(head.labels[i], float(p)) for p, i in zip(top.values.tolist(),
+                                                             top.indices.tolist())]
+        return ClassifyResult(scores[0][0], scores, req.adapter, version, dict(timings))
 
     # ---- contexts -> adapters (Generative Adapter) ----------------------------------------
     def submit_context(self, context: list[ContextInput]) -> tuple[Future, str]:
@@ -305,6 +398,9 @@ class Engine:
         deleted); 422 when a task-conditioned adapter (as recorded in the store's metadata) has
         no entry for ``task``."""
         stored = self.store.get(adapter_id)
+        if stored.meta.get("kind") == CACHE_KIND:
+            raise ApiError.unprocessable("task_not_supported", f"adapter {adapter_id!r} is a "
+                                         "cache classifier; send it to /v1/classify")
         # None: stored before uploads recorded it; the pool then parses the file to find out
         if stored.meta.get("task_conditioned", True):
             self.pool.check_task(adapter_id, stored.version, task)
@@ -381,7 +477,9 @@ class Engine:
                      "prefills_joining_total": c.prefills_joining, "failed": dict(c.failed),
                      "batch_rows": c.batch_rows.snapshot(),
                      "adapters_per_step": c.adapters_per_step.snapshot(),
-                     "prefill_batch_size": c.prefill_batch.snapshot()}
+                     "prefill_batch_size": c.prefill_batch.snapshot(),
+                     "classify_rows": c.classify_rows.snapshot(),
+                     "classify_heads": c.classify_heads.snapshot()}
         with self._lock:
             per_adapter = {k: dict(v) for k, v in self._per_adapter.items()}
         return {"queue_length": self.scheduler.queue_length(),

@@ -36,6 +36,23 @@ class InferenceRequest:
 
 
 @dataclass
+class ClassifyRequest:
+    adapter: str | None              # a cache adapter's id; None: zero-shot over ``labels``
+    labels: tuple[str, ...] | None   # zero-shot: the class prompts
+    image: object                    # a PIL RGB image
+    top_k: int = 5
+
+
+@dataclass
+class ClassifyResult:
+    label: str
+    scores: list[tuple[str, float]]  # the top_k (label, probability), best first
+    adapter: str | None
+    adapter_version: int | None
+    timings_ms: dict[str, float]
+
+
+@dataclass
 class InferenceResult:
     text: str
     logprob: float                   # sum of the generated tokens' log-probabilities

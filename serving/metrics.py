@@ -251,6 +251,8 @@ _HISTOGRAMS = {
     "batch_rows": "decoder rows per engine step",
     "adapters_per_step": "distinct adapters mixed in one engine step",
     "prefill_batch_size": "requests per prefill pass",
+    "classify_rows": "classify rows per grouped cache-head pass",
+    "classify_heads": "distinct cache heads in one grouped pass",
 }
 
 

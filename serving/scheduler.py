@@ -13,7 +13,10 @@ Each iteration:
 5. one chunk of waiting contexts (Generative Adapter: ``ContextJob``): up to ``max_batch_rows``
    context items of one or more contexts in one teacher-forced backbone pass, their S summed into
    each context's; a context whose items are all in becomes its LoRA. One chunk per iteration, so
-   turning a long context into an adapter never stalls the decode steps of running requests.
+   turning a long context into an adapter never stalls the decode steps of running requests;
+6. up to ``max_batch_rows`` waiting classify rows (CapS, ``ClassifyJob``): their CLS features from
+   the shared vision tower and feature cache, one CLIP projection, and the logits of every row on
+   its own cache head in one grouped pass (adapters.caps.grouped_logits, many heads, no loop).
 
 A failure fails only the jobs it touched (a job's vision or adapter load: that job; a prefill: the
 jobs admitted with it; a decode step: the running jobs) and the thread goes on.
@@ -99,6 +102,20 @@ class ContextJob:
     S: dict | None = None                # site -> (r, r)
 
 
+@dataclass
+class ClassifyJob:
+    """One image to classify on a cache head (``load_head`` makes it, kept in the engine's head
+    cache under ``head_key``); the future resolves to (head, its (C,) class probabilities)."""
+
+    head_key: str
+    load_head: Callable[[], object]
+    visual_key: str
+    encode_visual: Callable[[], VisualTokens]
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)    # rows, adapters or requests in one step
 
 
@@ -118,6 +135,8 @@ class StepCounters:
     adapters_per_step: Histogram = field(default_factory=_sizes)
     prefill_batch: Histogram = field(default_factory=_sizes)
     failed: dict[str, int] = field(default_factory=dict)          # error code -> jobs
+    classify_rows: Histogram = field(default_factory=_sizes)      # classify rows per pass
+    classify_heads: Histogram = field(default_factory=_sizes)     # distinct cache heads per pass
 
 
 @dataclass
@@ -146,8 +165,9 @@ class Progress:
 class Scheduler:
     def __init__(self, model, pool: SlotPool, features: FeatureCache, max_batch_rows: int,
                  max_prefill_tokens: int, on_done: Callable[[Job, GenerationResult], None],
-                 generator=None):
+                 generator=None, towers=None, heads: FeatureCache | None = None):
         self.model, self.pool, self.features, self.generator = model, pool, features, generator
+        self.towers, self.heads = towers, heads if heads is not None else FeatureCache(64)
         self.max_rows, self.max_tokens, self.on_done = max_batch_rows, max_prefill_tokens, on_done
         self.counters = StepCounters()
         self.progress = Progress()
@@ -158,19 +178,24 @@ class Scheduler:
         self._pending: list[Job] = []
         self._running: list[Job] = []                 # in row order of _state
         self._contexts: deque[ContextJob] = deque()   # FIFO; the first may be part-way done
+        self._classify: deque[ClassifyJob] = deque()
         self._state: DecodeState | None = None
         self.pending_count, self.running_rows = 0, 0
 
     # ---- any thread ----------------------------------------------------------------------
-    def enqueue(self, job: Job | ContextJob, max_queue: int, retry_after_s: float) -> None:
+    def enqueue(self, job: Job | ContextJob | ClassifyJob, max_queue: int,
+                retry_after_s: float) -> None:
         with self._cv:
             if self._stopping:
                 raise ApiError(503, "shutting_down", "the replica is shutting down; retry on another")
-            if len(self._inbox) + self.pending_count + len(self._contexts) >= max_queue:
+            if len(self._inbox) + self.pending_count + len(self._contexts) + \
+                    len(self._classify) >= max_queue:
                 raise ApiError.overloaded(retry_after_s, f"{max_queue} requests are already "
                                           "waiting on this replica; retry later")
             if isinstance(job, ContextJob):
                 self._contexts.append(job)
+            elif isinstance(job, ClassifyJob):
+                self._classify.append(job)
             else:
                 self._inbox.append(job)
             self._cv.notify()
@@ -215,9 +240,11 @@ class Scheduler:
             thread.join()
         err = ApiError(503, "shutting_down", "the replica is shutting down; retry on another")
         with self._cv:
-            jobs, self._pending = [*self._pending, *self._inbox, *self._running, *self._contexts], []
+            jobs, self._pending = [*self._pending, *self._inbox, *self._running, *self._contexts,
+                                   *self._classify], []
             self._inbox.clear()
             self._contexts.clear()
+            self._classify.clear()
         self._running, self._state = [], None
         for job in jobs:
             self._fail(job, err)
@@ -237,7 +264,7 @@ class Scheduler:
     def _wait_for_work(self) -> bool:
         with self._cv:
             while not self._stopping and not (self._inbox or self._pending or self._running
-                                              or self._contexts):
+                                              or self._contexts or self._classify):
                 self._cv.wait()
             self._pending.extend(self._inbox)
             self._inbox.clear()
@@ -250,9 +277,12 @@ class Scheduler:
             self._prefill(admitted)
         if self._state is not None:
             self._step()
+        classified = bool(self._classify)
+        if classified:
+            self._classify_chunk()
         if self._contexts:
             self._context_chunk()
-        elif not admitted and self._state is None:
+        elif not admitted and self._state is None and not classified:
             with self._cv:    # waiting jobs, none admissible (slots busy elsewhere): don't spin
                 self._cv.wait(0.005)
 
@@ -415,6 +445,47 @@ class Scheduler:
                 except InvalidStateError:
                     pass
 
+    # ---- 6. classify rows ----------------------------------------------------------------
+    def _classify_chunk(self) -> None:
+        from petserve.adapters.caps import CacheStack, grouped_logits
+        with self._cv:
+            jobs = [self._classify.popleft() for _ in range(min(self.max_rows, len(self._classify)))]
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        try:
+            cls = torch.stack([self.features.get_or_compute(j.visual_key, j.encode_visual).feats[0]
+                               for j in jobs])
+            heads, slot_of, slots = [], {}, []
+            for j in jobs:
+                if j.head_key not in slot_of:
+                    slot_of[j.head_key] = len(heads)
+                    heads.append(self.heads.get_or_compute(j.head_key, j.load_head))
+                slots.append(slot_of[j.head_key])
+            t1 = time.perf_counter()
+            f = self.towers.image_embeds(cls).float()
+            logits = grouped_logits(f, CacheStack.of(heads), torch.tensor(slots))
+            probs = torch.softmax(logits, -1).cpu()
+        except Exception as e:  # noqa: BLE001
+            log.exception("classify chunk of %d rows failed", len(jobs))
+            self.progress.failed("classify", e)
+            for j in jobs:
+                self._fail(j, e)
+            return
+        self.progress.succeeded("classify")
+        now = time.perf_counter()
+        with self.counters.lock:
+            self.counters.classify_rows.observe(len(jobs))
+            self.counters.classify_heads.observe(len(heads))
+        for row, (j, s) in enumerate(zip(jobs, slots)):
+            j.timings_ms.update(queue=(t0 - j.submitted) * 1e3, vision=(t1 - t0) * 1e3,
+                                classify=(now - t1) * 1e3, total=(now - j.submitted) * 1e3)
+            try:
+                j.future.set_result((heads[s], probs[row, :heads[s].num_classes]))
+            except InvalidStateError:
+                pass
+
     # ---- completion ----------------------------------------------------------------------
     def _finish(self, job: Job) -> None:
         self._release(job)
@@ -431,7 +502,7 @@ class Scheduler:
             self.pool.release(job.slot)
             job.slot = -1
 
-    def _fail(self, job: Job | ContextJob, err: Exception) -> None:
+    def _fail(self, job: Job | ContextJob | ClassifyJob, err: Exception) -> None:
         """Fail one job or context with a clear ApiError (client errors keep theirs; the rest
         become 500)."""
         if isinstance(job, Job):

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from petserve.adapters.tasks import QUESTION_TASKS
+from petserve.serving.engine_io import ClassifyRequest as EngineClassifyRequest
 from petserve.serving.engine_io import ContextInput, InferenceRequest
 from petserve.serving.errors import ApiError
 from petserve.serving.media import MediaLimits, decode_base64, decode_image, decode_video
@@ -21,6 +22,7 @@ from petserve.serving.server_config import MAX_BEAMS, MAX_MEMBERS, MAX_NEW_TOKEN
 from petserve.serving.store import ADAPTER_ID_RE, StoredAdapter, validate_adapter_id
 
 MAX_TEXT_CHARS = 1024
+MAX_LABELS, MAX_TOP_K = 1000, 50
 MAX_FEATURE_TOKENS = 1024
 MAX_FEATURE_DIM = 8192
 
@@ -149,6 +151,37 @@ class GenerateRequest(_Body):
         "max_context_items bounds their number (more: 413)")
 
 
+Label = Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class ClassifyRequest(_Body):
+    """Classify an image: on a cache adapter (CapS), or CLIP zero-shot over ``labels``."""
+
+    adapter: AdapterId | None = Field(None, description="a cache adapter's id (kind cache, made by "
+                                      "`petserve build-cache`); or omit it and give `labels`")
+    labels: list[Label] | None = Field(
+        None, min_length=1, max_length=MAX_LABELS, description="instead of `adapter`: the class "
+        "prompts for CLIP zero-shot, e.g. [\"a red circle\", \"a blue square\"]")
+    image: str | None = Field(None, description="the image to classify" + _B64_DOC)
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many (label, score) pairs to return")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("labels must be distinct")
+        return v
+
+
+class ClassifyResponse(BaseModel):
+    label: str = Field(description="the likeliest class")
+    scores: list[tuple[str, float]] = Field(description="the top_k [label, probability] pairs, "
+                                            "best first")
+    adapter: str | None = Field(description="the cache adapter used; null: zero-shot")
+    adapter_version: int | None = Field(description="its version; null: zero-shot")
+    timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
+
+
 class _Generated(BaseModel):
     """What every generation answer carries besides its text."""
 
@@ -264,6 +297,13 @@ VQA_FORM_SCHEMA = _form_schema("VqaForm", {
 CAPTION_FORM_SCHEMA = _form_schema("CaptionForm", {
     "prompt": {"type": "string", "maxLength": MAX_TEXT_CHARS},
 }, [])
+CLASSIFY_FORM_SCHEMA = {"title": "ClassifyForm", "type": "object", "properties": {
+    "adapter": {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$",
+                "description": "a cache adapter's id"},
+    "labels": {"type": "string", "description": "instead of adapter: a JSON array of class prompts"},
+    "image": {"type": "string", "format": "binary", "description": "image file"},
+    "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
+}, "required": ["image"], "additionalProperties": False}
 
 
 # ---- body -> engine request -----------------------------------------------------------------
@@ -299,7 +339,7 @@ def media_from_json(body: GenerationFields, limits: MediaLimits) -> MediaBytes:
     return MediaBytes(
         image=b64(body.image, "image", limits.max_image_bytes),
         pair=[b64(v, f"images[{i}]", limits.max_image_bytes) for i, v in enumerate(pair)],
-        video=b64(body.video, "video", limits.max_video_bytes))
+        video=b64(getattr(body, "video", None), "video", limits.max_video_bytes))
 
 
 def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes,
@@ -341,6 +381,23 @@ def build_inference_request(body: VqaRequest | CaptionRequest, media: MediaBytes
                             frames=frames, features=features, boxes=boxes,
                             max_new_tokens=body.max_new_tokens, num_beams=body.num_beams,
                             context=context)
+
+
+def build_classify_request(body: ClassifyRequest, media: MediaBytes,
+                           accepts_pixels: bool, limits: MediaLimits) -> EngineClassifyRequest:
+    """Admission of a classify request: exactly one of adapter and labels, one image (422
+    otherwise), decoded (4xx from serving.media). CPU-heavy: call it off the event loop."""
+    if (body.adapter is None) == (body.labels is None):
+        raise ApiError.unprocessable("invalid_request", "give `adapter` (a cache adapter) or "
+                                     "`labels` (zero-shot), exactly one of them")
+    if media.image is None:
+        raise ApiError.unprocessable("missing_media", "give `image`, the image to classify")
+    if not accepts_pixels:
+        raise ApiError.unprocessable("features_only", "this backbone has no vision encoder to "
+                                     "classify an image with")
+    image = decode_image(media.image, limits, field="image")
+    labels = None if body.labels is None else tuple(body.labels)
+    return EngineClassifyRequest(body.adapter, labels, image, body.top_k)
 
 
 def build_context(entries: list[ContextEntry], accepts_pixels: bool, limits: MediaLimits,

@@ -94,6 +94,9 @@ class ServerConfig(_Strict):
     store_dir: Path = Field(default_factory=default_store_dir)
     generator: Path | None = Field(None, description="Generative Adapter generator for the backbone "
                                    "(petserve train-generator); the embedded default ships one")
+    clip: Path | None = Field(None, description="CLIP's text side for /v1/classify: a text tower "
+                              "file, or a CLIPModel save_pretrained directory; the embedded "
+                              "default ships one")
     adapters_dir: Path | None = Field(None, description="put every *.safetensors here into the store "
                                       "at start (id: the file name without .safetensors)")
     host: str = "127.0.0.1"

@@ -25,17 +25,21 @@ ZIP_MAGIC = b"PK\x03\x04"
 MAX_ZIP_MEMBERS = 64
 
 
-def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa") -> tuple[bytes, dict]:
+def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa",
+                   towers=None) -> tuple[bytes, dict]:
     """Validate an uploaded adapter: a petserve .safetensors file (adapters.adapter_file.load_adapter)
     or a zip of a PEFT LoRA directory (adapters.peft_import.import_peft_lora, then re-serialised with
     adapter_bytes so the store only ever holds petserve safetensors; ``task`` is the task recorded
     for it). Returns (bytes to store, store metadata dict with kind, task, trainable_parameters,
     backbone_fingerprint, config, name, task_conditioned, inputs). AdapterFileError -> ApiError with the
-    error's status (422 by default, 413 for size) and code."""
+    error's status (422 by default, 413 for size) and code. A cache file (CapS) is checked against
+    ``towers``, the server's CLIP (``prepare_cache``)."""
     data = bytes(data)
     if len(data) > max_bytes:
         raise ApiError.payload_too_large(f"adapter upload is {len(data)} bytes, over the limit of "
                                          f"{max_bytes} bytes", code="adapter_too_large")
+    if is_cache_file(data):
+        return data, prepare_cache(data, towers)
     try:
         if data.startswith(ZIP_MAGIC):
             _check_zip_size(data, max_bytes)
@@ -55,6 +59,35 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa") -> tup
                   "trainable_parameters": af.meta.trainable_parameters,
                   "backbone_fingerprint": model.fingerprint, "config": af.meta.config,
                   "name": af.meta.name, "inputs": af.meta.inputs.model_dump(mode="json")}
+
+
+def is_cache_file(data: bytes) -> bool:
+    from petserve.adapters.adapter_file import read_petserve_file
+    from petserve.adapters.cache_file import CACHE_FORMAT
+    if data.startswith(ZIP_MAGIC):
+        return False
+    try:
+        return read_petserve_file(data)[0].get("format") == CACHE_FORMAT
+    except ValueError:
+        return False
+
+
+def prepare_cache(data: bytes, towers) -> dict:
+    """Store metadata of a cache adapter made with ``towers`` (422 naming the problem: no CLIP
+    on this server, another CLIP, features of another width, a broken file)."""
+    from petserve.adapters.cache_file import CacheFileError, load_cache, towers_identity
+    if towers is None:
+        raise ApiError.unprocessable("no_clip", "this server has no CLIP text side, so it cannot "
+                                     "serve cache adapters (start it with --clip FILE_OR_DIR)")
+    identity = towers_identity(towers)
+    try:
+        head, meta = load_cache(data, identity, towers.cfg.projection_dim)
+    except CacheFileError as e:
+        raise ApiError.unprocessable(e.code, str(e)) from None
+    return {"kind": "cache", "task": "classify", "task_conditioned": False,
+            "trainable_parameters": 0, "backbone_fingerprint": towers.backbone, "clip": identity,
+            "name": meta.get("name", ""), "classes": head.num_classes,
+            "supports": int(head.images.shape[0])}
 
 
 def _check_zip_size(data: bytes, max_bytes: int) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from petserve.benchmarks import (  # noqa: E402
+    bench_classify,
     bench_engine,
     bench_generator,
     bench_load,
@@ -121,4 +122,19 @@ def test_bench_generator_smoke(tmp_path):
     assert measures.count("latency") == 2 and "batched" in measures and measures.count("load") == 3
     assert all(r["metrics"]["generate_ms"] > 0 for r in rows if r["setup"]["measure"] != "load")
     assert all(r["metrics"]["requests_per_s"] > 0 for r in rows if r["setup"]["measure"] == "load")
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_classify_smoke(tmp_path):
+    """Classify throughput over 1 and 32 cache adapters, alone and beside VQA; grouped vs loop."""
+    out = tmp_path / "classify.jsonl"
+    assert bench_classify.main(["--smoke", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    tp = [r for r in rows if r["setup"]["measure"] == "throughput"]
+    assert {(r["setup"]["caches"], r["setup"]["traffic"]) for r in tp} == {
+        (1, "classify"), (1, "classify + vqa"), (32, "classify"), (32, "classify + vqa")}
+    assert all(r["metrics"]["classify_per_s"] > 0 for r in tp)
+    assert all(r["metrics"]["vqa_per_s"] > 0 for r in tp if r["setup"]["traffic"] != "classify")
+    grouped = next(r for r in rows if r["setup"]["measure"] == "grouped")["metrics"]
+    assert grouped["grouped_ms"] > 0 and grouped["loop_ms"] > 0
     assert out.with_suffix(".png").stat().st_size > 0

@@ -260,6 +260,21 @@ def make_demo_scenes(task_id: str, n: int, seed: int, size: int = IMAGE_SIZE) ->
     return [sample_scene(rng, _num_shapes(task_id, rng), size) for _ in range(n)]
 
 
+CLASS_LABELS = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)    # the caps-24 classes
+
+
+def make_class_scenes(label: str, n: int, seed: int, size: int = IMAGE_SIZE) -> list[Scene]:
+    """``n`` one-shape scenes of the class ``label`` ("{color} {shape}", :data:`CLASS_LABELS`),
+    placed and sized at random, deterministic in ``seed``."""
+    color, _, shape = label.partition(" ")
+    if color not in COLORS or shape not in SHAPES:
+        raise ValueError(f"unknown class {label!r}; classes are '<color> <shape>' of "
+                         f"{', '.join(COLORS)} x {', '.join(SHAPES)}")
+    rng = random.Random(f"{seed}:{label}")
+    return [Scene(size, (replace(sample_scene(rng, 1, size).shapes[0], shape=shape, color=color),))
+            for _ in range(n)]
+
+
 def make_demo_examples(task_id: str, n: int, seed: int, lang: str = "en") -> list[Example]:
     """``n`` image examples of a demo task, deterministic in ``seed``; questions and answers in
     ``lang`` (the same seed draws the same scenes in every language).

@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--adapters", type=Path, help="directory of .safetensors adapters to put into the "
                                                  "store at start (id: the file name), e.g. "
                                                  "import-seed's DIR/adapters")
+    p.add_argument("--clip", type=Path, help="CLIP's text side for /v1/classify and cache "
+                   "adapters: a text tower file or a CLIPModel save_pretrained directory (the "
+                   "embedded default ships one)")
     p.add_argument("--generator", type=Path, help="Generative Adapter generator for the backbone "
                    "(petserve train-generator; the embedded default ships one): enables "
                    "POST /v1/adapters/{id}/generate and inline `context` requests")
@@ -57,7 +60,7 @@ def server_config(args):
         if args.config is not None:
             data = ServerConfig.from_yaml(args.config).model_dump(exclude_unset=True)
         flags = {"backbone": args.backbone, "store_dir": args.store, "adapters_dir": args.adapters,
-                 "generator": args.generator, "host": args.host,
+                 "generator": args.generator, "clip": args.clip, "host": args.host,
                  "port": args.port, "replicas": args.replicas, "device": args.device}
         data.update({k: v for k, v in flags.items() if v is not None})
         if args.num_slots is not None:
