@@ -60,7 +60,7 @@ def api_schema(tiny_t5, tmp_path_factory):
 OPERATIONS = [("POST", "/v1/vqa"), ("POST", "/v1/caption"), ("PUT", "/v1/adapters/{adapter_id}"),
               ("GET", "/v1/adapters"), ("GET", "/v1/adapters/{adapter_id}"),
               ("DELETE", "/v1/adapters/{adapter_id}"), ("GET", "/healthz"), ("GET", "/metrics"),
-              ("POST", "/v1/adapters/{adapter_id}/generate")]
+              ("POST", "/v1/adapters/{adapter_id}/generate"), ("POST", "/v1/classify")]
 EXAMPLES = {"positive": 20, "negative": 15}
 
 
