@@ -51,6 +51,14 @@ class CacheHead:
     def with_weights(self, alpha: float, beta: float, gamma: float, delta: float) -> CacheHead:
         return replace(self, alpha=alpha, beta=beta, gamma=gamma, delta=delta)
 
+    def restricted(self, classes: list[int]) -> CacheHead:
+        """The head over ``classes`` only (in that order), with their support images."""
+        keep = [i for i, t in enumerate(self.targets.tolist()) if t in classes]
+        remap = {c: k for k, c in enumerate(classes)}
+        return replace(self, labels=[self.labels[c] for c in classes], text=self.text[classes],
+                       images=self.images[keep], captions=self.captions[keep],
+                       targets=torch.tensor([remap[t] for t in self.targets[keep].tolist()]))
+
 
 def softened(x: torch.Tensor, temperature: float = KL_TEMPERATURE) -> torch.Tensor:
     return torch.softmax(x / temperature, dim=-1)

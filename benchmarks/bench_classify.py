@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +31,7 @@ def variant_heads(head, n: int) -> list:
     for _ in range(n):
         classes = sorted(rng.choice(head.num_classes, rng.integers(12, head.num_classes + 1),
                                     replace=False).tolist())
-        keep = [i for i, t in enumerate(head.targets.tolist()) if t in classes]
-        remap = {c: k for k, c in enumerate(classes)}
-        out.append(replace(head, labels=[head.labels[c] for c in classes], text=head.text[classes],
-                           images=head.images[keep], captions=head.captions[keep],
-                           targets=torch.tensor([remap[t] for t in head.targets[keep].tolist()])))
+        out.append(head.restricted(classes))
     return out
 
 

@@ -6,7 +6,6 @@ import io
 from dataclasses import replace
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from petserve.adapters.backbone import build_backbone
@@ -52,15 +51,6 @@ def caps24(towers) -> CacheHead:
                       towers.cfg.projection_dim)[0]
 
 
-def sub_head(head: CacheHead, classes: list[int]) -> CacheHead:
-    """The head restricted to ``classes`` (another cache adapter, of other sizes)."""
-    keep = [i for i, t in enumerate(head.targets.tolist()) if t in classes]
-    remap = {c: k for k, c in enumerate(classes)}
-    return replace(head, labels=[head.labels[c] for c in classes], text=head.text[classes],
-                   images=head.images[keep], captions=head.captions[keep],
-                   targets=torch.tensor([remap[t] for t in head.targets[keep].tolist()]))
-
-
 def png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -70,7 +60,7 @@ def png(image) -> bytes:
 def test_classify_rows_mixed_with_vqa_and_other_caches_answer_as_alone(served) -> None:
     _, backend, towers = served
     engine = backend.engine
-    small = sub_head(caps24(towers), [0, 4, 8, 13, 17, 22])
+    small = caps24(towers).restricted([0, 4, 8, 13, 17, 22])
     backend.upload_now("caps-6", cache_bytes(small, engine.clip_identity, name="caps-6"))
     test = shifted_split(2, 4242)
     reqs = [ClassifyRequest(("caps-24", "caps-6", None)[i % 3],
