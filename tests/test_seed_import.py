@@ -188,7 +188,8 @@ def test_imported_adapters_mix_in_one_batch_with_ours(imported):
     # LoRA at scale 1 (alpha = r): a random B at the default scale amplifies the fp32 rounding of
     # the prompt row's wider padded attention past 1e-5 (1.6e-5 on one CI CPU, logits ~3).
     ours = [random_adapter(model, k, o, seed=i) for i, (k, o) in enumerate(
-        [("lora", {"r": 4, "alpha": 4}), ("adapter", {"reduction_factor": 8}), ("prompt", {"length": 3, "mid_dim": 8})])]
+        [("lora", {"r": 4, "alpha": 4}), ("adapter", {"reduction_factor": 8}),
+         ("prompt", {"length": 3, "mid_dim": 8})])]
     bank = SlotBank(model, 6)
     by_task = {a.task: a for a in res.adapters}
     bank.set(0, compiled(res, by_task["vqa"], "vqa"))
