@@ -75,9 +75,12 @@ def test_classify_rows_mixed_with_vqa_and_other_caches_answer_as_alone(served) -
     for req, got in zip(reqs, mixed):
         alone = engine.classify_alone(req)
         assert got.label == alone.label
-        assert [s[1] for s in got.scores] == pytest.approx([s[1] for s in alone.scores], abs=1e-5)
-        assert [s[0] for s in got.scores if s[1] > 1e-4] == \
-            [s[0] for s in alone.scores if s[1] > 1e-4]
+        # Logits are ~100 x cosine: fp32 rounding of a batched vision tower and a grouped matmul
+        # moves probabilities by up to ~3e-5 on some CPUs (6e-7 on others); a wrong head by > 0.1.
+        want = dict(alone.scores)
+        for label, p in got.scores:
+            if p > 1e-3:
+                assert want.get(label) == pytest.approx(p, abs=2e-4), label
         assert got.adapter == req.adapter and len(got.scores) == 5
     assert {r.adapter_version for r in mixed if r.adapter} == {1}
     stats = engine.stats()
