@@ -7,6 +7,7 @@ the first decoder position, as the seeds decide it) rather than by free generati
 video task uses its image task's prefix, so one adapter trained on images and clips answers both.
 ``text`` is unlabelled text under the backbone's denoising objective (adapters/data/denoise.py), with
 no prefix, as T5 pre-trains: what a language SFT learns from; no endpoint serves it.
+``audio_classify`` is the audio family's one task (adapters/backbone/audio.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class Task:
     name: str
     prefix: str                                   # prompt text: f"{prefix}: {text}"
-    media: Literal["image", "pair", "video"]      # what the visual input is
+    media: Literal["image", "pair", "video", "audio"]   # what the input is
     caption: bool = False                         # target is a caption (else an answer)
     choices: tuple[str, ...] = ()                 # answered by the likeliest of these words
 
@@ -37,6 +38,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("video_qa", "vqa", "video"),
     Task("video_caption", "caption", "video", caption=True),
     Task("text", "", "image"),
+    Task("audio_classify", "", "audio"),          # the audio family: a head over the labels
 )}
 TASK_NAMES = tuple(TASKS)
 # the tasks a task-conditioned adapter (Hyperformer, multiple adapters) has entries for by default

@@ -4,6 +4,7 @@ Dependencies point one way: ``serving -> adapters -> kernels``; this package imp
 triton, lazily) only.
 """
 from petserve.kernels.bottleneck import act, bottleneck_residual, bottleneck_residual_reference
+from petserve.kernels.conformer import conformer_reference, conformer_residual
 from petserve.kernels.grouped_linear import grouped_linear, grouped_linear_reference
 from petserve.kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
 from petserve.kernels.segments import SegmentMeta
@@ -16,6 +17,7 @@ from petserve.kernels.stacks import (
     GATE_NONE,
     GATE_SMALL,
     BottleneckStack,
+    ConformerStack,
     LinearStack,
     LowRankStack,
     SparseStack,
@@ -28,4 +30,5 @@ __all__ = [
     "bottleneck_residual", "bottleneck_residual_reference", "grouped_linear",
     "grouped_linear_reference", "act",
     "add_sparse", "add_sparse_reference", "add_sparse_gathered",
+    "ConformerStack", "conformer_residual", "conformer_reference",
 ]

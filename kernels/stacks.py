@@ -97,3 +97,34 @@ class SparseStack:
 
     def count(self, slot: int) -> int:
         return self.ptr_host[slot + 1] - self.ptr_host[slot]
+
+
+@dataclass
+class ConformerStack:
+    """Per-slot conformer convolution blocks on one sublayer (PETL for AST; kernels.conformer).
+
+    W1: (S, 2R, d_src); b1: (S, 2R); dw: (S, R, K) depthwise kernels, each slot's odd kernel
+    centred in the odd K; bdw: (S, R); bn_weight / bn_bias / bn_mean / bn_var: (S, R); W2: (S, d, R);
+    b2: (S, d). A slot of rank r < R holds zeros beyond r (they add exactly nothing).
+    ranks_host, from_input_host: per slot, as in BottleneckStack; kernel_host: each slot's own
+    kernel width; bn_eps: each slot's BatchNorm epsilon.
+    batch_stats: training only: normalise with the batch's statistics and update bn_mean / bn_var
+    in place (BatchNorm's train mode, momentum ``bn_momentum``); serving uses the stored ones.
+    """
+
+    W1: torch.Tensor
+    b1: torch.Tensor
+    dw: torch.Tensor
+    bdw: torch.Tensor
+    bn_weight: torch.Tensor
+    bn_bias: torch.Tensor
+    bn_mean: torch.Tensor
+    bn_var: torch.Tensor
+    W2: torch.Tensor
+    b2: torch.Tensor
+    ranks_host: list[int]
+    kernel_host: list[int]
+    from_input_host: list[bool]
+    bn_eps: list[float]
+    batch_stats: bool = False
+    bn_momentum: float = 0.1

@@ -10,7 +10,7 @@ from pathlib import Path
 class LMConfig:
     """Shape of a T5 or BART encoder-decoder (field names follow the papers, not HF)."""
 
-    family: str                 # "t5" | "bart"
+    family: str                 # "t5" | "bart" | "ast" (encoder only, adapters/backbone/audio.py)
     d_model: int
     num_heads: int
     d_ff: int
@@ -29,6 +29,21 @@ class LMConfig:
     eos_id: int = 1
     bos_id: int | None = None
     decoder_start_id: int = 0
+
+    @property
+    def pre_norm(self) -> bool:
+        """Pre-LN sublayers ``x + F(LN x)`` (T5, AST) rather than post-LN ``LN(x + F x)`` (BART)."""
+        return self.family in ("t5", "ast")
+
+    @property
+    def linear_bias(self) -> bool:
+        """Whether the attention and FFN linears have biases (BART, AST; not T5)."""
+        return self.family in ("bart", "ast")
+
+    @property
+    def norm(self) -> str:
+        """T5's RMS norm or a LayerNorm (BART, AST)."""
+        return "rms" if self.family == "t5" else "layer"
 
     @property
     def head_dim(self) -> int:

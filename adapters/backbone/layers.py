@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by T5 and BART, with named adapter sites.
+"""Transformer building blocks shared by T5, BART and AST, with named adapter sites.
 
 Every linear, norm and sublayer has a site name (``enc.3.self.q``, ``enc.3.self_norm``,
 ``dec.0.cross``); the StepContext applies the adapters of each row at these sites.
@@ -46,7 +46,7 @@ def make_norm(kind: str, d: int, eps: float) -> nn.Module:
 
 
 def lm_norm(cfg: LMConfig) -> nn.Module:
-    return make_norm("rms" if cfg.family == "t5" else "layer", cfg.d_model, cfg.norm_eps)
+    return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
 
 
 def activation(name: str):
@@ -64,7 +64,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LMConfig, site: str):
         super().__init__()
-        bias = cfg.family == "bart"
+        bias = cfg.linear_bias
         self.site, self.h, self.dh = site, cfg.num_heads, cfg.head_dim
         self.q = nn.Linear(cfg.d_model, cfg.inner_dim, bias=bias)
         self.k = nn.Linear(cfg.d_model, cfg.inner_dim, bias=bias)
@@ -98,7 +98,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: LMConfig, site: str):
         super().__init__()
-        bias = cfg.family == "bart"
+        bias = cfg.linear_bias
         self.site, self.gated = site, cfg.ffn_act.startswith("gated-")
         act = cfg.ffn_act.removeprefix("gated-")
         # HF maps "gated-gelu" to the tanh approximation.
@@ -133,7 +133,7 @@ def residual_sublayer(x, fn, norm: nn.Module, site: str, pre_norm: bool, ctx: St
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: LMConfig, site: str):
         super().__init__()
-        self.site, self.pre_norm = site, cfg.family == "t5"
+        self.site, self.pre_norm = site, cfg.pre_norm
         self.self_attn = Attention(cfg, f"{site}.self")
         self.self_norm = lm_norm(cfg)
         self.ffn = FeedForward(cfg, f"{site}.ffn")
@@ -151,7 +151,7 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LMConfig, site: str):
         super().__init__()
-        self.site, self.pre_norm = site, cfg.family == "t5"
+        self.site, self.pre_norm = site, cfg.pre_norm
         self.self_attn = Attention(cfg, f"{site}.self")
         self.self_norm = lm_norm(cfg)
         self.cross_attn = Attention(cfg, f"{site}.cross")

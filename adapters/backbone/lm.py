@@ -18,7 +18,48 @@ from petserve.adapters.runtime.context import StepContext
 BART_POS_OFFSET = 2   # BART's learned positions start at index 2
 
 
-class Seq2SeqLM(nn.Module):
+class SiteIndex(nn.Module):
+    """The adapter sites of a stack of ``enc_layers`` / ``dec_layers`` and its final norms."""
+
+    enc_layers: nn.ModuleList
+    dec_layers: nn.ModuleList
+
+    # ---- adapter sites -------------------------------------------------------------------
+    def vector_params(self) -> dict[str, nn.Parameter]:
+        """Every norm weight/bias and linear bias by site name (``enc.0.self_norm.weight``,
+        ``enc.0.self.q.bias``): the vectors an adapter may train and override per slot."""
+        out: dict[str, nn.Parameter] = {}
+        for layer in [*self.enc_layers, *self.dec_layers]:
+            for name, mod in layer.named_children():
+                if name.endswith("_norm"):
+                    self._add_norm(out, f"{layer.site}.{name}", mod)
+                for lin_name, lin in mod.named_children():
+                    if isinstance(lin, nn.Linear) and lin.bias is not None:
+                        out[f"{mod.site}.{lin_name}.bias"] = lin.bias
+        for site, attr in (("enc.final_norm", "enc_final_norm"), ("dec.final_norm", "dec_final_norm"),
+                           ("enc.embed_norm", "enc_embed_norm"), ("dec.embed_norm", "dec_embed_norm")):
+            if hasattr(self, attr):
+                self._add_norm(out, site, getattr(self, attr))
+        return out
+
+    @staticmethod
+    def _add_norm(out: dict, site: str, mod: nn.Module) -> None:
+        out[f"{site}.weight"] = mod.weight
+        if getattr(mod, "bias", None) is not None:
+            out[f"{site}.bias"] = mod.bias
+
+    def linear_sites(self) -> dict[str, nn.Linear]:
+        """Every adapter-able linear by site name (``enc.0.self.q``, ``dec.1.ffn.wo``)."""
+        out = {}
+        for layer in [*self.enc_layers, *self.dec_layers]:
+            for mod in layer.children():
+                for lin_name, lin in mod.named_children():
+                    if isinstance(lin, nn.Linear):
+                        out[f"{mod.site}.{lin_name}"] = lin
+        return out
+
+
+class Seq2SeqLM(SiteIndex):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
@@ -121,37 +162,3 @@ class Seq2SeqLM(nn.Module):
         else:
             logits = ctx.logits(x, self.tokens.weight, "dec")
         return logits if self.t5 else logits + self.final_logits_bias
-
-    # ---- adapter sites -------------------------------------------------------------------
-    def vector_params(self) -> dict[str, nn.Parameter]:
-        """Every norm weight/bias and linear bias by site name (``enc.0.self_norm.weight``,
-        ``enc.0.self.q.bias``): the vectors an adapter may train and override per slot."""
-        out: dict[str, nn.Parameter] = {}
-        for layer in [*self.enc_layers, *self.dec_layers]:
-            for name, mod in layer.named_children():
-                if name.endswith("_norm"):
-                    self._add_norm(out, f"{layer.site}.{name}", mod)
-                for lin_name, lin in mod.named_children():
-                    if isinstance(lin, nn.Linear) and lin.bias is not None:
-                        out[f"{mod.site}.{lin_name}.bias"] = lin.bias
-        for site, attr in (("enc.final_norm", "enc_final_norm"), ("dec.final_norm", "dec_final_norm"),
-                           ("enc.embed_norm", "enc_embed_norm"), ("dec.embed_norm", "dec_embed_norm")):
-            if hasattr(self, attr):
-                self._add_norm(out, site, getattr(self, attr))
-        return out
-
-    @staticmethod
-    def _add_norm(out: dict, site: str, mod: nn.Module) -> None:
-        out[f"{site}.weight"] = mod.weight
-        if getattr(mod, "bias", None) is not None:
-            out[f"{site}.bias"] = mod.bias
-
-    def linear_sites(self) -> dict[str, nn.Linear]:
-        """Every adapter-able linear by site name (``enc.0.self.q``, ``dec.1.ffn.wo``)."""
-        out = {}
-        for layer in [*self.enc_layers, *self.dec_layers]:
-            for mod in layer.children():
-                for lin_name, lin in mod.named_children():
-                    if isinstance(lin, nn.Linear):
-                        out[f"{mod.site}.{lin_name}"] = lin
-        return out

@@ -5,7 +5,9 @@ its tensors (what an adapter file must contain), its paper initialisation, and `
 canonical runtime forms. Registering it is one line in ``adapters/kinds/__init__.py``.
 
 Tensor names in an adapter file: ``visual.<key>`` (the visual embedding), ``vec.<name>`` (a backbone
-norm weight/bias or linear bias the kind trains), and ``<kind>.<site>.<tensor>`` for its own modules.
+norm weight/bias or linear bias the kind trains), ``head.weight`` / ``head.bias`` (a classification
+head over ``labels``, the audio family's adapters) and ``<kind>.<site>.<tensor>`` for its own modules.
+A kind may store tensors that are not trained (``buffers``: a BatchNorm's running statistics).
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from petserve.adapters.backbone.model import VLModel
-from petserve.adapters.runtime.forms import CompiledAdapter
+from petserve.adapters.runtime.forms import CompiledAdapter, HeadForm
 
 Shapes = dict[str, tuple[int, ...]]
 Params = dict[str, torch.Tensor]
@@ -27,6 +29,15 @@ class KindConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     train_visual_embedding: bool = True
+    labels: tuple[str, ...] = Field((), description="classes of a classification head on the "
+                                    "pooled encoder output (audio family); none: no head")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, v):
+        if len(set(v)) != len(v) or any(not label.strip() for label in v):
+            raise ValueError(f"head labels must be distinct and non-empty: {list(v)}")
+        return v
 
 
 class AdapterKind(ABC):
@@ -64,6 +75,11 @@ class AdapterKind(ABC):
         """The paper's initialisation of the kind's own tensors."""
 
     @classmethod
+    def buffers(cls, cfg: KindConfig, model: VLModel) -> set[str]:
+        """Names of stored tensors that are not trained by gradient (running statistics)."""
+        return set()
+
+    @classmethod
     def check_params(cls, cfg: KindConfig, params: Params, model: VLModel) -> None:
         """Raise ValueError when a file's tensors have the right names and shapes but are still
         wrong (dtypes, index order). Every kind but ``sft`` stores floating-point tensors only."""
@@ -89,6 +105,9 @@ class AdapterKind(ABC):
             shapes[f"vec.{name}"] = tuple(vectors[name].shape)
         if cfg.train_visual_embedding:
             shapes.update({f"visual.{k}": tuple(v.shape) for k, v in model.visual_embed.state_dict().items()})
+        if cfg.labels:
+            shapes.update({"head.weight": (len(cfg.labels), model.cfg.lm.d_model),
+                           "head.bias": (len(cfg.labels),)})
         return shapes
 
     @classmethod
@@ -104,6 +123,9 @@ class AdapterKind(ABC):
         if cfg.train_visual_embedding:
             params.update({f"visual.{k}": v.detach().clone()
                            for k, v in model.visual_embed.state_dict().items()})
+        if cfg.labels:
+            w, b = linear_init(gen, len(cfg.labels), model.cfg.lm.d_model)
+            params["head.weight"], params["head.bias"] = w.to(model.dtype), b.to(model.dtype)
         return {k: v.to(model.device) for k, v in params.items()}
 
     @classmethod
@@ -113,7 +135,10 @@ class AdapterKind(ABC):
         compiled = cls.compile_modules(cfg, params, model, task)
         compiled.vectors.update({k[4:]: v for k, v in params.items() if k.startswith("vec.")})
         if cfg.train_visual_embedding:
-            compiled.visual = {k: params[f"visual.{k}"] for k in model.visual_embed.state_dict()}
+            # None when the backbone has no visual embedding (the audio family)
+            compiled.visual = {k: params[f"visual.{k}"] for k in model.visual_embed.state_dict()} or None
+        if cfg.labels:
+            compiled.head = HeadForm(params["head.weight"], params["head.bias"])
         return compiled
 
 

@@ -16,6 +16,12 @@ Sharing across tasks (VL-Adapter), config ``sharing`` + ``tasks``:
 
 LayerNorms and the visual embedding stay shared. Tensor names: a shared projection is
 ``adapter.<site>.<down|up>.<weight|bias>``, a per-task one ``adapter.<site>.<task>.<down|up>...``.
+
+Block ``conformer`` (PETL for AST, Cappellazzo et al.): instead of down/up projections, the
+conformer convolution module ``pw2 silu(BN(dwconv_k(glu(pw1 src))))``, tensors
+``adapter.<site>.conformer.<pw1|dw|bn|pw2>.*`` (pw1: d -> 2r, dw: depthwise kernel k, bn: the
+BatchNorm with its running statistics, stored and used at serving, pw2: r -> d). PyTorch's default
+initialisation, as the seed; ``zero_init_up`` zeroes pw2 (an exact identity). Single sharing only.
 ``compile(task)`` picks the task's projections, so a non-single adapter is task-conditioned.
 Compacter subclasses this kind and overrides only how one projection is stored (``part_*``).
 """
@@ -28,7 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from petserve.adapters.kinds.base import AdapterKind, KindConfig, all_norms, layer_sites, linear_init
-from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter, ConformerForm
 from petserve.adapters.tasks import ADAPTER_TASKS
 
 PARTS = ("down", "up")
@@ -66,11 +72,18 @@ class BottleneckConfig(KindConfig):
     zero_init_up: bool = False
     sharing: Literal["single", "multiple", "half-shared-down", "half-shared-up"] = "single"
     tasks: tuple[str, ...] = Field(ADAPTER_TASKS, description="tasks of a non-single adapter")
+    block: Literal["bottleneck", "conformer"] = "bottleneck"
+    kernel_size: int = Field(31, ge=1, le=255, description="conformer depthwise kernel (odd)")
 
     @model_validator(mode="after")
     def _check_tasks(self):
         if self.sharing != "single":
             check_tasks(self.tasks, f"sharing {self.sharing!r}")
+        if self.block == "conformer":
+            if self.sharing != "single":
+                raise ValueError("a conformer block is shared by every task (sharing 'single')")
+            if self.kernel_size % 2 == 0:
+                raise ValueError(f"conformer kernel_size must be odd (got {self.kernel_size})")
         return self
 
 
@@ -138,11 +151,54 @@ class Bottleneck(AdapterKind):
         return [(part, cls.prefix(site, part, owner)) for site in cls.sites(cfg, model)
                 for part in PARTS for owner in cls.owners(cfg, part)]
 
+    # ---- the conformer block ---------------------------------------------------------------
+    @classmethod
+    def conformer_shapes(cls, cfg, model) -> dict[str, tuple[int, ...]]:
+        d, r, k = model.cfg.lm.d_model, cls.width(cfg, model), cfg.kernel_size
+        return {"pw1.weight": (2 * r, d), "pw1.bias": (2 * r,), "dw.weight": (r, k), "dw.bias": (r,),
+                "bn.weight": (r,), "bn.bias": (r,), "bn.running_mean": (r,), "bn.running_var": (r,),
+                "pw2.weight": (d, r), "pw2.bias": (d,)}
+
+    @classmethod
+    def init_conformer(cls, cfg, model, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Conv1d's default initialisation (fan-in: d, k for the depthwise kernel, r), BatchNorm's
+        (weight 1, bias 0, running mean 0, running variance 1)."""
+        d, r, k = model.cfg.lm.d_model, cls.width(cfg, model), cfg.kernel_size
+        pw1_w, pw1_b = linear_init(gen, 2 * r, d)
+        dw_w, dw_b = linear_init(gen, r, k)
+        pw2_w, pw2_b = linear_init(gen, d, r)
+        if cfg.zero_init_up:
+            pw2_w, pw2_b = torch.zeros_like(pw2_w), torch.zeros_like(pw2_b)
+        return {"pw1.weight": pw1_w, "pw1.bias": pw1_b, "dw.weight": dw_w, "dw.bias": dw_b,
+                "bn.weight": torch.ones(r), "bn.bias": torch.zeros(r),
+                "bn.running_mean": torch.zeros(r), "bn.running_var": torch.ones(r),
+                "pw2.weight": pw2_w, "pw2.bias": pw2_b}
+
+    @classmethod
+    def conformer_form(cls, cfg, params, site: str) -> ConformerForm:
+        p = {k: params[f"{cls.name}.{site}.conformer.{k}"] for k in
+             ("pw1.weight", "pw1.bias", "dw.weight", "dw.bias", "bn.weight", "bn.bias",
+              "bn.running_mean", "bn.running_var", "pw2.weight", "pw2.bias")}
+        return ConformerForm(W1=p["pw1.weight"], b1=p["pw1.bias"], dw=p["dw.weight"], bdw=p["dw.bias"],
+                             bn_weight=p["bn.weight"], bn_bias=p["bn.bias"],
+                             bn_mean=p["bn.running_mean"], bn_var=p["bn.running_var"],
+                             W2=p["pw2.weight"], b2=p["pw2.bias"], from_input=cfg.mode == "parallel")
+
     # ---- AdapterKind ---------------------------------------------------------------------
     @classmethod
     def module_shapes(cls, cfg, model):
+        if cfg.block == "conformer":
+            return {f"{cls.name}.{site}.conformer.{k}": s for site in cls.sites(cfg, model)
+                    for k, s in cls.conformer_shapes(cfg, model).items()}
         return {f"{prefix}.{k}": s for part, prefix in cls._parts(cfg, model)
                 for k, s in cls.part_shapes(cfg, model, part).items()}
+
+    @classmethod
+    def buffers(cls, cfg, model):
+        if cfg.block != "conformer":
+            return set()
+        return {f"{cls.name}.{site}.conformer.bn.{stat}" for site in cls.sites(cfg, model)
+                for stat in ("running_mean", "running_var")}
 
     @classmethod
     def trained_vectors(cls, cfg, model):
@@ -150,12 +206,19 @@ class Bottleneck(AdapterKind):
 
     @classmethod
     def init_modules(cls, cfg, model, gen):
+        if cfg.block == "conformer":
+            return {f"{cls.name}.{site}.conformer.{k}": v for site in cls.sites(cfg, model)
+                    for k, v in cls.init_conformer(cfg, model, gen).items()}
         return {f"{prefix}.{k}": v for part, prefix in cls._parts(cfg, model)
                 for k, v in cls.init_part(cfg, model, part, gen).items()}
 
     @classmethod
     def compile_modules(cls, cfg, params, model, task=None):
-        """One BottleneckForm per site; a non-single adapter uses ``task``'s per-task projections."""
+        """One BottleneckForm (or ConformerForm) per site; a non-single adapter uses ``task``'s
+        per-task projections."""
+        if cfg.block == "conformer":
+            return CompiledAdapter(conformer={site: cls.conformer_form(cfg, params, site)
+                                              for site in cls.sites(cfg, model)})
         if cls.is_task_conditioned(cfg):
             task = pick_task(f"{cls.name} (sharing {cfg.sharing!r})", cfg.tasks, task)
         forms = {}

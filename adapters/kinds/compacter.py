@@ -54,6 +54,9 @@ class CompacterConfig(BottleneckConfig):
 
     @model_validator(mode="after")
     def _n_divides_dim(self):
+        if self.block != "bottleneck":
+            raise ValueError("Compacter replaces the bottleneck's projections; it has no "
+                             f"{self.block!r} block")
         if self.dim is not None and self.dim % self.n:
             raise ValueError(f"PHM n={self.n} does not divide the adapter width dim={self.dim}")
         return self

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter, LowRankForm
-from petserve.adapters.runtime.weights import PrefixStack, sparse_stack_of, visual_stack_from
-from petserve.kernels import GATE_NAMES, BottleneckStack, LowRankStack
+from petserve.adapters.runtime.forms import (
+    BottleneckForm,
+    CompiledAdapter,
+    ConformerForm,
+    HeadForm,
+    LowRankForm,
+)
+from petserve.adapters.runtime.weights import (
+    HeadStack,
+    PrefixStack,
+    sparse_stack_of,
+    visual_stack_from,
+)
+from petserve.kernels import GATE_NAMES, BottleneckStack, ConformerStack, LinearStack, LowRankStack
 
 
 def _grow(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -41,6 +52,8 @@ class SlotBank:
         self._vectors: dict[str, torch.Tensor] = {}
         self._visual: dict[str, torch.Tensor] | None = None
         self._prefix: PrefixStack | None = None
+        self._conformer: dict[str, ConformerStack] = {}
+        self._head: HeadStack | None = None
         self._used: dict[int, CompiledAdapter] = {}
 
     # ---- RuntimeWeights ------------------------------------------------------------------
@@ -66,6 +79,12 @@ class SlotBank:
     def prefix(self):
         return self._prefix
 
+    def conformer(self, site):
+        return self._conformer.get(site)
+
+    def head(self):
+        return self._head
+
     # ---- loading -------------------------------------------------------------------------
     def set(self, slot: int, compiled: CompiledAdapter) -> None:
         """Write one adapter into ``slot`` (replacing whatever was there)."""
@@ -86,6 +105,10 @@ class SlotBank:
                 self._visual_stacks()[k][slot].copy_(v)
         if c.prefix is not None:
             self._set_prefix(slot, c.prefix)
+        for site, f in c.conformer.items():
+            self._set_conformer(site, slot, f)
+        if c.head is not None:
+            self._set_head(slot, c.head)
         self._used[slot] = compiled
 
     def reset(self, slot: int) -> None:
@@ -110,6 +133,10 @@ class SlotBank:
                 stack[slot].copy_(self._base_visual[k])
         if c.prefix is not None:
             self._prefix.lengths_host[slot] = 0
+        for site in c.conformer:
+            self._conformer[site].ranks_host[slot] = 0
+        if c.head is not None:
+            self._head.classes_host[slot] = 0
 
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -193,3 +220,64 @@ class SlotBank:
         self._prefix.vectors = _grow(self._prefix.vectors, 1, n)
         self._prefix.vectors[slot, :n] = p
         self._prefix.lengths_host[slot] = n
+
+    def _set_conformer(self, site: str, slot: int, f: ConformerForm) -> None:
+        """Slot ``slot`` of the site's stack holds ``f`` zero-padded to the stack's rank R and
+        kernel K (the padding adds exactly nothing, see kernels.conformer_residual)."""
+        r, k = f.dw.shape
+        st = self._conformer.get(site)
+        if st is None:
+            S = self.num_slots
+            st = ConformerStack(self._zeros(2 * r, f.W1.shape[1]), self._zeros(2 * r), self._zeros(r, k),
+                                self._zeros(r), self._zeros(r), self._zeros(r), self._zeros(r),
+                                self._zeros(r), self._zeros(f.W2.shape[0], r), self._zeros(f.W2.shape[0]),
+                                [0] * S, [0] * S, [False] * S, [1e-5] * S)
+        st = _widen_conformer(st, max(r, st.dw.shape[1]), max(k, st.dw.shape[2]))
+        R, K = st.dw.shape[1], st.dw.shape[2]
+        for t in (st.W1, st.b1, st.dw, st.bdw, st.bn_weight, st.bn_bias, st.bn_mean, st.bn_var, st.W2):
+            t[slot].zero_()
+        st.W1[slot, :r], st.W1[slot, R:R + r] = f.W1[:r], f.W1[r:]
+        st.b1[slot, :r], st.b1[slot, R:R + r] = f.b1[:r], f.b1[r:]
+        lo = (K - k) // 2
+        st.dw[slot, :r, lo:lo + k], st.bdw[slot, :r] = f.dw, f.bdw
+        st.bn_weight[slot, :r], st.bn_bias[slot, :r] = f.bn_weight, f.bn_bias
+        st.bn_mean[slot, :r], st.bn_var[slot, :r] = f.bn_mean, f.bn_var
+        st.W2[slot, :, :r], st.b2[slot] = f.W2, f.b2
+        st.ranks_host[slot], st.kernel_host[slot] = r, k
+        st.from_input_host[slot], st.bn_eps[slot] = f.from_input, f.bn_eps
+        self._conformer[site] = st
+
+    def _set_head(self, slot: int, f: HeadForm) -> None:
+        C, d = f.W.shape
+        if self._head is None:
+            self._head = HeadStack(LinearStack(self._zeros(C, d), self._zeros(C)), [0] * self.num_slots)
+        lin = self._head.linear
+        lin.W, lin.b = _grow(lin.W, 1, C), _grow(lin.b, 1, C)
+        lin.W[slot].zero_()
+        lin.b[slot].zero_()
+        lin.W[slot, :C], lin.b[slot, :C] = f.W, f.b
+        self._head.classes_host[slot] = C
+
+
+def _widen_conformer(st: ConformerStack, R2: int, K2: int) -> ConformerStack:
+    """``st`` with room for rank R2 and kernel K2 (both halves of W1 / b1 widened, kernels
+    re-centred); ``st`` itself when it is wide enough."""
+    R, K = st.dw.shape[1], st.dw.shape[2]
+    if R2 == R and K2 == K:
+        return st
+
+    def widen(t, dim):
+        out = t.new_zeros(*t.shape[:dim], R2, *t.shape[dim + 1:])
+        out.narrow(dim, 0, R).copy_(t)
+        return out
+
+    def halves(t):
+        out = t.new_zeros(t.shape[0], 2 * R2, *t.shape[2:])
+        out[:, :R], out[:, R2:R2 + R] = t[:, :R], t[:, R:]
+        return out
+    dw = st.dw.new_zeros(st.dw.shape[0], R2, K2)
+    dw[:, :R, (K2 - K) // 2:(K2 - K) // 2 + K] = st.dw
+    return ConformerStack(halves(st.W1), halves(st.b1), dw, widen(st.bdw, 1), widen(st.bn_weight, 1),
+                          widen(st.bn_bias, 1), widen(st.bn_mean, 1), widen(st.bn_var, 1),
+                          widen(st.W2, 2), st.b2, st.ranks_host, st.kernel_host, st.from_input_host,
+                          st.bn_eps)

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from petserve.adapters.runtime.forms import EMBEDDING_SITE
 from petserve.adapters.runtime.meta import BatchMeta
 from petserve.adapters.runtime.weights import NoAdapters, RuntimeWeights
-from petserve.kernels import SparseStack, add_lowrank, add_sparse, bottleneck_residual
+from petserve.kernels import (
+    SparseStack,
+    add_lowrank,
+    add_sparse,
+    bottleneck_residual,
+    conformer_residual,
+    grouped_linear,
+)
 
 
 @dataclass
@@ -93,8 +100,13 @@ class StepContext:
                  residual: torch.Tensor | None = None) -> torch.Tensor:
         """Bottleneck module on a sublayer: h = F(x) is the sublayer output, x its input; on a
         pre-LN sublayer ``residual`` is the stream before the norm, which rows whose adapter gates
-        from it (VL-PET) get as their x."""
+        from it (VL-PET) get as their x. A conformer block on the site (PETL for AST) reads the
+        same x (parallel) or h (sequential), over each row's tokens in order."""
         bneck = self.weights.bottleneck(site)
+        conformer = self.weights.conformer(site)
+        if conformer is not None:
+            valid = self.meta.enc_valid if stream == "enc" else None
+            h = conformer_residual(h, x, valid, conformer, self.meta.slots_host())
         if bneck is None:
             return h
         if residual is not None and bneck.residual_host and any(bneck.residual_host):
@@ -104,6 +116,15 @@ class StepContext:
         out = bottleneck_residual(h.reshape(B * T, d), x.reshape(B * T, -1), bneck,
                                   self.meta.seg(stream, T))
         return out.view(B, T, d)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """(B, C_max) logits of each row's classification head on its pooled features (B, d), in
+        one grouped matmul; None when no slot has a head. A row's classes are the first
+        ``weights.head().classes_host[slot]`` columns."""
+        stack = self.weights.head()
+        if stack is None:
+            return None
+        return grouped_linear(pooled, stack.linear, self.meta.seg("head", 1))
 
     def select(self, rows: torch.Tensor) -> StepContext:
         return StepContext(self.weights, self.meta.select(rows), self.lowrank_dropout)

@@ -2,8 +2,9 @@
 
 The hot path knows only these: a low-rank delta on a linear, a sparse delta on a linear or on the
 tied token embedding (composable sparse fine-tuning), a bottleneck residual (with an optional
-VL-PET gate) on a sublayer or a linear, per-slot vectors that replace backbone norms/biases, a
-per-slot visual embedding, and prefix vectors for the encoder input.
+VL-PET gate) on a sublayer or a linear, a conformer convolution block on a sublayer (PETL for
+AST), per-slot vectors that replace backbone norms/biases, a per-slot visual embedding, prefix
+vectors for the encoder input and a per-slot classification head (audio family).
 """
 from __future__ import annotations
 
@@ -69,6 +70,38 @@ class SparseForm:
         return out
 
 
+@dataclass
+class ConformerForm:
+    """``h <- h + W2 silu(BN(dwconv(glu(W1 src + b1)))) + b2`` over each row's tokens in order,
+    src = x if from_input else h (kernels.conformer_residual has the exact semantics).
+
+    W1: (2r, d_src), b1: (2r,); dw: (r, k) depthwise kernel (k odd, "same" padding), bdw: (r,);
+    bn_*: (r,) BatchNorm affine and running statistics (serving uses the running ones);
+    W2: (d, r), b2: (d,).
+    """
+
+    W1: torch.Tensor
+    b1: torch.Tensor
+    dw: torch.Tensor
+    bdw: torch.Tensor
+    bn_weight: torch.Tensor
+    bn_bias: torch.Tensor
+    bn_mean: torch.Tensor
+    bn_var: torch.Tensor
+    W2: torch.Tensor
+    b2: torch.Tensor
+    from_input: bool = False
+    bn_eps: float = 1e-5
+
+
+@dataclass
+class HeadForm:
+    """A classification head on the pooled encoder output: ``logits = W f + b``; W: (C, d)."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+
+
 EMBEDDING_SITE = "embed"     # the tied token embedding: input embeddings and output logits
 
 
@@ -88,6 +121,8 @@ class CompiledAdapter:
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
     visual: dict[str, torch.Tensor] | None = None
     prefix: torch.Tensor | None = None
+    conformer: dict[str, ConformerForm] = field(default_factory=dict)
+    head: HeadForm | None = None
 
     def to(self, device=None, dtype=None) -> CompiledAdapter:
         def mv(t):
@@ -101,4 +136,8 @@ class CompiledAdapter:
                         for k, f in self.bottleneck.items()},
             vectors={k: mv(v) for k, v in self.vectors.items()},
             visual=None if self.visual is None else {k: mv(v) for k, v in self.visual.items()},
-            prefix=mv(self.prefix))
+            prefix=mv(self.prefix),
+            conformer={k: ConformerForm(**{n: (mv(v) if isinstance(v, torch.Tensor) else v)
+                                           for n, v in vars(f).items()})
+                       for k, f in self.conformer.items()},
+            head=None if self.head is None else HeadForm(mv(self.head.W), mv(self.head.b)))

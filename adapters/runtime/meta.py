@@ -34,6 +34,12 @@ class BatchMeta:
     def batch_size(self) -> int:
         return self.row_slots.shape[0]
 
+    def slots_host(self) -> list[int]:
+        """The row -> slot map as a host list (read once per step)."""
+        if "host" not in self._segs:
+            self._segs["host"] = self.row_slots.tolist()
+        return self._segs["host"]
+
     def vector_index(self) -> torch.Tensor:
         """(B,) index into per-slot vector stacks: the row's slot, or the backbone row."""
         if "vec" not in self._segs:

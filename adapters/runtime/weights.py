@@ -12,8 +12,15 @@ from typing import Protocol
 
 import torch
 
-from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter, SparseForm
-from petserve.kernels import GATE_NAMES, BottleneckStack, LinearStack, LowRankStack, SparseStack
+from petserve.adapters.runtime.forms import BottleneckForm, CompiledAdapter, ConformerForm, SparseForm
+from petserve.kernels import (
+    GATE_NAMES,
+    BottleneckStack,
+    ConformerStack,
+    LinearStack,
+    LowRankStack,
+    SparseStack,
+)
 
 
 @dataclass
@@ -27,6 +34,15 @@ class VisualStack:
     box_norm_w: torch.Tensor
     box_norm_b: torch.Tensor | None
     img_order: torch.Tensor          # (S+1, n_images, d)
+
+
+@dataclass
+class HeadStack:
+    """Per-slot classification heads: W (S, C_max, d), b (S, C_max); classes_host[s] = C of slot s
+    (0 = none). Logits beyond a slot's C are zeros and never read."""
+
+    linear: LinearStack
+    classes_host: list[int]
 
 
 @dataclass
@@ -46,6 +62,8 @@ class RuntimeWeights(Protocol):
     def vector(self, name: str) -> torch.Tensor | None: ...
     def visual(self) -> VisualStack | None: ...
     def prefix(self) -> PrefixStack | None: ...
+    def conformer(self, site: str) -> ConformerStack | None: ...
+    def head(self) -> HeadStack | None: ...
 
 
 class NoAdapters:
@@ -69,6 +87,12 @@ class NoAdapters:
         return None
 
     def prefix(self):
+        return None
+
+    def conformer(self, site):
+        return None
+
+    def head(self):
         return None
 
 
@@ -100,13 +124,15 @@ class SingleAdapterWeights:
     """One adapter in slot 0, built from tensors that may require grad (training, tests).
 
     Vector and visual stacks hold [adapter ; backbone] so rows of slot -1 still see the backbone.
+    ``batch_stats``: conformer blocks normalise with the batch's statistics and update the stored
+    running ones in place (training; BatchNorm's train mode).
     """
 
     num_slots = 1
 
     def __init__(self, compiled: CompiledAdapter, base_vectors: dict[str, torch.Tensor],
-                 base_visual: dict[str, torch.Tensor]):
-        self.c = compiled
+                 base_visual: dict[str, torch.Tensor], batch_stats: bool = False):
+        self.c, self.batch_stats = compiled, batch_stats
         self._vectors = {n: torch.stack([v, base_vectors[n].to(v)]) for n, v in compiled.vectors.items()}
         self._visual = None
         if compiled.visual is not None:
@@ -141,6 +167,26 @@ class SingleAdapterWeights:
     def prefix(self):
         p = self.c.prefix
         return None if p is None else PrefixStack(p.unsqueeze(0), [p.shape[0]])
+
+    def conformer(self, site):
+        f = self.c.conformer.get(site)
+        return None if f is None else conformer_stack_of_one(f, self.batch_stats)
+
+    def head(self):
+        f = self.c.head
+        if f is None:
+            return None
+        return HeadStack(LinearStack(f.W.unsqueeze(0), f.b.unsqueeze(0)), [f.W.shape[0]])
+
+
+def conformer_stack_of_one(f: ConformerForm, batch_stats: bool = False) -> ConformerStack:
+    """A one-slot ConformerStack of the form's own tensors (keeps autograd; with batch_stats the
+    running statistics it updates are the form's)."""
+    r, k = f.dw.shape
+    one = lambda t: t.unsqueeze(0)  # noqa: E731
+    return ConformerStack(one(f.W1), one(f.b1), one(f.dw), one(f.bdw), one(f.bn_weight),
+                          one(f.bn_bias), one(f.bn_mean), one(f.bn_var), one(f.W2), one(f.b2),
+                          [r], [k], [f.from_input], [f.bn_eps], batch_stats)
 
 
 def sparse_stack_of(forms: list[SparseForm | None]) -> SparseStack:
