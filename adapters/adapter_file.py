@@ -94,18 +94,29 @@ def cast_params(params: dict[str, torch.Tensor], dtype: torch.dtype,
 
 
 # ---- writing -------------------------------------------------------------------------------
+def reproducible_created() -> float:
+    """A build's ``created`` stamp: ``$SOURCE_DATE_EPOCH`` (the reproducible-builds convention)
+    or 0, never the wall clock (the adapter store records upload times itself)."""
+    import os
+    return float(os.environ.get("SOURCE_DATE_EPOCH", 0))
+
+
 def adapter_bytes(kind: str, config: KindConfig, params: dict[str, torch.Tensor], model: VLModel,
                   task: str, name: str = "", dtype: torch.dtype = torch.float32,
-                  inputs: InputFormat | None = None, generated: dict[str, str] | None = None) -> bytes:
-    """Serialise an adapter (checked against the kind's declared tensors first)."""
+                  inputs: InputFormat | None = None, generated: dict[str, str] | None = None,
+                  created: float | None = None) -> bytes:
+    """Serialise an adapter (checked against the kind's declared tensors first); ``created``
+    defaults to now."""
     from safetensors.torch import save
     kind_cls = get_kind(kind)
     _check_tensors(kind_cls.param_shapes(config, model), {k: tuple(v.shape) for k, v in params.items()})
     meta = AdapterMeta(format_version=FORMAT_VERSION, kind=kind, config=config.model_dump(mode="json"),
                        backbone=BackboneRef(fingerprint=model.fingerprint, name=model.cfg.name),
                        task=task, name=name, inputs=inputs or InputFormat(), generated=generated,
-                       trainable_parameters=sum(v.numel() for v in params.values()
-                                                if v.is_floating_point()))
+                       created=time.time() if created is None else created,
+                       trainable_parameters=sum(v.numel() for k, v in params.items()
+                                                if v.is_floating_point()
+                                                and k not in kind_cls.buffers(config, model)))
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in params.items()}
     return save(tensors, metadata={"petserve": meta.model_dump_json()})

@@ -220,21 +220,28 @@ def build_demo_assets(out_dir: Path, progress: bool = True, reuse_valid: bool = 
     directory), under a file lock. ``reuse_valid``: return what a concurrent builder we waited for
     left in ``out_dir`` instead of building again.
     """
-    out_dir = Path(out_dir)
+    return build_atomically(Path(out_dir), lambda work: _build_into(work, progress), valid_assets,
+                            _assets_of, reuse_valid)
+
+
+def build_atomically(out_dir: Path, build_into, valid, assets_of, reuse_valid: bool):
+    """``build_into(work) -> manifest`` in a temp directory beside ``out_dir``, renamed into place
+    under a file lock; ``assets_of(out_dir, manifest)`` is returned. With ``reuse_valid``, what a
+    concurrent builder left (``valid(out_dir)``) is returned instead of building again."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(_lock_path(out_dir), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        done = valid_assets(out_dir) if reuse_valid else None
+        done = valid(out_dir) if reuse_valid else None
         if done is not None:
             return done
         work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
         try:
-            manifest = _build_into(work, progress)
+            manifest = build_into(work)
             shutil.rmtree(out_dir, ignore_errors=True)
             work.rename(out_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return _assets_of(out_dir, manifest)
+    return assets_of(out_dir, manifest)
 
 
 def _lock_path(out_dir: Path) -> Path:

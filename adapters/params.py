@@ -36,3 +36,22 @@ def count(backbone: str, kind: str, options: dict | None = None) -> dict:
     visual = sum(p.numel() for p in model.visual_embed.parameters())
     total = lm + visual + modules
     return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / total, 2)}
+
+
+def count_audio(backbone: str, kind: str, options: dict | None = None, classes: int = 50) -> dict:
+    """The same for the audio family (PETL for AST's count): the kind's modules, the norms it
+    trains and a ``classes``-way head are trainable (BatchNorm running statistics are not);
+    total = the AST + the adapter modules + the head."""
+    from petserve.adapters.backbone.audio import AudioModel, audio_preset
+    with torch.device("meta"):
+        model = AudioModel(audio_preset(backbone))
+    kind_cls = get_kind(kind)
+    labels = tuple(f"class{i}" for i in range(classes))
+    cfg = kind_cls.Config(**{**(options or {}), "train_visual_embedding": False, "labels": labels})
+    shapes = kind_cls.param_shapes(cfg, model)
+    buffers = kind_cls.buffers(cfg, model)
+    trainable = sum(math.prod(s) for k, s in shapes.items() if k not in buffers)
+    modules = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("vec.")
+                  and k not in buffers)
+    total = sum(p.numel() for p in model.parameters()) + modules
+    return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / total, 2)}

@@ -97,8 +97,10 @@ def build_bench(name: str, cases: list[Case], args, tmp: Path) -> Bench:
 
 # ---- running -----------------------------------------------------------------------------
 def drive(engine, requests, concurrency: int) -> tuple[list, float]:
-    """Closed loop: keep ``concurrency`` requests (RequestSpecs, or InferenceRequests and
-    ClassifyRequests as they are) in flight; returns (results in order, seconds)."""
+    """Closed loop: keep ``concurrency`` requests (RequestSpecs, or InferenceRequests,
+    ClassifyRequests and AudioRequests as they are) in flight; returns (results in order,
+    seconds)."""
+    from petserve.serving.audio_engine import AudioRequest
     from petserve.serving.engine import ClassifyRequest, InferenceRequest
     done: queue.SimpleQueue = queue.SimpleQueue()
     results, pending = [None] * len(requests), iter(enumerate(requests))
@@ -110,7 +112,7 @@ def drive(engine, requests, concurrency: int) -> tuple[list, float]:
         if isinstance(r, ClassifyRequest):
             fut = engine.submit_classify(r)
         else:
-            fut = engine.submit(r if isinstance(r, InferenceRequest) else InferenceRequest(
+            fut = engine.submit(r if isinstance(r, (InferenceRequest, AudioRequest)) else InferenceRequest(
                 r.adapter, "vqa", r.text, max_new_tokens=r.max_new_tokens))
         fut.add_done_callback(lambda f, i=i: done.put((i, f)))
         return True

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from petserve.serving.auth import TokenCheck, resolve_token
 from petserve.serving.errors import ApiError
-from petserve.serving.media import MediaLimits
+from petserve.serving.media import MediaLimits, decode_base64
 from petserve.serving.metrics import (
     COMPOSITE_LABEL,
     CONTENT_TYPE,
@@ -33,11 +33,14 @@ from petserve.serving.metrics import (
     render,
 )
 from petserve.serving.schemas import (
+    AUDIO_FORM_SCHEMA,
     CAPTION_FORM_SCHEMA,
     CLASSIFY_FORM_SCHEMA,
     VQA_FORM_SCHEMA,
     AdapterInfo,
     AdapterList,
+    AudioClassifyRequest,
+    AudioClassifyResponse,
     CaptionRequest,
     CaptionResponse,
     ClassifyRequest,
@@ -81,6 +84,7 @@ class Backend(Protocol):
     async def health(self) -> None: ...             # ApiError 503 "unhealthy" when it is not
     async def generate(self, request): ...          # InferenceRequest -> InferenceResult
     async def classify(self, request): ...          # ClassifyRequest -> ClassifyResult
+    async def classify_audio(self, request): ...    # AudioRequest -> ClassifyResult
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter: ...
     async def generate_adapter(self, adapter_id: str, context) -> StoredAdapter: ...
     async def list(self) -> list[StoredAdapter]: ...
@@ -123,7 +127,7 @@ def _parse_json_body(raw: bytes, model_cls, limits) -> tuple:
 async def _read_form(request: Request, max_part_bytes: int) -> tuple[dict, dict[str, list[bytes]]]:
     """Multipart/urlencoded form -> (text fields, file parts). Files may also come as text."""
     text: dict[str, object] = {}
-    files: dict[str, list[bytes]] = {name: [] for name in (*_MEDIA_PARTS, "file")}
+    files: dict[str, list[bytes]] = {name: [] for name in (*_MEDIA_PARTS, "file", "audio")}
     async with request.form(max_files=8, max_fields=32, max_part_size=max_part_bytes) as form:
         for key, value in form.multi_items():
             if key in files:
@@ -150,9 +154,10 @@ def _form_to_json_parts(text: dict) -> None:
 
 def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple:
     _form_to_json_parts(text)
-    if files["file"]:
-        raise ApiError.unprocessable("invalid_request", "file: not a field of this route (the "
-                                     "media parts are image, images and video)")
+    for key in ("file", "audio"):
+        if files[key]:
+            raise ApiError.unprocessable("invalid_request", f"{key}: not a field of this route "
+                                         "(the media parts are image, images and video)")
     for key in ("image", "video"):
         if len(files[key]) > 1:
             raise ApiError.unprocessable("invalid_request", f"{key}: given more than once")
@@ -190,7 +195,7 @@ async def read_adapter_upload(request: Request, config: ServerConfig) -> bytes:
     data = await request.body()
     if _content_type(request) == "multipart/form-data" and data.startswith(b"--"):
         text, files = await _read_form(request, config.max_adapter_bytes)   # parses `data`
-        if len(files["file"]) != 1 or text or any(files[k] for k in _MEDIA_PARTS):
+        if len(files["file"]) != 1 or text or any(files[k] for k in (*_MEDIA_PARTS, "audio")):
             raise ApiError.unprocessable(
                 "invalid_request", "a multipart upload carries exactly one part, named 'file'")
         data = files["file"][0]
@@ -330,6 +335,44 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         r = await backend.classify(engine_request)
         return ClassifyResponse(label=r.label, scores=r.scores, adapter=r.adapter,
                                 adapter_version=r.adapter_version, timings_ms=r.timings_ms)
+
+    @app.post("/v1/audio/classify", response_model=AudioClassifyResponse, responses=ERROR_RESPONSES,
+              openapi_extra=_body_doc(_ref("AudioClassifyRequest"), _ref("AudioClassifyForm")),
+              summary="Classify an audio clip with an audio adapter (PETL for AST)")
+    async def audio_classify(request: Request) -> AudioClassifyResponse:
+        from petserve.serving.audio_engine import AudioRequest
+        if config.auth_reads:
+            token_check.require(request.headers.get("authorization"))
+        body, data = await read_audio_body(request, config)
+        request.state.adapter = body.adapter
+        r = await backend.classify_audio(AudioRequest(body.adapter, data, body.top_k))
+        return AudioClassifyResponse(label=r.label, scores=r.scores, adapter=r.adapter,
+                                     adapter_version=r.adapter_version, timings_ms=r.timings_ms)
+
+
+async def read_audio_body(request: Request, config: ServerConfig) -> tuple[AudioClassifyRequest, bytes]:
+    """(validated body, encoded audio) of a JSON (base64 `audio`) or multipart (`audio` file)
+    request; 422 without audio."""
+    ctype = _content_type(request)
+    if ctype in _FORM_TYPES:
+        text, files = await _read_form(request, config.max_body_bytes)
+        if files["file"] or any(files[k] for k in _MEDIA_PARTS):
+            raise ApiError.unprocessable("invalid_request", "the one media part of this route is "
+                                         "'audio'")
+        if len(files["audio"]) > 1:
+            raise ApiError.unprocessable("invalid_request", "audio: given more than once")
+        body = _form_model(text, AudioClassifyRequest)
+        data = files["audio"][0] if files["audio"] else None
+    elif _is_json(ctype):
+        body = _json_model(await request.body(), AudioClassifyRequest)
+        data = None if body.audio is None else await run_in_threadpool(
+            decode_base64, body.audio, field="audio", max_bytes=config.max_body_bytes)
+    else:
+        raise ApiError.unsupported_media("unsupported_content_type", "send application/json or "
+                                         f"multipart/form-data, not {ctype!r}")
+    if data is None:
+        raise ApiError.unprocessable("missing_media", "give `audio`, the clip to classify")
+    return body, data
 
 
 def _used(r) -> dict:
@@ -480,13 +523,15 @@ def _openapi(app: FastAPI) -> dict:
         schema = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (VqaRequest, CaptionRequest, GenerateRequest, ClassifyRequest):
+        for model in (VqaRequest, CaptionRequest, GenerateRequest, ClassifyRequest,
+                      AudioClassifyRequest):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema
         components["VqaForm"] = VQA_FORM_SCHEMA
         components["CaptionForm"] = CAPTION_FORM_SCHEMA
         components["ClassifyForm"] = CLASSIFY_FORM_SCHEMA
+        components["AudioClassifyForm"] = AUDIO_FORM_SCHEMA
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         _document_adapter_id(schema)
         app.openapi_schema = schema

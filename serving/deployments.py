@@ -50,14 +50,21 @@ class LocalBackend:
 
     def __init__(self, model, store: LocalDirStore, engine_config, max_adapter_bytes: int,
                  replica: str = "local", generator=None, generator_name: str = "",
-                 towers=None) -> None:
+                 towers=None, audio=None, audio_model=None) -> None:
         from petserve.serving.engine import Engine
         self.model, self.store, self.replica = model, store, replica
         self.max_adapter_bytes = max_adapter_bytes
         self.engine = Engine(model, store, engine_config, generator, generator_name, towers)
+        # The audio family (serving.audio_engine): an engine here (one process), or under Ray
+        # only its model, to validate audio uploads (the AudioBackbone deployment serves them).
+        self.audio = audio
+        self.audio_model = audio.model if audio is not None else audio_model
 
     @classmethod
-    def from_config(cls, config: ServerConfig, replica: str = "local") -> LocalBackend:
+    def from_config(cls, config: ServerConfig, replica: str = "local",
+                    serve_audio: bool = True) -> LocalBackend:
+        """The backend ``config`` names; ``serve_audio`` False (a Ray VL replica): the audio
+        backbone is loaded only to check audio uploads against."""
         from petserve.adapters.backbone import build_backbone
         model = build_backbone(config.backbone or "tiny", device=config.resolved_device())
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
@@ -69,14 +76,22 @@ class LocalBackend:
         if config.clip is not None:
             from petserve.adapters.clip_towers import load_clip
             towers = load_clip(config.clip, model)
+        if serve_audio:
+            audio, audio_only_model = audio_engine(config, store), None
+        else:
+            audio, audio_only_model = None, audio_model(config)
         return cls(model, store, config.engine, config.max_adapter_bytes,
-                   replica, generator, name, towers)
+                   replica, generator, name, towers, audio, audio_only_model)
 
     def start(self) -> None:
         self.engine.start()
+        if self.audio is not None:
+            self.audio.start()
 
     def stop(self) -> None:
         self.engine.stop()
+        if self.audio is not None:
+            self.audio.stop()
 
     async def health(self) -> None:
         """ApiError 503 ``unhealthy`` when the engine no longer makes progress (/healthz)."""
@@ -97,11 +112,19 @@ class LocalBackend:
     async def classify(self, request):
         return await self.engine.classify(request)
 
+    async def classify_audio(self, request):
+        if self.audio is None:
+            raise ApiError.unprocessable("no_audio_backbone", "this server has no audio backbone "
+                                         "(start it with --audio-backbone DIR_OR_PRESET)")
+        return await self.audio.classify(request)
+
     def upload_now(self, adapter_id: str, data: bytes) -> StoredAdapter:
-        """Validate against this backbone (serving.uploads), then store a new version."""
+        """Validate against this backbone, or the audio one it was made for (serving.uploads),
+        then store a new version."""
         from petserve.serving.uploads import prepare_upload
         blob, meta = prepare_upload(data, self.model, self.max_adapter_bytes,
-                                    towers=self.engine.towers)
+                                    towers=self.engine.towers,
+                                    audio=self.audio_model)
         return self.store.put(adapter_id, blob, meta)
 
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
@@ -125,16 +148,38 @@ class LocalBackend:
         return await asyncio.to_thread(self.store.delete, adapter_id)
 
     async def stats(self) -> dict[str, dict]:
-        return {self.replica: self.engine.stats()}
+        stats = {self.replica: self.engine.stats()}
+        if self.audio is not None:
+            stats[f"{self.replica}-audio"] = self.audio.stats()
+        return stats
+
+
+def audio_model(config: ServerConfig):
+    """The audio backbone the config names, or None."""
+    if config.audio_backbone is None:
+        return None
+    from petserve.adapters.backbone.audio import build_audio_backbone
+    return build_audio_backbone(config.audio_backbone, device=config.resolved_device())
+
+
+def audio_engine(config: ServerConfig, store: LocalDirStore):
+    """The audio family's engine when the config names an audio backbone, else None."""
+    model = audio_model(config)
+    if model is None:
+        return None
+    from petserve.serving.audio_engine import AudioEngine
+    return AudioEngine(model, store, config.engine, config.max_audio_seconds)
 
 
 def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
-               max_bytes: int, clip: Path | None = None) -> list[str]:
+               max_bytes: int, clip: Path | None = None,
+               audio_backbone: str | None = None) -> list[str]:
     """Upload each demo file whose id is not in the store yet, or whose latest version there is
     an earlier build of the same adapter (the same adapter name in its file, other bytes: the
     shipped assets were rebuilt since). An adapter someone uploaded under a demo id with another
     name is left alone. Files are validated against `backbone`, built only when something is
-    uploaded; cache adapters against the CLIP text side `clip`. Returns the ids of `files`."""
+    uploaded; cache adapters against the CLIP text side `clip`; audio adapters against
+    `audio_backbone`. Returns the ids of `files`."""
     uploads = {}
     for adapter_id, path in sorted(files.items()):
         data = Path(path).read_bytes()
@@ -156,8 +201,12 @@ def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
         if clip is not None:
             from petserve.adapters.clip_towers import load_clip
             towers = load_clip(clip, model)
+        audio = None
+        if audio_backbone is not None:
+            from petserve.adapters.backbone.audio import build_audio_backbone
+            audio = build_audio_backbone(audio_backbone)
         for adapter_id, data in uploads.items():
-            blob, meta = prepare_upload(data, model, max_bytes, towers=towers)
+            blob, meta = prepare_upload(data, model, max_bytes, towers=towers, audio=audio)
             store.put(adapter_id, blob, meta)
     return sorted(files)
 
@@ -197,10 +246,16 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
             update["generator"] = assets.generator
         if config.clip is None:
             update["clip"] = assets.clip_text
+        files = assets.store_files()
+        if config.audio_backbone is None:
+            from petserve.adapters.audio_demo import ensure_audio_assets
+            audio = ensure_audio_assets()
+            update["audio_backbone"] = str(audio.backbone_dir)
+            files.update(audio.adapters)
         config = config.model_copy(update=update)
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
-        demo = seed_store(store, assets.store_files(), config.backbone, config.max_adapter_bytes,
-                          config.clip)
+        demo = seed_store(store, files, config.backbone, config.max_adapter_bytes,
+                          config.clip, config.audio_backbone)
     if config.generator is not None and config.generator != getattr(assets, "generator", None):
         check_generator(config.generator, config.backbone)
         notes.append(f"generator {config.generator}")
@@ -208,7 +263,8 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
         files = adapter_files(config.adapters_dir)
         store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
         try:
-            seed_store(store, files, config.backbone, config.max_adapter_bytes, config.clip)
+            seed_store(store, files, config.backbone, config.max_adapter_bytes, config.clip,
+                       config.audio_backbone)
         except ApiError as e:
             raise ValueError(f"--adapters {config.adapters_dir}: {e.message}") from None
         notes.append(f"adapters from {config.adapters_dir}: {', '.join(sorted(files))}")
@@ -270,7 +326,7 @@ class BackboneReplica:
         self.config = ServerConfig.model_validate(config)
         context = serve.get_replica_context()
         self.name = f"{context.deployment}#{context.replica_id.unique_id}"
-        self.backend = LocalBackend.from_config(self.config, replica=self.name)
+        self.backend = LocalBackend.from_config(self.config, replica=self.name, serve_audio=False)
         self.backend.start()
 
         async def warm(adapter_id: str) -> int:
@@ -343,6 +399,43 @@ class BackboneReplica:
             backend.stop()
 
 
+class AudioReplica:
+    """Body of the AudioBackbone deployment: the audio family's AST + AudioEngine (one replica
+    per GPU, beside the VL Backbone deployment; DESIGN: one deployment per family)."""
+
+    async def __init__(self, config: dict, board) -> None:
+        from ray import serve
+        self.config = ServerConfig.model_validate(config)
+        context = serve.get_replica_context()
+        self.name = f"{context.deployment}#{context.replica_id.unique_id}"
+        store = LocalDirStore(self.config.store_dir, max_bytes=self.config.max_adapter_bytes)
+        self.engine = audio_engine(self.config, store)
+        self.engine.start()
+        self._board = board
+        self._pusher = asyncio.get_running_loop().create_task(self._push_stats_forever())
+
+    async def _push_stats_forever(self) -> None:
+        while True:
+            try:
+                await self._board.report.remote(self.name, self.engine.stats())
+            except Exception as e:     # the board restarting must not stop us serving
+                log.warning("could not push stats: %s", e)
+            await asyncio.sleep(self.config.metrics_push_interval_s)
+
+    def check_health(self) -> None:
+        problem = self.engine.health_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    async def classify_audio(self, request) -> Outcome:
+        return await _outcome(self.engine.classify(request))
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
 class MetricsBoard:
     """Latest engine stats of every Backbone replica (they push; /metrics reads)."""
 
@@ -361,18 +454,19 @@ class MetricsBoard:
 class RayBackend:
     """serving.api.Backend that calls the Backbone deployment (adapter id = multiplexed id)."""
 
-    def __init__(self, backbone, board) -> None:
-        self.backbone, self.board = backbone, board
+    def __init__(self, backbone, board, audio=None) -> None:
+        self.backbone, self.board, self.audio = backbone, board, audio
 
-    async def _call(self, method: str, *args, adapter: str | None = None):
+    async def _call(self, method: str, *args, adapter: str | None = None, handle=None):
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import (
             BackPressureError,
             DeploymentUnavailableError,
             ReplicaUnavailableError,
         )
-        handle = self.backbone if adapter is None else \
-            self.backbone.options(multiplexed_model_id=adapter)
+        if handle is None:
+            handle = self.backbone if adapter is None else \
+                self.backbone.options(multiplexed_model_id=adapter)
         try:
             outcome = await getattr(handle, method).remote(*args)
         except BackPressureError:
@@ -396,6 +490,12 @@ class RayBackend:
     async def classify(self, request):
         return await self._call("classify", request, adapter=request.adapter)
 
+    async def classify_audio(self, request):
+        if self.audio is None:
+            raise ApiError.unprocessable("no_audio_backbone", "this server has no audio backbone "
+                                         "(start it with --audio-backbone DIR_OR_PRESET)")
+        return await self._call("classify_audio", request, handle=self.audio)
+
     async def upload(self, adapter_id: str, data: bytes) -> StoredAdapter:
         return await self._call("upload", adapter_id, data, adapter=adapter_id)
 
@@ -418,9 +518,9 @@ class RayBackend:
 class Ingress:
     """Body of the Ingress deployment: serving.api's app on a RayBackend."""
 
-    def __init__(self, backbone, board, config: dict, token_digest: str) -> None:
+    def __init__(self, backbone, board, config: dict, token_digest: str, audio=None) -> None:
         # Not `self.app`: Serve's ASGI wrapper owns that name.
-        self._petserve_app = create_app(RayBackend(backbone, board),
+        self._petserve_app = create_app(RayBackend(backbone, board, audio),
                                         ServerConfig.model_validate(config),
                                         TokenCheck(token_digest))
 
@@ -465,12 +565,16 @@ def build_app(config: ServerConfig, token: str):
                              ray_actor_options={"num_cpus": 0},
                              logging_config={"log_level": "WARNING"}).bind()  # pushed every second
     backbone = serve.deployment(BackboneReplica, **_backbone_options(config)).bind(public, board)
+    audio = None
+    if config.audio_backbone is not None:
+        options = {**_backbone_options(config), "name": "AudioBackbone"}
+        audio = serve.deployment(AudioReplica, **options).bind(public, board)
     ingress = serve.deployment(
         serve.ingress()(Ingress), name="Ingress", num_replicas=config.ingress_replicas,
         max_ongoing_requests=4 * (config.engine.max_queue + config.engine.max_batch_rows),
         ray_actor_options={"num_cpus": config.ingress_cpus},
         logging_config={"log_level": config.log_level})
-    return ingress.bind(backbone, board, public, token_digest(token))
+    return ingress.bind(backbone, board, public, token_digest(token), audio)
 
 
 def app_builder(args: dict):

@@ -182,6 +182,19 @@ class ClassifyResponse(BaseModel):
     timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
 
 
+class AudioClassifyRequest(_Body):
+    """Classify an audio clip with an audio adapter (its head names the classes)."""
+
+    adapter: AdapterId = Field(description="an audio adapter's id (petserve train --family audio)")
+    audio: str | None = Field(None, description="the clip: wav, flac or ogg" + _B64_DOC)
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many (label, score) pairs to return")
+
+
+class AudioClassifyResponse(ClassifyResponse):
+    adapter: str = Field(description="the audio adapter used")
+    adapter_version: int = Field(description="its version")
+
+
 class _Generated(BaseModel):
     """What every generation answer carries besides its text."""
 
@@ -304,6 +317,14 @@ CLASSIFY_FORM_SCHEMA = {"title": "ClassifyForm", "type": "object", "properties":
     "image": {"type": "string", "format": "binary", "description": "image file"},
     "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
 }, "required": ["image"], "additionalProperties": False}
+
+
+AUDIO_FORM_SCHEMA = {"title": "AudioClassifyForm", "type": "object", "properties": {
+    "adapter": {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$",
+                "description": "an audio adapter's id"},
+    "audio": {"type": "string", "format": "binary", "description": "audio file (wav, flac, ogg)"},
+    "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
+}, "required": ["adapter", "audio"], "additionalProperties": False}
 
 
 # ---- body -> engine request -----------------------------------------------------------------

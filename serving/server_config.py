@@ -97,6 +97,11 @@ class ServerConfig(_Strict):
     clip: Path | None = Field(None, description="CLIP's text side for /v1/classify: a text tower "
                               "file, or a CLIPModel save_pretrained directory; the embedded "
                               "default ships one")
+    audio_backbone: str | None = Field(None, description="the audio family's AST (an audio preset "
+                                       "or a Hugging Face AST directory) for /v1/audio/classify; "
+                                       "the embedded default ships one")
+    max_audio_seconds: float = Field(30.0, gt=0, le=3600, description="longest audio clip accepted "
+                                     "(longer: 413)")
     adapters_dir: Path | None = Field(None, description="put every *.safetensors here into the store "
                                       "at start (id: the file name without .safetensors)")
     host: str = "127.0.0.1"

@@ -26,14 +26,15 @@ MAX_ZIP_MEMBERS = 64
 
 
 def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa",
-                   towers=None) -> tuple[bytes, dict]:
+                   towers=None, audio=None) -> tuple[bytes, dict]:
     """Validate an uploaded adapter: a petserve .safetensors file (adapters.adapter_file.load_adapter)
     or a zip of a PEFT LoRA directory (adapters.peft_import.import_peft_lora, then re-serialised with
     adapter_bytes so the store only ever holds petserve safetensors; ``task`` is the task recorded
     for it). Returns (bytes to store, store metadata dict with kind, task, trainable_parameters,
     backbone_fingerprint, config, name, task_conditioned, inputs). AdapterFileError -> ApiError with the
     error's status (422 by default, 413 for size) and code. A cache file (CapS) is checked against
-    ``towers``, the server's CLIP (``prepare_cache``)."""
+    ``towers``, the server's CLIP (``prepare_cache``); a file made for ``audio``, the server's
+    audio backbone (its fingerprint in the file), against that backbone."""
     data = bytes(data)
     if len(data) > max_bytes:
         raise ApiError.payload_too_large(f"adapter upload is {len(data)} bytes, over the limit of "
@@ -50,6 +51,8 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa",
                 raise AdapterFileError("adapter_too_large", f"the imported adapter is {len(data)} "
                                        f"bytes, over the limit of {max_bytes} bytes", status=413)
         else:
+            if audio is not None and _file_fingerprint(data) == audio.fingerprint:
+                model = audio
             af = load_adapter(data, model, max_bytes=max_bytes)
         _check_compiles(af, model)
     except AdapterFileError as e:
@@ -59,6 +62,19 @@ def prepare_upload(data: bytes, model, max_bytes: int, task: str = "vqa",
                   "trainable_parameters": af.meta.trainable_parameters,
                   "backbone_fingerprint": model.fingerprint, "config": af.meta.config,
                   "name": af.meta.name, "inputs": af.meta.inputs.model_dump(mode="json")}
+
+
+def _file_fingerprint(data: bytes) -> str | None:
+    """The backbone fingerprint an adapter file names (None when its header is unreadable: the
+    full parse then reports why)."""
+    import json
+
+    from petserve.adapters.adapter_file import parse_header
+    try:
+        header, _ = parse_header(data)
+        return json.loads(header["__metadata__"]["petserve"])["backbone"]["fingerprint"]
+    except (AdapterFileError, KeyError, TypeError, ValueError):
+        return None
 
 
 def is_cache_file(data: bytes) -> bool:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from petserve.benchmarks import (  # noqa: E402
+    bench_audio,
     bench_classify,
     bench_engine,
     bench_generator,
@@ -138,3 +139,16 @@ def test_bench_classify_smoke(tmp_path):
     grouped = next(r for r in rows if r["setup"]["measure"] == "grouped")["metrics"]
     assert grouped["grouped_ms"] > 0 and grouped["loop_ms"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_audio_smoke(tmp_path):
+    """Seconds-long: 1 vs 3 audio adapters through the AudioEngine, and one mixed pass."""
+    out = tmp_path / "audio.jsonl"
+    assert bench_audio.main(["--smoke", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tp = [r for r in rows if r["setup"]["measure"] == "throughput"]
+    assert {r["setup"]["workload"] for r in tp} == {"1 adapter", "3 adapters mixed"}
+    assert all(r["metrics"]["requests_per_s"] > 0 for r in tp)
+    step = [r for r in rows if r["setup"]["measure"] == "step"][0]["metrics"]
+    assert step["3_adapters_ms"] > 0 and step["backbone_ms"] > 0
+    assert out.with_suffix(".png").exists()

@@ -69,6 +69,8 @@ class BottleneckConfig(KindConfig):
     placement: Literal["houlsby", "pfeiffer"] = "houlsby"
     mode: Literal["sequential", "parallel"] = "sequential"
     train_norms: bool = True
+    adjacent_norms: bool = Field(False, description="train only the norms of the sublayers that "
+                                 "carry an adapter and the final norms (PETL for AST), not all")
     zero_init_up: bool = False
     sharing: Literal["single", "multiple", "half-shared-down", "half-shared-up"] = "single"
     tasks: tuple[str, ...] = Field(ADAPTER_TASKS, description="tasks of a non-single adapter")
@@ -202,7 +204,12 @@ class Bottleneck(AdapterKind):
 
     @classmethod
     def trained_vectors(cls, cfg, model):
-        return all_norms(model) if cfg.train_norms else []
+        if not cfg.train_norms:
+            return []
+        if not cfg.adjacent_norms:
+            return all_norms(model)
+        sites = {f"{site}_norm" for site in cls.sites(cfg, model)} | {"enc.final_norm", "dec.final_norm"}
+        return [n for n in all_norms(model) if n.rsplit(".", 1)[0] in sites]
 
     @classmethod
     def init_modules(cls, cfg, model, gen):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from petserve.adapters.adapter_file import adapter_bytes, parse_header
+from petserve.adapters.adapter_file import adapter_bytes, parse_header, reproducible_created
 from petserve.adapters.atomic_file import write_atomically
 from petserve.adapters.backbone.model import VLModel
 from petserve.adapters.data.records import Example
@@ -255,7 +254,7 @@ def trained_adapter_bytes(result: TrainResult, model: VLModel, name: str = "") -
     data = adapter_bytes(result.kind, result.config, result.params, model, result.task, name=name)
     header, _ = parse_header(data)
     meta = json.loads(header["__metadata__"]["petserve"])
-    meta["created"] = float(os.environ.get("SOURCE_DATE_EPOCH", 0))
+    meta["created"] = reproducible_created()
     return save(load(data), metadata={"petserve": json.dumps(meta, separators=(",", ":"))})
 
 

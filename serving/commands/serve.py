@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--clip", type=Path, help="CLIP's text side for /v1/classify and cache "
                    "adapters: a text tower file or a CLIPModel save_pretrained directory (the "
                    "embedded default ships one)")
+    p.add_argument("--audio-backbone", help="the audio family's AST for /v1/audio/classify: a "
+                   "Hugging Face AST directory or a preset (tiny-ast, ast-base); the embedded "
+                   "default ships one")
     p.add_argument("--generator", type=Path, help="Generative Adapter generator for the backbone "
                    "(petserve train-generator; the embedded default ships one): enables "
                    "POST /v1/adapters/{id}/generate and inline `context` requests")
@@ -61,6 +64,7 @@ def server_config(args):
             data = ServerConfig.from_yaml(args.config).model_dump(exclude_unset=True)
         flags = {"backbone": args.backbone, "store_dir": args.store, "adapters_dir": args.adapters,
                  "generator": args.generator, "clip": args.clip, "host": args.host,
+                 "audio_backbone": args.audio_backbone,
                  "port": args.port, "replicas": args.replicas, "device": args.device}
         data.update({k: v for k, v in flags.items() if v is not None})
         if args.num_slots is not None:

@@ -81,6 +81,9 @@ def register(sub) -> None:
     p.add_argument("--denoise", action="store_true", help="learn the data's answers / captions as "
                    "unlabelled text with the backbone's denoising objective (T5 span corruption, "
                    "BART text infilling): a language sft")
+    p.add_argument("--family", choices=("vl", "audio"), default="vl", help="backbone family: vl "
+                   "(VL-T5 / VL-BART, default) or audio (AST: --data demo:pitch|beeps|timbre or a "
+                   "folder of label folders; serving/commands/train_audio.py)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run, accepts_extra=True)
@@ -101,6 +104,9 @@ def parse_args(args) -> TrainArgs:
 
 def run(args, extra: list[str]) -> int:
     from petserve.adapters.kinds import KINDS
+    if args.family == "audio":
+        from petserve.serving.commands import train_audio
+        return train_audio.run(args, extra)
     a = parse_args(args)
     if a.kind not in KINDS:
         raise CliError(f"unknown kind {a.kind!r}; known kinds: {', '.join(sorted(KINDS))}")
