@@ -64,7 +64,8 @@ class AudioEngine:
         self.featurize = Featurizer(model.cfg)
         self.pool = SlotPool(model, store, config.num_slots, config.cpu_cache_adapters)
         self.rows, self.adapters_per_batch = Histogram(SIZE_BUCKETS), Histogram(SIZE_BUCKETS)
-        self.requests = self.failures = 0
+        self.requests: dict[str, dict[str, float]] = {}     # adapter -> count, latency_ms_sum
+        self.failed: dict[str, int] = {}                     # error code -> count
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._stopping, self._thread = False, None
@@ -152,10 +153,13 @@ class AudioEngine:
         return stored.version, tuple(stored.meta.get("config", {}).get("labels", ()))
 
     def stats(self) -> dict:
+        """The VL engine's stats keys (serving.metrics exports both alike, by replica)."""
         with self._lock:
-            return {"audio_requests": self.requests, "audio_failures": self.failures,
-                    "audio_rows": self.rows.snapshot(), "audio_adapters": self.adapters_per_batch.snapshot(),
-                    "audio_queue": len(self._queue), "audio_pool": self.pool.counters()}
+            return {"requests": {a: dict(v) for a, v in self.requests.items()},
+                    "failed": dict(self.failed), "queue_length": len(self._queue),
+                    "batch_rows": self.rows.snapshot(),
+                    "adapters_per_step": self.adapters_per_batch.snapshot(),
+                    "slot_pool": self.pool.counters()}
 
     # ---- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -211,7 +215,10 @@ class AudioEngine:
         with self._lock:
             self.rows.observe(len(ready))
             self.adapters_per_batch.observe(len(set(slots)))
-            self.requests += len(ready)
+            for j in ready:
+                entry = self.requests.setdefault(j.adapter, {"count": 0, "latency_ms_sum": 0.0})
+                entry["count"] += 1
+                entry["latency_ms_sum"] += (now - j.submitted) * 1e3
         for row, j in enumerate(ready):
             probs = torch.softmax(logits[row, :classes[row]], -1)
             timings = {"queue": (t0 - j.submitted) * 1e3, "classify": (now - t1) * 1e3,
@@ -225,7 +232,7 @@ class AudioEngine:
         if not isinstance(err, ApiError):
             err = ApiError(500, "inference_failed", f"inference failed: {type(err).__name__}: {err}")
         with self._lock:
-            self.failures += 1
+            self.failed[err.code] = self.failed.get(err.code, 0) + 1
         try:
             job.future.set_exception(err)
         except InvalidStateError:

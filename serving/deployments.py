@@ -564,11 +564,16 @@ def build_app(config: ServerConfig, token: str):
     board = serve.deployment(MetricsBoard, name="MetricsBoard", num_replicas=1,
                              ray_actor_options={"num_cpus": 0},
                              logging_config={"log_level": "WARNING"}).bind()  # pushed every second
-    backbone = serve.deployment(BackboneReplica, **_backbone_options(config)).bind(public, board)
+    options = _backbone_options(config)
     audio = None
     if config.audio_backbone is not None:
-        options = {**_backbone_options(config), "name": "AudioBackbone"}
-        audio = serve.deployment(AudioReplica, **options).bind(public, board)
+        # one replica of each family per GPU: each takes half of it
+        gpus = options["ray_actor_options"]["num_gpus"] / 2
+        options["ray_actor_options"]["num_gpus"] = gpus
+        audio = serve.deployment(AudioReplica, **{
+            **options, "name": "AudioBackbone",
+            "ray_actor_options": {"num_gpus": gpus, "num_cpus": config.audio_cpus}}).bind(public, board)
+    backbone = serve.deployment(BackboneReplica, **options).bind(public, board)
     ingress = serve.deployment(
         serve.ingress()(Ingress), name="Ingress", num_replicas=config.ingress_replicas,
         max_ongoing_requests=4 * (config.engine.max_queue + config.engine.max_batch_rows),

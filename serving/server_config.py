@@ -113,6 +113,7 @@ class ServerConfig(_Strict):
     ingress_replicas: int = Field(1, ge=1)
     backbone_cpus: float = Field(1.0, ge=0, description="CPUs reserved per backbone replica")
     ingress_cpus: float = Field(0.5, ge=0, description="CPUs reserved per ingress replica")
+    audio_cpus: float = Field(0.5, ge=0, description="CPUs reserved per audio backbone replica")
     autoscaling: AutoscalingSettings | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: EngineConfig = Field(default_factory=EngineConfig)

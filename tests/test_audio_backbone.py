@@ -164,3 +164,26 @@ def test_audio_adapter_configs_refuse_what_they_cannot_be() -> None:
         get_kind("compacter").Config(block="conformer")
     with pytest.raises(ValidationError, match="distinct"):
         get_kind("lora").Config(labels=("a", "a"))
+
+
+def _legacy_name(k: str) -> str:
+    """transformers 4.x's ASTForAudioClassification name of a transformers 5 ASTModel name."""
+    import re
+    qkv = {"q": "query", "k": "key", "v": "value"}
+    k = re.sub(r"^layers\.(\d+)\.attention\.([qkv])_proj",
+               lambda g: f"encoder.layer.{g[1]}.attention.attention.{qkv[g[2]]}", k)
+    k = re.sub(r"^layers\.(\d+)\.attention\.o_proj", r"encoder.layer.\1.attention.output.dense", k)
+    k = re.sub(r"^layers\.(\d+)\.mlp\.fc1", r"encoder.layer.\1.intermediate.dense", k)
+    k = re.sub(r"^layers\.(\d+)\.mlp\.fc2", r"encoder.layer.\1.output.dense", k)
+    k = re.sub(r"^layers\.(\d+)\.layernorm", r"encoder.layer.\1.layernorm", k)
+    return "audio_spectrogram_transformer." + k
+
+
+def test_an_older_checkpoints_names_are_converted(ast, tmp_path) -> None:
+    """MIT/ast-finetuned-audioset-* was saved by transformers 4.x (attention.attention.query,
+    intermediate.dense, the classification model's prefix): transformers' loader converts it."""
+    from safetensors.torch import load_file, save_file
+    save_audio_backbone(ast, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    save_file({_legacy_name(k): v for k, v in load_file(str(weights)).items()}, str(weights))
+    assert build_audio_backbone(tmp_path).fingerprint == ast.fingerprint

@@ -60,7 +60,8 @@ def test_requests_for_three_adapters_mixed_equal_each_alone(served) -> None:
             if p > 1e-3:
                 assert want.get(label) == pytest.approx(p, abs=1e-4), label
     stats = engine.stats()
-    assert stats["audio_adapters"]["sum"] > stats["audio_adapters"]["count"]     # adapters mixed
+    assert stats["adapters_per_step"]["sum"] > stats["adapters_per_step"]["count"]   # mixed
+    assert sum(v["count"] for v in stats["requests"].values()) >= 24
 
 
 def test_shipped_adapters_answer_fresh_clips_over_http(served) -> None:
@@ -126,6 +127,14 @@ def test_bad_audio_is_refused_and_the_server_stays_healthy(served, case, status,
     assert r.json()["error"]["code"] == code
     assert client.get("/healthz").status_code == 200
     assert _post(client, clip_wav("pitch", 0, 1)).status_code == 200
+
+
+def test_audio_engine_stats_reach_metrics(served) -> None:
+    client, _, _ = served
+    assert _post(client, clip_wav("pitch", 1, 3)).status_code == 200
+    text = client.get("/metrics").text
+    assert 'petserve_engine_request_seconds_count{adapter="pitch",replica="local-audio"}' in text
+    assert 'petserve_engine_batch_rows_count{replica="local-audio"}' in text
 
 
 def test_wrong_adapters_and_missing_fields_are_clear(served) -> None:

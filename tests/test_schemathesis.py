@@ -45,11 +45,16 @@ def api_schema(tiny_t5, tmp_path_factory):
     config = ServerConfig(store_dir=store_dir, token=TOKEN, max_body_bytes=2**20,
                           max_adapter_bytes=2**20,
                           engine=EngineConfig(num_slots=2))
+    from petserve.adapters.backbone.audio import build_audio_backbone
     from petserve.adapters.generative import Generator, GeneratorConfig
-    backend = LocalBackend(tiny_t5, LocalDirStore(store_dir), config.engine,
+    from petserve.serving.audio_engine import AudioEngine
+    store = LocalDirStore(store_dir)
+    backend = LocalBackend(tiny_t5, store, config.engine,
                            config.max_adapter_bytes,
                            generator=Generator.init(GeneratorConfig(r=2), tiny_t5),
-                           generator_name="fuzz-generator")
+                           generator_name="fuzz-generator",
+                           audio=AudioEngine(build_audio_backbone("tiny-ast"), store, config.engine,
+                                             max_audio_seconds=2.0))
     cfg, params = random_adapter(tiny_t5, "lora", {"r": 4}, seed=0)
     backend.upload_now("fuzz", adapter_bytes("lora", cfg, params, tiny_t5, "vqa"))
     backend.start()
@@ -60,7 +65,8 @@ def api_schema(tiny_t5, tmp_path_factory):
 OPERATIONS = [("POST", "/v1/vqa"), ("POST", "/v1/caption"), ("PUT", "/v1/adapters/{adapter_id}"),
               ("GET", "/v1/adapters"), ("GET", "/v1/adapters/{adapter_id}"),
               ("DELETE", "/v1/adapters/{adapter_id}"), ("GET", "/healthz"), ("GET", "/metrics"),
-              ("POST", "/v1/adapters/{adapter_id}/generate"), ("POST", "/v1/classify")]
+              ("POST", "/v1/adapters/{adapter_id}/generate"), ("POST", "/v1/classify"),
+              ("POST", "/v1/audio/classify")]
 EXAMPLES = {"positive": 20, "negative": 15}
 
 

@@ -24,12 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from petserve.adapters.backbone.config import LMConfig
+from petserve.adapters.backbone.config import AUDIO_PRESETS, LMConfig
 from petserve.adapters.backbone.layers import EncoderLayer, key_mask_bias, lm_norm
 from petserve.adapters.backbone.lm import SiteIndex
 from petserve.adapters.runtime.context import StepContext
-
-AUDIO_PRESETS = ("tiny-ast", "ast-base")
 
 
 @dataclass(frozen=True)
@@ -210,11 +208,28 @@ _NAMES = [
 ]
 
 
-def hf_names(model: AudioModel) -> dict[str, str]:
-    """Our parameter name -> its transformers ASTModel name, for every weight of ``model``."""
+# ... and as transformers writes them to disk (save_pretrained keeps the 4.x names, which is
+# also how the published AST checkpoints name them)
+_SAVED_NAMES = [
+    *_NAMES[:4],
+    (r"lm\.enc_layers\.(\d+)\.self_attn\.q\.(\w+)", r"encoder.layer.\1.attention.attention.query.\2"),
+    (r"lm\.enc_layers\.(\d+)\.self_attn\.k\.(\w+)", r"encoder.layer.\1.attention.attention.key.\2"),
+    (r"lm\.enc_layers\.(\d+)\.self_attn\.v\.(\w+)", r"encoder.layer.\1.attention.attention.value.\2"),
+    (r"lm\.enc_layers\.(\d+)\.self_attn\.o\.(\w+)", r"encoder.layer.\1.attention.output.dense.\2"),
+    (r"lm\.enc_layers\.(\d+)\.self_norm\.(\w+)", r"encoder.layer.\1.layernorm_before.\2"),
+    (r"lm\.enc_layers\.(\d+)\.ffn_norm\.(\w+)", r"encoder.layer.\1.layernorm_after.\2"),
+    (r"lm\.enc_layers\.(\d+)\.ffn\.wi\.(\w+)", r"encoder.layer.\1.intermediate.dense.\2"),
+    (r"lm\.enc_layers\.(\d+)\.ffn\.wo\.(\w+)", r"encoder.layer.\1.output.dense.\2"),
+    _NAMES[-1],
+]
+
+
+def hf_names(model: AudioModel, table=_NAMES) -> dict[str, str]:
+    """Our parameter name -> its transformers ASTModel name (``table``: _NAMES, the module's;
+    _SAVED_NAMES, the file's), for every weight of ``model``."""
     out = {}
     for name in model.state_dict():
-        for ours, hf in _NAMES:
+        for ours, hf in table:
             m = re.fullmatch(ours, name)
             if m:
                 out[name] = m.expand(hf)
@@ -224,19 +239,32 @@ def hf_names(model: AudioModel) -> dict[str, str]:
     return out
 
 
+HF_PREFIX = "audio_spectrogram_transformer."     # ASTForAudioClassification's nesting
+
+
 def load_audio_directory(path: Path) -> AudioModel:
-    """A local Hugging Face AST checkpoint directory into an AudioModel."""
-    from transformers import ASTConfig, ASTModel
+    """A local Hugging Face AST checkpoint directory into an AudioModel. Weights named as
+    transformers saves them (or as its 5.x modules name them) are read directly (safetensors
+    only); any other layout goes through transformers' own loader and its conversions (imported
+    only then: it costs ~190 MiB)."""
+    from petserve.adapters.backbone.hf_weights import read_state_dict
     c = json.loads((path / "config.json").read_text())
     if c.get("model_type") != "audio-spectrogram-transformer":
         raise ValueError(f"{path}: config.json is a {c.get('model_type')!r} model, not an "
                          "audio-spectrogram-transformer")
     pre = path / "preprocessor_config.json"
     cfg = AudioConfig.from_hf(c, path.name, json.loads(pre.read_text()) if pre.exists() else None)
-    hf = ASTModel.from_pretrained(str(path), config=ASTConfig(**{**c, **cfg.hf_config()}))
     model = AudioModel(cfg)
-    theirs = hf.state_dict()
-    model.load_state_dict({ours: theirs[name] for ours, name in hf_names(model).items()})
+    theirs = {k.removeprefix(HF_PREFIX): v for k, v in read_state_dict(path).items()}
+    for table in (_SAVED_NAMES, _NAMES):
+        names = hf_names(model, table)
+        if set(names.values()) <= set(theirs):
+            break
+    else:
+        from transformers import ASTConfig, ASTModel
+        hf = ASTModel.from_pretrained(str(path), config=ASTConfig(**{**c, **cfg.hf_config()}))
+        names, theirs = hf_names(model), hf.state_dict()
+    model.load_state_dict({ours: theirs[name] for ours, name in names.items()})
     return model
 
 

@@ -163,6 +163,8 @@ def preset(name: str) -> BackboneConfig:
                           visual_norm=visual_norm_of(lm.family))
 
 
+AUDIO_PRESETS = ("tiny-ast", "ast-base")   # the audio family's (adapters/backbone/audio.py)
+
 SEED_ADDED_TOKENS = {"t5-base": 32200 - 32128, "bart-base": 200}
 
 

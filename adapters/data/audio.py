@@ -43,7 +43,8 @@ def decode_audio(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
                                  f"takes at most {max_seconds:g} s", 413)
             samples = f.read(dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
-        raise AudioError("not_audio", f"not a readable audio file (wav, flac, ogg): {e}") from None
+        why = str(e).rsplit(": ", 1)[-1]           # libsndfile's reason, without the stream repr
+        raise AudioError("not_audio", f"not a readable audio file (wav, flac, ogg): {why}") from None
     if samples.shape[0] == 0:
         raise AudioError("empty_audio", "the audio file holds no samples", 400)
     if not np.isfinite(samples).all():

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 
-from petserve.adapters.backbone.audio import AUDIO_PRESETS
-from petserve.adapters.backbone.config import PRESETS
+from petserve.adapters.backbone.config import AUDIO_PRESETS, PRESETS
 from petserve.serving.cli import CliError
 from petserve.serving.commands.options import make_config, parse_kind_options
 
