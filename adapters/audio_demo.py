@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from petserve.adapters.demo import SHIPPED_DIR, build_atomically, default_cache_dir, single_thread
+from petserve.adapters.demo import (
+    SHIPPED_DIR,
+    build_atomically,
+    default_cache_dir,
+    single_thread,
+    valid_or_built,
+)
 
 AUDIO_DIR = SHIPPED_DIR / "audio"
 MANIFEST = "manifest.json"
@@ -82,14 +88,8 @@ def audio_recipe_digest() -> str:
 def ensure_audio_assets(cache_dir: Path | None = None, progress: bool = True) -> AudioAssets:
     """Valid shipped assets, else valid cached ones, else a fresh build into the cache dir."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir().with_name("audio")
-    for directory in (AUDIO_DIR, cache_dir):
-        assets = valid_audio_assets(directory)
-        if assets is not None:
-            return assets
-    if progress:
-        print(f"petserve: building the audio demo assets into {cache_dir} (once; minutes on CPU)",
-              file=sys.stderr, flush=True)
-    return build_audio_assets(cache_dir, progress=progress, reuse_valid=True)
+    return valid_or_built((AUDIO_DIR, cache_dir), valid_audio_assets, build_audio_assets,
+                          "audio demo", progress)
 
 
 def valid_audio_assets(directory: Path) -> AudioAssets | None:

@@ -158,14 +158,21 @@ def default_cache_dir() -> Path:
 def ensure_demo_assets(cache_dir: Path | None = None, progress: bool = True) -> DemoAssets:
     """Valid shipped assets, else valid cached ones, else a fresh build into the cache dir."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    for directory in (SHIPPED_DIR, cache_dir):
-        assets = valid_assets(directory)
+    return valid_or_built((SHIPPED_DIR, cache_dir), valid_assets, build_demo_assets, "demo",
+                          progress)
+
+
+def valid_or_built(directories: tuple[Path, Path], valid, build, what: str, progress: bool):
+    """The first of (shipped, cache) directories whose assets are ``valid``, else
+    ``build(cache, ...)`` (once, under its lock)."""
+    for directory in directories:
+        assets = valid(directory)
         if assets is not None:
             return assets
     if progress:
-        print(f"petserve: building the demo assets into {cache_dir} (once; a few minutes on CPU)",
-              file=sys.stderr, flush=True)
-    return build_demo_assets(cache_dir, progress=progress, reuse_valid=True)
+        print(f"petserve: building the {what} assets into {directories[-1]} (once; a few minutes "
+              "on CPU)", file=sys.stderr, flush=True)
+    return build(directories[-1], progress=progress, reuse_valid=True)
 
 
 def valid_assets(directory: Path) -> DemoAssets | None:
