@@ -150,7 +150,11 @@ class AudioEngine:
                                          f"{stored.meta.get('kind')} adapter for "
                                          f"{stored.meta.get('task')}; /v1/audio/classify takes an "
                                          "audio adapter (petserve train --family audio)")
-        return stored.version, tuple(stored.meta.get("config", {}).get("labels", ()))
+        labels = tuple(stored.meta.get("config", {}).get("labels", ()))
+        if not labels:
+            raise ApiError.unprocessable("no_head", f"audio adapter {adapter_id!r} has no "
+                                         "classification head (its config lists no labels)")
+        return stored.version, labels
 
     def stats(self) -> dict:
         """The VL engine's stats keys (serving.metrics exports both alike, by replica)."""

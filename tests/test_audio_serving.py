@@ -152,6 +152,19 @@ def test_wrong_adapters_and_missing_fields_are_clear(served) -> None:
     assert 400 <= r.status_code < 500
 
 
+def test_an_audio_adapter_without_a_head_is_refused_not_a_500(served) -> None:
+    from petserve.adapters.adapter_file import adapter_bytes
+    from petserve.adapters.kinds import get_kind
+    client, backend, _ = served
+    model = backend.audio.model
+    k = get_kind("lora")
+    cfg = k.Config(r=2, targets=("enc.self.q",), train_visual_embedding=False)
+    backend.upload_now("headless", adapter_bytes("lora", cfg, k.init_params(cfg, model), model,
+                                                 "audio_classify"))
+    r = _post(client, clip_wav("pitch", 0, 4), adapter="headless")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_head"
+
+
 def test_an_uploaded_audio_adapter_is_checked_against_the_audio_backbone(served) -> None:
     client, backend, audio = served
     data = audio.adapters["timbre"].read_bytes()
