@@ -41,6 +41,8 @@ def test_our_ast_equals_transformers_and_round_trips(ast, tmp_path) -> None:
 
 
 def test_a_directory_of_another_model_is_refused(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build_audio_backbone(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
     with pytest.raises(ValueError, match="not an audio-spectrogram-transformer"):
         build_audio_backbone(tmp_path)

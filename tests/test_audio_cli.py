@@ -113,3 +113,9 @@ def test_decoding_refuses_what_it_cannot_read() -> None:
         decode_audio(wav_bytes(np.zeros(0, dtype=np.float32)), 10)
     samples, sr = decode_audio(wav_bytes(np.ones((100, 2), dtype=np.float32) * 0.5), 10)
     assert sr == 16000 and samples.shape == (100,)          # stereo mixed down
+
+
+def test_serve_refuses_an_audio_backbone_that_does_not_load(tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "serve", "--no-ray", "--audio-backbone", str(tmp_path),
+                           "--store", str(tmp_path / "store"))
+    assert code == 2 and "--audio-backbone" in err and "no config.json" in err, err

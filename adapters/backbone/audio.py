@@ -248,6 +248,8 @@ def load_audio_directory(path: Path) -> AudioModel:
     only); any other layout goes through transformers' own loader and its conversions (imported
     only then: it costs ~190 MiB)."""
     from petserve.adapters.backbone.hf_weights import read_state_dict
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face AST checkpoint)")
     c = json.loads((path / "config.json").read_text())
     if c.get("model_type") != "audio-spectrogram-transformer":
         raise ValueError(f"{path}: config.json is a {c.get('model_type')!r} model, not an "

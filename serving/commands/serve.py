@@ -87,6 +87,17 @@ def check_backbone(spec: str | None) -> None:
                    "directory")
 
 
+def check_audio_backbone(spec: str | None) -> None:
+    """Fail fast (before Ray starts) on an audio backbone that does not load."""
+    if spec is None:
+        return
+    from petserve.adapters.backbone.audio import build_audio_backbone
+    try:
+        build_audio_backbone(spec)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise CliError(f"--audio-backbone: {str(e).strip(chr(39))}") from None
+
+
 def run(args, extra) -> int:
     started = time.monotonic()
     config = server_config(args)
@@ -102,6 +113,7 @@ def prepare(config):
     """`check_backbone`, then serving.deployments.prepare_server; its errors as CliErrors."""
     from petserve.serving.deployments import prepare_server
     check_backbone(config.backbone)
+    check_audio_backbone(config.audio_backbone)
     try:
         return prepare_server(config)
     except (FileNotFoundError, ValueError) as e:     # e.g. --backbone names nothing
