@@ -32,6 +32,12 @@ from petserve.serving.metrics import (
     RecordMetrics,
     render,
 )
+from petserve.serving.openai_api import (
+    ChatCompletionRequest,
+    add_openai_routes,
+    is_openai_path,
+    openai_error_body,
+)
 from petserve.serving.schemas import (
     AUDIO_FORM_SCHEMA,
     CAPTION_FORM_SCHEMA,
@@ -276,6 +282,7 @@ def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck |
     _add_inference_routes(app, backend, config, token_check)
     _add_adapter_routes(app, backend, config, token_check)
     _add_service_routes(app, backend, metrics, config.metrics_max_adapters)
+    add_openai_routes(app, backend, config, token_check, ERROR_RESPONSES)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, default_limit=config.max_body_bytes,
                        upload_limit=config.max_adapter_bytes)
@@ -455,29 +462,34 @@ def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics,
         return PlainTextResponse(body, media_type=CONTENT_TYPE)
 
 
-def _error(status: int, code: str, message: str, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+def _error(status: int, code: str, message: str, headers=None, path: str = "") -> JSONResponse:
+    """The error response; on the OpenAI-compatible routes in OpenAI's error shape."""
+    body = openai_error_body(status, code, message) if is_openai_path(path) else \
+        {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.code, e.message, e.headers)
+        return _error(e.status, e.code, e.message, e.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(422, "invalid_request", describe_validation_error(list(e.errors())))
+        return _error(422, "invalid_request", describe_validation_error(list(e.errors())),
+                      path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {400: "invalid_request", 404: "not_found",
                 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return _error(e.status_code, code, str(e.detail), e.headers)
+        return _error(e.status_code, code, str(e.detail), e.headers, request.url.path)
 
     @app.exception_handler(Exception)
     async def server_bug(request: Request, e: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
-        return _error(500, "internal_error", "internal server error (logged on the server)")
+        return _error(500, "internal_error", "internal server error (logged on the server)",
+                      path=request.url.path)
 
 
 class BodyLimit:
@@ -495,11 +507,11 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                return await _error(400, "invalid_request", "Content-Length is not a number")(
-                    scope, receive, send)
+                return await _error(400, "invalid_request", "Content-Length is not a number",
+                                    path=scope["path"])(scope, receive, send)
             if int(declared) > limit:
-                return await _error(413, "payload_too_large", _too_large(limit))(
-                    scope, receive, send)
+                return await _error(413, "payload_too_large", _too_large(limit),
+                                    path=scope["path"])(scope, receive, send)
         received = 0
 
         async def counting_receive():
@@ -524,7 +536,7 @@ def _openapi(app: FastAPI) -> dict:
                              description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in (VqaRequest, CaptionRequest, GenerateRequest, ClassifyRequest,
-                      AudioClassifyRequest):
+                      AudioClassifyRequest, ChatCompletionRequest):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema

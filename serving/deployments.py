@@ -5,7 +5,7 @@ Ray Serve app (`build_app`)::
     HTTP -> Ingress (CPU; the FastAPI app of serving.api: auth, validation, media decoding)
               | handle.options(multiplexed_model_id=<adapter id>)
               v
-            Backbone replicas (one per GPU, or CPU replicas): model + Engine + LocalDirStore view
+            Backbone replicas (one per GPU, or CPU replicas): model + Engine + AdapterStore view
               | every metrics_push_interval_s
               v
             MetricsBoard (one replica, no resources): latest engine stats of every replica
@@ -27,6 +27,7 @@ ingress re-raises the error. Ray is imported only inside functions: LocalBackend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,16 +40,16 @@ from petserve.serving.api import BackendInfo, create_app
 from petserve.serving.auth import TokenCheck
 from petserve.serving.errors import ApiError
 from petserve.serving.server_config import ServerConfig
-from petserve.serving.store import LocalDirStore, StoredAdapter
+from petserve.serving.store import AdapterStore, StoredAdapter, open_store
 
 log = logging.getLogger(__name__)
 STALE_REPLICA_S = 30.0       # a replica silent this long is gone: drop its stats
 
 
 class LocalBackend:
-    """serving.api.Backend on a model, an Engine and a LocalDirStore in this process."""
+    """serving.api.Backend on a model, an Engine and an AdapterStore in this process."""
 
-    def __init__(self, model, store: LocalDirStore, engine_config, max_adapter_bytes: int,
+    def __init__(self, model, store: AdapterStore, engine_config, max_adapter_bytes: int,
                  replica: str = "local", generator=None, generator_name: str = "",
                  towers=None, audio=None, audio_model=None) -> None:
         from petserve.serving.engine import Engine
@@ -67,7 +68,7 @@ class LocalBackend:
         backbone is loaded only to check audio uploads against."""
         from petserve.adapters.backbone import build_backbone
         model = build_backbone(config.backbone or "tiny", device=config.resolved_device())
-        store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        store = open_store(config)
         generator, name = None, ""
         if config.generator is not None:
             from petserve.adapters.generative import load_generator
@@ -108,6 +109,10 @@ class LocalBackend:
 
     async def generate(self, request):
         return await self.engine.generate(request)
+
+    async def generate_stream(self, request):
+        """Engine.stream: each decode step's text, then the InferenceResult."""
+        return self.engine.stream(request)
 
     async def classify(self, request):
         return await self.engine.classify(request)
@@ -162,7 +167,7 @@ def audio_model(config: ServerConfig):
     return build_audio_backbone(config.audio_backbone, device=config.resolved_device())
 
 
-def audio_engine(config: ServerConfig, store: LocalDirStore):
+def audio_engine(config: ServerConfig, store: AdapterStore):
     """The audio family's engine when the config names an audio backbone, else None."""
     model = audio_model(config)
     if model is None:
@@ -171,7 +176,7 @@ def audio_engine(config: ServerConfig, store: LocalDirStore):
     return AudioEngine(model, store, config.engine, config.max_audio_seconds)
 
 
-def seed_store(store: LocalDirStore, files: dict[str, Path], backbone: str,
+def seed_store(store: AdapterStore, files: dict[str, Path], backbone: str,
                max_bytes: int, clip: Path | None = None,
                audio_backbone: str | None = None) -> list[str]:
     """Upload each demo file whose id is not in the store yet, or whose latest version there is
@@ -253,7 +258,7 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
             update["audio_backbone"] = str(audio.backbone_dir)
             files.update(audio.adapters)
         config = config.model_copy(update=update)
-        store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        store = open_store(config)
         demo = seed_store(store, files, config.backbone, config.max_adapter_bytes,
                           config.clip, config.audio_backbone)
     if config.generator is not None and config.generator != getattr(assets, "generator", None):
@@ -261,7 +266,7 @@ def prepare_server(config: ServerConfig) -> PreparedServer:
         notes.append(f"generator {config.generator}")
     if config.adapters_dir is not None:
         files = adapter_files(config.adapters_dir)
-        store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        store = open_store(config)
         try:
             seed_store(store, files, config.backbone, config.max_adapter_bytes, config.clip,
                        config.audio_backbone)
@@ -369,6 +374,21 @@ class BackboneReplica:
     async def generate(self, request) -> Outcome:
         return await _outcome(self._with_adapter(request))
 
+    async def generate_stream(self, request):
+        """A streaming generator method (the ingress calls it with ``stream=True``): Outcomes of
+        each decode step's text, then of the InferenceResult; an error ends the stream."""
+        from ray import serve
+        events = self.backend.engine.stream(request)
+        try:
+            first = await anext(events)      # submit ran: an unknown id fails here, unregistered
+            if serve.get_multiplexed_model_id():
+                await self._warm(serve.get_multiplexed_model_id())
+            yield Outcome(value=first)
+            async for item in events:
+                yield Outcome(value=item)
+        except ApiError as e:
+            yield Outcome(error=(e.status, e.code, e.message, e.headers))
+
     async def classify(self, request) -> Outcome:
         return await _outcome(self.backend.classify(request))
 
@@ -408,7 +428,7 @@ class AudioReplica:
         self.config = ServerConfig.model_validate(config)
         context = serve.get_replica_context()
         self.name = f"{context.deployment}#{context.replica_id.unique_id}"
-        store = LocalDirStore(self.config.store_dir, max_bytes=self.config.max_adapter_bytes)
+        store = open_store(self.config)
         self.engine = audio_engine(self.config, store)
         self.engine.start()
         self._board = board
@@ -451,30 +471,40 @@ class MetricsBoard:
         return {replica: stats for replica, (_, stats) in self._latest.items()}
 
 
+@contextlib.contextmanager
+def _replica_errors():
+    """Ray's errors of a call to a deployment as the ApiErrors a client can act on (503)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+    try:
+        yield
+    except BackPressureError:
+        raise ApiError.overloaded(1.0, "every backbone replica is busy; retry later") from None
+    except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as e:
+        # A replica died or is restarting: the client's retry will find a live one.
+        log.warning("backbone replica unavailable: %s", e)
+        raise ApiError.overloaded(1.0, "a backbone replica is unavailable; retry") from None
+
+
 class RayBackend:
     """serving.api.Backend that calls the Backbone deployment (adapter id = multiplexed id)."""
 
     def __init__(self, backbone, board, audio=None) -> None:
         self.backbone, self.board, self.audio = backbone, board, audio
 
+    def _handle(self, adapter, stream: bool = False):
+        options = {"stream": True} if stream else {}
+        if adapter is not None and not isinstance(adapter, tuple):
+            options["multiplexed_model_id"] = adapter
+        return self.backbone.options(**options) if options else self.backbone
+
     async def _call(self, method: str, *args, adapter: str | None = None, handle=None):
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import (
-            BackPressureError,
-            DeploymentUnavailableError,
-            ReplicaUnavailableError,
-        )
-        if handle is None:
-            handle = self.backbone if adapter is None else \
-                self.backbone.options(multiplexed_model_id=adapter)
-        try:
-            outcome = await getattr(handle, method).remote(*args)
-        except BackPressureError:
-            raise ApiError.overloaded(1.0, "every backbone replica is busy; retry later") from None
-        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as e:
-            # A replica died or is restarting: the client's retry will find a live one.
-            log.warning("backbone replica unavailable: %s", e)
-            raise ApiError.overloaded(1.0, "a backbone replica is unavailable; retry") from None
+        with _replica_errors():
+            outcome = await getattr(handle or self._handle(adapter), method).remote(*args)
         return outcome.unwrap()
 
     async def info(self) -> BackendInfo:
@@ -486,6 +516,19 @@ class RayBackend:
 
     async def generate(self, request):
         return await self._call("generate", request, adapter=request.adapter)
+
+    async def generate_stream(self, request):
+        """The replica's generate_stream: its first item (or error) awaited here, so that a
+        refused request raises before a response starts; then the rest as an async iterator."""
+        outcomes = self._handle(request.adapter, stream=True).generate_stream.remote(request)
+        with _replica_errors():
+            first = (await anext(outcomes)).unwrap()
+
+        async def rest():
+            yield first
+            async for outcome in outcomes:
+                yield outcome.unwrap()
+        return rest()
 
     async def classify(self, request):
         return await self._call("classify", request, adapter=request.adapter)

@@ -17,6 +17,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -74,6 +75,21 @@ def _copy_outcome(src: Future, dst: Future, digest: str, generate_ms: float) -> 
     dst.set_result(r)
 
 
+class TextDeltas:
+    """A streaming job's listener (scheduler.Job.on_tokens): the tokens so far, decoded, less the
+    text already sent. Text that does not extend what was sent (a tokenizer may rewrite the end
+    of a word as it grows) waits until it does; the final answer brings any rest."""
+
+    def __init__(self, decode: Callable[[list[int]], str], send: Callable[[str], None]) -> None:
+        self.decode, self.send, self.sent = decode, send, ""
+
+    def __call__(self, tokens: list[int]) -> None:
+        text = self.decode(tokens)
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.send(text[len(self.sent):])
+            self.sent = text
+
+
 class Engine:
     def __init__(self, model, store: AdapterStore, config: EngineConfig | None = None,
                  generator=None, generator_name: str = "", towers=None):
@@ -117,18 +133,32 @@ class Engine:
         return version
 
     # ---- requests ------------------------------------------------------------------------
-    def submit(self, req: InferenceRequest) -> Future:
+    def submit(self, req: InferenceRequest, on_text: Callable[[str], None] | None = None) -> Future:
         """Queue ``req``; the future resolves to an InferenceResult (or an ApiError). Raises
         ApiError now for an unknown adapter (404), a task the adapter lacks (422), too many encoder
         tokens (413) or a full queue (503). A request with an inline ``context`` first has its
-        adapter generated (once per distinct context while the pool keeps it)."""
+        adapter generated (once per distinct context while the pool keeps it). ``on_text``
+        (greedy requests): called on the scheduler thread with each decode step's new text."""
         if req.context is not None:
-            return self._submit_with_context(req)
-        job = self._job(req)
+            return self._submit_with_context(req, on_text)
+        job = self._job(req, on_text)
         self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
         return job.future
 
-    def _submit_with_context(self, req: InferenceRequest) -> Future:
+    async def stream(self, req: InferenceRequest) -> AsyncIterator[str | InferenceResult]:
+        """``submit`` with the text of every decode step as it comes (greedy requests; a beam
+        search has no text before it ends), then the InferenceResult. Raises ApiError where
+        ``generate`` would: before the first item for what ``submit`` refuses."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        def send(item) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        future = await asyncio.to_thread(self.submit, req, send)
+        future.add_done_callback(send)
+        while not isinstance(item := await events.get(), Future):
+            yield item
+        yield item.result()
+
+    def _submit_with_context(self, req: InferenceRequest, on_text) -> Future:
         """Generate the context's adapter (or find it in the pool, keyed by the context's hash),
         then queue the request on it; the result names the context, not an adapter."""
         items, digest = self._context_items(req.context)
@@ -139,7 +169,7 @@ class Engine:
 
         def queue_request(generate_ms: float) -> None:
             try:
-                job = self._job(on_key)
+                job = self._job(on_key, on_text)
                 self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
             except ApiError as e:
                 done.set_exception(e)
@@ -202,7 +232,10 @@ class Engine:
     def _complete(self, job: Job, out: GenerationResult) -> None:
         """Scheduler callback: a job's searcher finished."""
         result = InferenceResult(self.model.decode_text(out.tokens), out.logprob, job.adapter,
-                                 job.version, dict(job.timings_ms), out.tokens)
+                                 job.version, dict(job.timings_ms), out.tokens,
+                                 prompt_tokens=job.n_tokens,
+                                 finish_reason="length" if len(out.tokens) >= job.max_new_tokens
+                                 else "stop")
         label = COMPOSITE_LABEL if isinstance(job.adapter, tuple) else \
             CONTEXT_LABEL if is_generated(job.adapter) else job.adapter or BACKBONE_LABEL
         self._count(label, job.timings_ms["total"])
@@ -352,7 +385,7 @@ class Engine:
                                        self.generator_name, digest, name)
 
     # ---- request -> job ------------------------------------------------------------------
-    def _job(self, req: InferenceRequest) -> Job:
+    def _job(self, req: InferenceRequest, on_text: Callable[[str], None] | None = None) -> Job:
         """A Job: the adapter's latest stored version, the prompt tokenized, the visual content
         hashed. ``req`` is trusted (admission built it); what only the engine knows is checked."""
         version, inputs = None, DEFAULT_INPUTS
@@ -383,9 +416,12 @@ class Engine:
         else:
             def visual():
                 return encode_visual(model, images, frames, feats, boxes)
-        return Job(req.adapter, req.task, ids, key, visual,
-                   n_tokens, max_new, req.num_beams, version=version,
-                   zero_boxes=inputs.boxes == "zero", choices=self.model.choice_ids(req.task))
+        job = Job(req.adapter, req.task, ids, key, visual,
+                  n_tokens, max_new, req.num_beams, version=version,
+                  zero_boxes=inputs.boxes == "zero", choices=self.model.choice_ids(req.task))
+        if on_text is not None and job.num_beams == 1 and not job.choices:
+            job.on_tokens = TextDeltas(self.model.decode_text, on_text)
+        return job
 
     def _prompt_ids(self, req: InferenceRequest, inputs: InputFormat) -> list[int]:
         try:

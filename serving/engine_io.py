@@ -61,3 +61,5 @@ class InferenceResult:
     timings_ms: dict[str, float]     # queue, vision, prefill, decode, total
     tokens: list[int] = field(default_factory=list)   # generated ids, end-of-sequence excluded
     context_sha256: str | None = None   # the inline context whose generated adapter answered
+    prompt_tokens: int = 0           # encoder tokens: the prompt's and the visual ones
+    finish_reason: str = "stop"      # "stop": end of sequence; "length": max_new_tokens reached

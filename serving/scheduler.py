@@ -10,6 +10,7 @@ Each iteration:
    then append their rows to the running decode state (DecoderCache.concat / BatchMeta.concat);
 3. one decode_step for every running row;
 4. advance each job's searcher; finished jobs complete their futures at once and release their slot;
+   a streaming job that goes on hears its tokens so far (``Job.on_tokens``);
 5. one chunk of waiting contexts (Generative Adapter: ``ContextJob``): up to ``max_batch_rows``
    context items of one or more contexts in one teacher-forced backbone pass, their S summed into
    each context's; a context whose items are all in becomes its LoRA. One chunk per iteration, so
@@ -70,6 +71,9 @@ class Job:
     version: int | None = None           # the adapter's stored version, read once at submit
     zero_boxes: bool = False             # its adapter was trained with all-zero boxes
     choices: tuple[int, ...] = ()        # answered by the likeliest of these tokens (NLVR2)
+    # streaming (greedy jobs only): called on the scheduler thread after every decode step that
+    # leaves the job running, with the tokens generated so far; it must not block
+    on_tokens: Callable[[list[int]], None] | None = None
     # set by the scheduler
     slot: int = -1
     searcher: object = None
@@ -393,6 +397,8 @@ class Scheduler:
         for j in jobs:
             if j.searcher.done:
                 self._finish(j)
+            elif j.on_tokens is not None:
+                self._stream(j)
 
     # ---- 5. one chunk of contexts --------------------------------------------------------
     def _context_chunk(self) -> None:
@@ -487,6 +493,14 @@ class Scheduler:
                 pass
 
     # ---- completion ----------------------------------------------------------------------
+    @staticmethod
+    def _stream(job: Job) -> None:
+        try:
+            job.on_tokens(job.searcher.tokens)
+        except Exception:  # noqa: BLE001 - a listener gone wrong must not fail the batch
+            log.exception("a stream listener failed; the job goes on without it")
+            job.on_tokens = None
+
     def _finish(self, job: Job) -> None:
         self._release(job)
         now = time.perf_counter()

@@ -415,3 +415,8 @@ class LocalDirStore:
 def _write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` durably (the caller holds the id lock)."""
     write_atomically(path, lambda f: f.write(data))
+
+
+def open_store(config) -> AdapterStore:
+    """The store a ServerConfig names (every server process opens it here)."""
+    return LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)

@@ -66,7 +66,8 @@ OPERATIONS = [("POST", "/v1/vqa"), ("POST", "/v1/caption"), ("PUT", "/v1/adapter
               ("GET", "/v1/adapters"), ("GET", "/v1/adapters/{adapter_id}"),
               ("DELETE", "/v1/adapters/{adapter_id}"), ("GET", "/healthz"), ("GET", "/metrics"),
               ("POST", "/v1/adapters/{adapter_id}/generate"), ("POST", "/v1/classify"),
-              ("POST", "/v1/audio/classify")]
+              ("POST", "/v1/audio/classify"), ("POST", "/v1/chat/completions"),
+              ("GET", "/v1/models")]
 EXAMPLES = {"positive": 20, "negative": 15}
 
 
@@ -75,7 +76,7 @@ def test_schema_lists_every_operation(api_schema):
     assert listed == set(OPERATIONS)
 
 
-NO_INPUTS = {("GET", "/v1/adapters"), ("GET", "/healthz"), ("GET", "/metrics")}
+NO_INPUTS = {("GET", "/v1/adapters"), ("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/v1/models")}
 RUNS = [(m, p, mode) for m, p in OPERATIONS for mode in ("positive", "negative")
         if mode == "positive" or (m, p) not in NO_INPUTS]     # nothing to negate there
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import re
 import socket
 import time
@@ -193,3 +194,29 @@ def test_requests_for_one_adapter_stick_to_one_replica(app_url, adapter_files):
     time.sleep(1.0)
     served_by = {replica: n for replica, n in per_replica().items() if n}
     assert sum(served_by.values()) == 13 and len(served_by) == 1, served_by
+
+
+def test_a_streamed_chat_completion_through_ray_equals_the_request_alone(app_url, model,
+                                                                         adapter_files):
+    """POST /v1/chat/completions with stream: the ingress streams the Backbone replica's
+    generator (each decode step's text) as server-sent events; they add up to the answer run
+    alone, and an unknown model is an OpenAI-shaped 404 before any event."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.put(f"{app_url}/v1/adapters/paint", content=adapter_files["paint"], headers=auth,
+                  timeout=60)
+    assert r.status_code == 201, r.text
+    image = base64.b64encode(png(4)).decode()
+    chat = {"model": "paint", "max_tokens": 8, "stream": True, "messages": [{"role": "user",
+            "content": [{"type": "text", "text": "what color?"},
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}]}
+    events = []
+    with httpx.stream("POST", f"{app_url}/v1/chat/completions", json=chat, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+    expected = run_alone(model, adapter_files, "/v1/vqa", {"adapter": "paint", "image": image,
+                         "question": "what color?", "max_new_tokens": 8, "num_beams": 1})
+    assert "".join(deltas) == expected.text
+    r = httpx.post(f"{app_url}/v1/chat/completions", json={**chat, "model": "nope"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text

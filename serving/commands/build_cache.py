@@ -136,11 +136,12 @@ def open_store(args, assets):
     the captioner id checked to be in it."""
     from petserve.serving.errors import ApiError
     from petserve.serving.server_config import ServerConfig
-    from petserve.serving.store import LocalDirStore, validate_adapter_id
+    from petserve.serving.store import open_store as open_adapter_store
+    from petserve.serving.store import validate_adapter_id
     config = ServerConfig() if args.store is None else ServerConfig(store_dir=args.store)
     try:
         captioner = validate_adapter_id(args.captioner)
-        store = LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)
+        store = open_adapter_store(config)
         if assets is not None:
             from petserve.serving.deployments import seed_store
             seed_store(store, assets.adapters, str(assets.backbone_dir), config.max_adapter_bytes)
