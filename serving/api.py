@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from petserve.serving.auth import TokenCheck, resolve_token
 from petserve.serving.errors import ApiError
@@ -215,15 +218,31 @@ async def read_adapter_upload(request: Request, config: ServerConfig) -> bytes:
 _ERROR_STATUSES = {
     400: "malformed request (bad JSON, bad base64, corrupt image, invalid adapter id)",
     401: "missing or wrong 'Authorization: Bearer <token>'",
-    404: "unknown adapter or route",
+    404: "unknown adapter, or a path no route matches (an id with a newline, say)",
     413: "body, image, video or adapter file over its size limit",
+    405: "the method is not allowed on this path (the Allow header lists those that are)",
     415: "unsupported content type, image or video format",
     422: "a field is invalid or the fields do not fit together (the message names the field)",
     500: "server bug (never caused by input alone)",
-    503: "overloaded: retry after the Retry-After header's seconds",
+    503: "overloaded (retry after the Retry-After header's seconds), unhealthy, or the adapter "
+         "store is unreachable",
 }
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text}
                    for status, text in _ERROR_STATUSES.items()}
+
+
+def errors(*statuses: int) -> dict:
+    """The documented error responses of a route: ``statuses``, and 500 (a server bug)."""
+    return {status: ERROR_RESPONSES[status] for status in (*statuses, 500)}
+
+
+_INFERENCE_ERRORS = errors(400, 401, 404, 413, 415, 422, 503)      # 401: with auth_reads
+_LINKS = {"GetAdapter": {"operationId": "get_adapter",
+                         "parameters": {"adapter_id": "$response.body#/id"}},
+          "DeleteAdapter": {"operationId": "delete_adapter",
+                            "parameters": {"adapter_id": "$response.body#/id"}},
+          "UploadAdapter": {"operationId": "upload_adapter",
+                            "parameters": {"adapter_id": "$response.body#/id"}}}
 
 
 def _ref(name: str) -> dict:
@@ -241,10 +260,13 @@ _GENERATE_DOC = {**_WRITE_DOC, **_body_doc(
     {"type": "object", "properties": {"context": {"type": "string", "description": "the JSON "
                                                   "array of context items"}},
      "required": ["context"], "additionalProperties": False})}
+_ADAPTER_FILE = {"type": "string", "format": "binary", "minLength": 1,
+                 "description": "a .safetensors adapter file, or a zip of a PEFT LoRA directory "
+                 "(recognized by content, whatever the content type says)"}
 _UPLOAD_DOC = {**_WRITE_DOC, **_body_doc(
-    {"type": "string", "format": "binary"},
-    {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-     "required": ["file"]},
+    _ADAPTER_FILE,
+    {"type": "object", "properties": {"file": _ADAPTER_FILE}, "required": ["file"],
+     "additionalProperties": False},
     json_type="application/octet-stream")}
 
 
@@ -278,17 +300,40 @@ def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck |
     metrics = http_metrics or HttpMetrics()
     app = FastAPI(title="petserve", version="0.1.0", description=(
         "Many parameter-efficient adapters on one frozen VL-T5 / VL-BART backbone. "
-        "Writes need 'Authorization: Bearer <token>'."))
+        "Writes need 'Authorization: Bearer <token>'."),
+        openapi_url=None, docs_url=None, redoc_url=None)     # _add_schema_routes serves them
     _add_inference_routes(app, backend, config, token_check)
     _add_adapter_routes(app, backend, config, token_check)
     _add_service_routes(app, backend, metrics, config.metrics_max_adapters)
-    add_openai_routes(app, backend, config, token_check, ERROR_RESPONSES)
+    add_openai_routes(app, backend, config, token_check, _INFERENCE_ERRORS)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, default_limit=config.max_body_bytes,
                        upload_limit=config.max_adapter_bytes)
     app.add_middleware(RecordMetrics, metrics=metrics)     # outermost: sees every status
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app, config)
+    _add_schema_routes(app, backend, config)
     return app
+
+
+def _add_schema_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> None:
+    """/openapi.json with this server's limits (its caps, the backbone's feature width: the
+    backend is asked once), and /docs, /redoc on it."""
+    async def openapi_json(request: Request) -> JSONResponse:
+        if app.openapi_schema is None or "x-feature-dim" not in app.openapi_schema["info"]:
+            info = await backend.info()
+            app.openapi_schema = None
+            app.openapi_schema = _openapi(app, config, info.feature_dim)
+        return JSONResponse(app.openapi_schema)
+
+    async def docs(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    app.add_route("/openapi.json", openapi_json, include_in_schema=False)
+    app.add_route("/docs", docs, include_in_schema=False)
+    app.add_route("/redoc", redoc, include_in_schema=False)
 
 
 def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
@@ -312,7 +357,7 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
             build_inference_request, body, media, known_inputs[0], limits)
         return await backend.generate(engine_request)
 
-    @app.post("/v1/vqa", response_model=VqaResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/vqa", response_model=VqaResponse, responses=_INFERENCE_ERRORS,
               openapi_extra=_body_doc(_ref("VqaRequest"), _ref("VqaForm")),
               summary="Answer a question about an image, image pair, video or features")
     async def vqa(request: Request) -> VqaResponse:
@@ -320,7 +365,7 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         return VqaResponse(answer=r.text, logprob=finite_or_floor(r.logprob), **_used(r),
                            timings_ms=r.timings_ms)
 
-    @app.post("/v1/caption", response_model=CaptionResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/caption", response_model=CaptionResponse, responses=_INFERENCE_ERRORS,
               openapi_extra=_body_doc(_ref("CaptionRequest"), _ref("CaptionForm")),
               summary="Caption an image, a video or features")
     async def caption(request: Request) -> CaptionResponse:
@@ -328,7 +373,7 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         return CaptionResponse(caption=r.text, logprob=finite_or_floor(r.logprob), **_used(r),
                                timings_ms=r.timings_ms)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=_INFERENCE_ERRORS,
               openapi_extra=_body_doc(_ref("ClassifyRequest"), _ref("ClassifyForm")),
               summary="Classify an image on a cache adapter (CapS) or zero-shot over labels")
     async def classify(request: Request) -> ClassifyResponse:
@@ -343,7 +388,7 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         return ClassifyResponse(label=r.label, scores=r.scores, adapter=r.adapter,
                                 adapter_version=r.adapter_version, timings_ms=r.timings_ms)
 
-    @app.post("/v1/audio/classify", response_model=AudioClassifyResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/audio/classify", response_model=AudioClassifyResponse, responses=_INFERENCE_ERRORS,
               openapi_extra=_body_doc(_ref("AudioClassifyRequest"), _ref("AudioClassifyForm")),
               summary="Classify an audio clip with an audio adapter (PETL for AST)")
     async def audio_classify(request: Request) -> AudioClassifyResponse:
@@ -395,6 +440,10 @@ def _used(r) -> dict:
 def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
                         token_check: TokenCheck) -> None:
     def checked_id(request: Request, adapter_id: str, write: bool) -> str:
+        head, _, tail = adapter_id.rpartition("/")
+        if tail == "generate" and re.fullmatch(ADAPTER_ID_RE, head):   # `{id}/generate`, not an id
+            raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on "
+                           "/v1/adapters/{id}/generate; POST a context there", {"Allow": "POST"})
         if write or config.auth_reads:
             token_check.require(request.headers.get("authorization"))
         request.state.adapter = validate_adapter_id(adapter_id)
@@ -403,7 +452,8 @@ def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
     limits = config.media.limits()
 
     @app.post("/v1/adapters/{adapter_id:path}/generate", status_code=201,
-              response_model=AdapterInfo, responses=ERROR_RESPONSES, openapi_extra=_GENERATE_DOC,
+              response_model=AdapterInfo, openapi_extra=_GENERATE_DOC,
+              responses={201: {"links": _LINKS}, **errors(400, 401, 404, 413, 415, 422, 503)},
               summary="Generate a new version of an adapter from a context (Generative Adapter)")
     async def generate_adapter(adapter_id: str, request: Request) -> AdapterInfo:
         adapter_id = checked_id(request, adapter_id, write=True)
@@ -415,14 +465,15 @@ def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
 
     # `:path` lets ids like '../../etc' reach validate_adapter_id (a clear 400), not a 404.
     @app.put("/v1/adapters/{adapter_id:path}", status_code=201, response_model=AdapterInfo,
-             responses=ERROR_RESPONSES, openapi_extra=_UPLOAD_DOC,
+             responses={201: {"links": _LINKS}, **errors(400, 401, 404, 413, 422, 503)},
+             openapi_extra=_UPLOAD_DOC, operation_id="upload_adapter",
              summary="Upload a new version of an adapter (.safetensors, or a zipped PEFT LoRA)")
     async def upload_adapter(adapter_id: str, request: Request) -> AdapterInfo:
         adapter_id = checked_id(request, adapter_id, write=True)
         data = await read_adapter_upload(request, config)
         return AdapterInfo.from_stored(await backend.upload(adapter_id, data))
 
-    @app.get("/v1/adapters", response_model=AdapterList, responses=ERROR_RESPONSES,
+    @app.get("/v1/adapters", response_model=AdapterList, responses=errors(401, 503),
              summary="List adapters (latest version of each)")
     async def list_adapters(request: Request) -> AdapterList:
         if config.auth_reads:
@@ -430,13 +481,15 @@ def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         return AdapterList(adapters=[AdapterInfo.from_stored(s) for s in await backend.list()])
 
     @app.get("/v1/adapters/{adapter_id:path}", response_model=AdapterInfo,
-             responses=ERROR_RESPONSES, summary="Describe the latest version of an adapter")
+             responses=errors(400, 401, 404, 405, 503), operation_id="get_adapter",
+             summary="Describe the latest version of an adapter")
     async def get_adapter(adapter_id: str, request: Request) -> AdapterInfo:
         adapter_id = checked_id(request, adapter_id, write=False)
         return AdapterInfo.from_stored(await backend.get(adapter_id))
 
     @app.delete("/v1/adapters/{adapter_id:path}", response_model=AdapterInfo,
-                responses=ERROR_RESPONSES, openapi_extra=_WRITE_DOC,
+                responses=errors(400, 401, 404, 405, 503), openapi_extra=_WRITE_DOC,
+                operation_id="delete_adapter",
                 summary="Delete every version of an adapter")
     async def delete_adapter(adapter_id: str, request: Request) -> AdapterInfo:
         adapter_id = checked_id(request, adapter_id, write=True)
@@ -445,7 +498,7 @@ def _add_adapter_routes(app: FastAPI, backend: Backend, config: ServerConfig,
 
 def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics,
                         max_adapters: int) -> None:
-    @app.get("/healthz", response_model=HealthResponse, responses=ERROR_RESPONSES,
+    @app.get("/healthz", response_model=HealthResponse, responses=errors(503),
              summary="Liveness and what the backbone accepts")
     async def healthz() -> HealthResponse:
         await backend.health()
@@ -456,10 +509,22 @@ def _add_service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics,
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}},
               "description": "Prometheus text exposition format (README.md, Metrics)"},
-        **ERROR_RESPONSES}, summary="Prometheus metrics")
+        **errors(503)}, summary="Prometheus metrics")
     async def prometheus_metrics() -> PlainTextResponse:
         body = render(metrics, await backend.stats(), max_adapters)
         return PlainTextResponse(body, media_type=CONTENT_TYPE)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes on this request's path (an `{adapter_id:path}`
+    route only when what it would take as the id is one: `x/generate` is the generate route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, child = route.matches(request.scope)
+        adapter_id = child.get("path_params", {}).get("adapter_id")
+        if match != Match.NONE and (adapter_id is None or re.fullmatch(ADAPTER_ID_RE, adapter_id)):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _error(status: int, code: str, message: str, headers=None, path: str = "") -> JSONResponse:
@@ -483,7 +548,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {400: "invalid_request", 404: "not_found",
                 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return _error(e.status_code, code, str(e.detail), e.headers, request.url.path)
+        headers = e.headers
+        if e.status_code == 405:    # Starlette names the first route's methods; list them all
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return _error(e.status_code, code, str(e.detail), headers, request.url.path)
 
     @app.exception_handler(Exception)
     async def server_bug(request: Request, e: Exception) -> JSONResponse:
@@ -529,8 +597,9 @@ def _too_large(limit: int) -> str:
     return f"the request body is larger than the limit of {limit} bytes"
 
 
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema plus the bodies the generation routes parse themselves."""
+def _openapi(app: FastAPI, config: ServerConfig, feature_dim: int | None = None) -> dict:
+    """FastAPI's schema plus the bodies the routes parse themselves, with this server's limits
+    (``feature_dim``: the backbone's, when known)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
@@ -546,8 +615,57 @@ def _openapi(app: FastAPI) -> dict:
         components["AudioClassifyForm"] = AUDIO_FORM_SCHEMA
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         _document_adapter_id(schema)
+        _our_validation_errors(schema)
+        _apply_limits(schema, config, feature_dim)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _our_validation_errors(schema: dict) -> None:
+    """Every error is JSON of our shape (OpenAI's on its routes): FastAPI documents a 422 of its
+    own shape on routes with parameters, and errors under the route's media type (/metrics)."""
+    for path, operations in schema["paths"].items():
+        model = "OpenAIError" if is_openai_path(path) else "ErrorResponse"
+        for operation in operations.values():
+            for status, response in operation["responses"].items():
+                if status[0] in "45":
+                    response["content"] = {"application/json": {"schema": _ref(model)}}
+                    if status == "422":
+                        response["description"] = _ERROR_STATUSES[422]
+    for name in ("HTTPValidationError", "ValidationError"):
+        if name not in json.dumps(schema["paths"]):
+            schema["components"]["schemas"].pop(name, None)
+
+
+def _apply_limits(schema: dict, config: ServerConfig, feature_dim: int | None) -> None:
+    """Write the limits this server enforces into its schema, from where they are configured:
+    the engine's caps (EngineConfig), the upload size cap and the feature width."""
+    caps = {"max_new_tokens": ("maximum", config.engine.max_new_tokens_cap),
+            "max_tokens": ("maximum", config.engine.max_new_tokens_cap),
+            "max_completion_tokens": ("maximum", config.engine.max_new_tokens_cap),
+            "num_beams": ("maximum", config.engine.max_beams),
+            "context": ("maxItems", config.engine.max_context_items)}
+
+    def cap(prop: dict, key: str, value: int) -> None:
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") in ("integer", "array"):
+                branch[key] = min(branch.get(key, value), value)
+
+    for component in schema["components"]["schemas"].values():
+        for name, prop in component.get("properties", {}).items():
+            if name in caps:
+                cap(prop, *caps[name])
+            if name == "features" and feature_dim is not None:
+                for branch in prop.get("anyOf", [prop]):
+                    if branch.get("type") == "array":
+                        branch["items"] = {**branch["items"], "minItems": feature_dim,
+                                           "maxItems": feature_dim}
+    upload = schema["paths"]["/v1/adapters/{adapter_id}"]["put"]["requestBody"]["content"]
+    upload["application/octet-stream"]["schema"]["maxLength"] = config.max_adapter_bytes
+    upload["multipart/form-data"]["schema"]["properties"]["file"]["maxLength"] = \
+        config.max_adapter_bytes
+    if feature_dim is not None:
+        schema["info"]["x-feature-dim"] = feature_dim
 
 
 def _document_adapter_id(schema: dict) -> None:

@@ -372,7 +372,8 @@ def add_openai_routes(app: FastAPI, backend, config, token_check, error_response
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @app.get(MODELS_PATH, response_model=ModelList, responses=responses,
+    @app.get(MODELS_PATH, response_model=ModelList,
+             responses={s: doc for s, doc in responses.items() if s in (401, 500, 503)},
              summary="OpenAI-compatible model list: 'base' and every stored adapter")
     async def list_models(request: Request) -> ModelList:
         check_reads(request)

@@ -64,12 +64,81 @@ _FEATURES_DOC = ("precomputed visual features, one row per visual token: shape (
                  "feature_dim) where feature_dim is the backbone's (see /healthz)")
 
 
+# ---- cross-field rules, as JSON Schema ------------------------------------------------------
+# The server checks them in build_inference_request / build_classify_request / build_context; the
+# schema states the same rules, so /openapi.json admits exactly what the server accepts. A JSON
+# field counts as given when it is there and not null; a form field when it is there and not empty
+# (the server skips empty form fields).
+
+
+_FILE_PARTS = ("image", "images", "video", "audio")     # multipart files: given when present
+
+
+def given(name: str, form: bool = False) -> dict:
+    if form and name in _FILE_PARTS:
+        return {"required": [name]}
+    return {"required": [name],
+            "properties": {name: {"minLength": 1} if form else {"not": {"type": "null"}}}}
+
+
+def exactly_one(*names: str, form: bool = False) -> dict:
+    return {"oneOf": [given(n, form) for n in names]}
+
+
+def implies(condition: dict, then: dict) -> dict:
+    return {"anyOf": [{"not": condition}, then]}
+
+
+def not_both(a: dict, b: dict) -> dict:
+    return {"not": {"allOf": [a, b]}}
+
+
+def task_in(*tasks: str) -> dict:
+    return {"required": ["task"], "properties": {"task": {"enum": list(tasks)}}}
+
+
+def generation_rules(media: tuple[str, ...], question: bool) -> list[dict]:
+    """The cross-field rules of /v1/vqa (``question``) and /v1/caption JSON bodies."""
+    rules = [exactly_one(*media),
+             implies(given("boxes"), given("features")),
+             not_both(given("adapter"), given("context"))]
+    if question:     # an image pair is nlvr's and only nlvr's; a video question is vqa's
+        rules += [implies(given("images"), {"not": task_in("vqa", "gqa")}),
+                  implies(task_in("nlvr"), given("images")),
+                  not_both(given("video"), task_in("gqa"))]
+    return rules
+
+
+def form_rules(media: tuple[str, ...], question: bool) -> list[dict]:
+    """The same rules for a multipart form, in the keywords schemathesis can generate multipart
+    files under (no ``not``): the media, boxes only with features, an image pair only for nlvr.
+    The rest (adapter xor context, nlvr needs the pair) the server checks with a 422."""
+    rules: list[dict] = [exactly_one(*media, form=True), {"dependentRequired": {"boxes": ["features"]}}]
+    if question:
+        rules.append({"dependentSchemas": {"images": {"properties": {"task": {"enum": ["nlvr"]}}}}})
+    return rules
+
+
+def _with_rules(*rules: dict):
+    """A pydantic ``json_schema_extra`` adding ``rules`` to the model's schema as ``allOf``."""
+    def extra(schema: dict) -> None:
+        schema["allOf"] = [*schema.get("allOf", []), *rules]
+    return extra
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_DEMO_FIELDS = ("image", "question", "answer")
+
+
 class ContextEntry(_Body):
     """One item of a context: a demonstration (image, question and answer), or plain text."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules({"oneOf": [
+        {"allOf": [given("text"), *({"not": given(f)} for f in _DEMO_FIELDS)]},
+        {"allOf": [{"not": given("text")}, *(given(f) for f in _DEMO_FIELDS)]}]}))
 
     image: str | None = Field(None, description="the demonstration's image" + _B64_DOC)
     question: Text | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS,
@@ -126,6 +195,9 @@ class GenerationFields(_Body):
 class VqaRequest(GenerationFields):
     """Answer a question about an image, an image pair (nlvr), a video or precomputed features."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules(*generation_rules(
+        ("image", "images", "video", "features"), question=True)))
+
     question: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS,
                            description="the question (for nlvr: the statement to verify)")
     images: list[str] | None = Field(
@@ -138,6 +210,9 @@ class VqaRequest(GenerationFields):
 
 class CaptionRequest(GenerationFields):
     """Describe an image, a video or precomputed features."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules(*generation_rules(
+        ("image", "video", "features"), question=False)))
 
     prompt: Text = Field("", max_length=MAX_TEXT_CHARS,
                          description="optional text after the 'caption:' prefix")
@@ -156,6 +231,9 @@ Label = Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 class ClassifyRequest(_Body):
     """Classify an image: on a cache adapter (CapS), or CLIP zero-shot over ``labels``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules(
+        exactly_one("adapter", "labels"), given("image")))
 
     adapter: AdapterId | None = Field(None, description="a cache adapter's id (kind cache, made by "
                                       "`petserve build-cache`); or omit it and give `labels`")
@@ -184,6 +262,8 @@ class ClassifyResponse(BaseModel):
 
 class AudioClassifyRequest(_Body):
     """Classify an audio clip with an audio adapter (its head names the classes)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules(given("audio")))
 
     adapter: AdapterId = Field(description="an audio adapter's id (petserve train --family audio)")
     audio: str | None = Field(None, description="the clip: wav, flac or ogg" + _B64_DOC)
@@ -283,6 +363,20 @@ def validation_api_error(e: ValidationError) -> ApiError:
     return ApiError.unprocessable("invalid_request", describe_validation_error(errors))
 
 
+_EMPTY = {"type": "string", "maxLength": 0}
+
+
+def _empty_is_absent(form: dict) -> dict:
+    """A form's optional text fields may also be empty: the server skips empty fields (an HTML
+    form sends its blank inputs), so "" must be valid wherever leaving the field out is."""
+    for name, prop in form["properties"].items():
+        if name not in form["required"] and prop.get("format") != "binary" and \
+                prop.get("type") != "array" and prop.get("maxLength") is None:
+            doc = {"description": prop.pop("description")} if "description" in prop else {}
+            form["properties"][name] = {"anyOf": [prop, _EMPTY], **doc}
+    return form
+
+
 def _form_schema(title: str, text_fields: dict, required: list[str]) -> dict:
     binary = {"type": "string", "format": "binary"}
     props = dict(text_fields)
@@ -301,30 +395,31 @@ def _form_schema(title: str, text_fields: dict, required: list[str]) -> dict:
             "additionalProperties": False}
 
 
-VQA_FORM_SCHEMA = _form_schema("VqaForm", {
+VQA_FORM_SCHEMA = _empty_is_absent({**_form_schema("VqaForm", {
     "question": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS},
     "task": {"type": "string", "enum": list(QUESTION_TASKS)},
     "images": {"type": "array", "items": {"type": "string", "format": "binary"},
                "minItems": 2, "maxItems": 2, "description": "two image files (nlvr)"},
-}, ["question"])
-CAPTION_FORM_SCHEMA = _form_schema("CaptionForm", {
+}, ["question"]), "allOf": form_rules(("image", "images", "video", "features"), question=True)})
+CAPTION_FORM_SCHEMA = _empty_is_absent({**_form_schema("CaptionForm", {
     "prompt": {"type": "string", "maxLength": MAX_TEXT_CHARS},
-}, [])
-CLASSIFY_FORM_SCHEMA = {"title": "ClassifyForm", "type": "object", "properties": {
+}, []), "allOf": form_rules(("image", "video", "features"), question=False)})
+CLASSIFY_FORM_SCHEMA = _empty_is_absent({"title": "ClassifyForm", "type": "object", "properties": {
     "adapter": {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$",
                 "description": "a cache adapter's id"},
     "labels": {"type": "string", "description": "instead of adapter: a JSON array of class prompts"},
     "image": {"type": "string", "format": "binary", "description": "image file"},
     "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
-}, "required": ["image"], "additionalProperties": False}
+}, "required": ["image"], "additionalProperties": False,
+    "allOf": [exactly_one("adapter", "labels", form=True), given("image", form=True)]})
 
 
-AUDIO_FORM_SCHEMA = {"title": "AudioClassifyForm", "type": "object", "properties": {
+AUDIO_FORM_SCHEMA = _empty_is_absent({"title": "AudioClassifyForm", "type": "object", "properties": {
     "adapter": {"type": "string", "pattern": f"^{ADAPTER_ID_RE}$",
                 "description": "an audio adapter's id"},
     "audio": {"type": "string", "format": "binary", "description": "audio file (wav, flac, ogg)"},
     "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
-}, "required": ["adapter", "audio"], "additionalProperties": False}
+}, "required": ["adapter", "audio"], "additionalProperties": False})
 
 
 # ---- body -> engine request -----------------------------------------------------------------
