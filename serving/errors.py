@@ -81,5 +81,11 @@ class ApiError(Exception):
         message: str = "the server is overloaded; retry later",
     ) -> ApiError:
         """503 with Retry-After in whole seconds (at least 1, as HTTP wants)."""
+        return cls.unavailable("overloaded", message, retry_after_s)
+
+    @classmethod
+    def unavailable(cls, code: str, message: str, retry_after_s: float) -> ApiError:
+        """503 with Retry-After in whole seconds (at least 1, as HTTP wants), e.g. the adapter
+        store cannot be reached."""
         seconds = max(1, math.ceil(retry_after_s))
-        return cls(503, "overloaded", message, {"Retry-After": str(seconds)})
+        return cls(503, code, message, {"Retry-After": str(seconds)})

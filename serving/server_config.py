@@ -7,6 +7,7 @@ a YAML file is reported instead of silently ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,20 @@ from petserve.serving.media import MediaLimits
 
 DEFAULT_STORE = Path("~/.cache/petserve/store")
 DEFAULT_TOKEN_ENV = "PETSERVE_TOKEN"
+# s3://bucket[/prefix]: an S3 bucket name, then key segments (no empty, '.' or '..' ones).
+S3_URL_RE = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])"
+                       r"(?:/(?P<prefix>(?:(?!\.\.?/)[A-Za-z0-9._-]+/)*(?!\.\.?$)[A-Za-z0-9._-]+)?/?)?")
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix) of ``s3://bucket[/prefix]`` (prefix without slashes at either end, maybe
+    ""); ValueError naming the expected form otherwise."""
+    m = S3_URL_RE.fullmatch(url)
+    if m is None:
+        raise ValueError(f"{url!r} is not s3://BUCKET[/PREFIX] (a bucket name of 3 to 63 lowercase "
+                         "letters, digits, '.' or '-'; prefix segments of letters, digits, '.', "
+                         "'_' or '-')")
+    return m["bucket"], m["prefix"] or ""
 
 
 def default_store_dir() -> Path:
@@ -91,7 +106,10 @@ class ServerConfig(_Strict):
     """One petserve server. `backbone=None` means the embedded default (tiny + demo adapters)."""
 
     backbone: str | None = Field(None, description="preset name or backbone directory")
-    store_dir: Path = Field(default_factory=default_store_dir)
+    store_dir: Path = Field(default_factory=default_store_dir, description="the adapter store "
+                            "directory; with store_url, this replica's cache of S3 blobs under it")
+    store_url: str | None = Field(None, description="s3://bucket[/prefix]: keep the adapter store "
+                                  "in S3 (endpoint and credentials from the AWS environment)")
     generator: Path | None = Field(None, description="Generative Adapter generator for the backbone "
                                    "(petserve train-generator); the embedded default ships one")
     clip: Path | None = Field(None, description="CLIP's text side for /v1/classify: a text tower "
@@ -130,6 +148,13 @@ class ServerConfig(_Strict):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return Path(value).expanduser()
+
+    @field_validator("store_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_s3_url(value)
+        return value
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> ServerConfig:

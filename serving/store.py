@@ -417,6 +417,16 @@ def _write(path: Path, data: bytes) -> None:
     write_atomically(path, lambda f: f.write(data))
 
 
+S3_CACHE_DIR = ".s3-cache"    # under store_dir; not a valid id, so a LocalDirStore there skips it
+
+
 def open_store(config) -> AdapterStore:
-    """The store a ServerConfig names (every server process opens it here)."""
+    """The store a ServerConfig names (every server process opens it here): S3 when it has a
+    store_url (with this replica's blob cache in store_dir/.s3-cache), else store_dir."""
+    if config.store_url is not None:
+        from petserve.serving.s3_store import S3Store  # boto3 only when S3 is used
+        from petserve.serving.server_config import split_s3_url
+        bucket, prefix = split_s3_url(config.store_url)
+        return S3Store(bucket, prefix, config.store_dir / S3_CACHE_DIR,
+                       max_bytes=config.max_adapter_bytes)
     return LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)

@@ -1,9 +1,12 @@
-"""Tests for serving/store.py: versions, ids, limits, concurrency, crash safety."""
+"""The adapter store's contract, run against both backends (serving/store.py's LocalDirStore and
+serving/s3_store.py's S3Store on moto's S3 server): versions, ids, limits, concurrency; then the
+local directory's own crash safety. S3-only behaviour is in tests/test_s3_store.py."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -11,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ import pytest
 from petserve.serving.errors import ApiError
 from petserve.serving.store import AdapterStore, LocalDirStore, validate_adapter_id
 
+pytest_plugins = ("tests.moto_s3",)
 WRITER = Path(__file__).with_name("store_writer.py")
 
 
@@ -29,12 +34,30 @@ def leftovers(root: Path) -> list[str]:
     return sorted(p.name for p in root.rglob(".tmp-*"))
 
 
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path: Path) -> Callable[..., AdapterStore]:
+    """Opens stores (keyword arguments: max_bytes, keep_versions) on one fresh backing: a
+    directory, or a bucket of the moto server. Each S3Store is another replica, with a cache of
+    its own, and with fresh_s=0 so that get() sees other writers at once as the local store's
+    does."""
+    if request.param == "local":
+        return lambda **kw: LocalDirStore(tmp_path / "store", **kw)
+    from petserve.serving.s3_store import S3Store
+    bucket = request.getfixturevalue("s3_env").new_bucket()
+    replicas = itertools.count()
+    return lambda **kw: S3Store(bucket, "adapters", tmp_path / f"cache-{next(replicas)}",
+                                fresh_s=0, **kw)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> LocalDirStore:
-    return LocalDirStore(tmp_path / "store")
+def store(backend) -> AdapterStore:
+    return backend()
 
 
-def test_put_get_read_list_delete(store: LocalDirStore) -> None:
+# --- the contract, both backends ---------------------------------------------------------------
+
+
+def test_put_get_read_list_delete(store: AdapterStore) -> None:
     assert isinstance(store, AdapterStore)
     st = store.put("vqa-lora", b"abc", {"kind": "lora", "trainable_parameters": 12})
     assert (st.id, st.version, st.size, st.sha256) == ("vqa-lora", 1, 3, sha(b"abc"))
@@ -53,7 +76,7 @@ def test_put_get_read_list_delete(store: LocalDirStore) -> None:
         assert "vqa-lora" in e.value.message
 
 
-def test_versions_increase_and_are_kept(store: LocalDirStore) -> None:
+def test_versions_increase_and_are_kept(store: AdapterStore) -> None:
     for i in range(1, 4):
         assert store.put("a", bytes([i]), {}).version == i
     assert store.get("a").version == 3
@@ -65,29 +88,29 @@ def test_versions_increase_and_are_kept(store: LocalDirStore) -> None:
     assert [s.version for s in store.list()] == [3]
 
 
-def test_versions_never_repeat(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    store = LocalDirStore(root)
+def test_versions_never_repeat(backend) -> None:
+    store = backend()
     store.put("a", b"1", {})
     store.put("a", b"2", {})
     store.delete("a")
     assert store.put("a", b"3", {}).version == 3
     store.delete("a")
-    reopened = LocalDirStore(root)
+    reopened = backend()
     assert reopened.list() == []
     assert reopened.put("a", b"4", {}).version == 4
-    assert LocalDirStore(root).get("a").version == 4
+    assert backend().get("a").version == 4
 
 
-def test_prunes_to_keep_versions(tmp_path: Path) -> None:
-    store = LocalDirStore(tmp_path, keep_versions=2)
+def test_prunes_to_keep_versions(backend) -> None:
+    store = backend(keep_versions=2)
     for i in range(5):
         store.put("a", bytes([i]), {})
-    assert sorted(p.name for p in (tmp_path / "a").glob("v*")) == [
-        "v4.json", "v4.safetensors", "v5.json", "v5.safetensors",
-    ]
-    with pytest.raises(ApiError):
-        store.get("a", 3)
+    other = backend()
+    assert [other.read("a", v) for v in (4, 5)] == [b"\x03", b"\x04"]
+    for version in (1, 2, 3):
+        with pytest.raises(ApiError) as e:
+            other.get("a", version)
+        assert e.value.status == 404
 
 
 @pytest.mark.parametrize(
@@ -95,7 +118,7 @@ def test_prunes_to_keep_versions(tmp_path: Path) -> None:
     ["", "..", ".", "../x", "a/../../etc", "a/b", "/etc/passwd", "Adapter", "a b",
      "a\x00b", "-a", ".hidden", "_a", "a" * 65, "é", "a\n", None, 5],
 )
-def test_invalid_ids(store: LocalDirStore, bad: object) -> None:
+def test_invalid_ids(store: AdapterStore, bad: object) -> None:
     with pytest.raises(ApiError) as e:
         validate_adapter_id(bad)
     assert (e.value.status, e.value.code) == (400, "invalid_adapter_id")
@@ -103,7 +126,8 @@ def test_invalid_ids(store: LocalDirStore, bad: object) -> None:
     for call in (lambda: store.put(bad, b"x", {}), lambda: store.get(bad), lambda: store.delete(bad)):
         with pytest.raises(ApiError):
             call()
-    assert not any(store.root.parent.rglob("*.safetensors"))
+    store.refresh()
+    assert store.list() == []
 
 
 @pytest.mark.parametrize("good", ["a", "0", "vqa-lora_v1.2", "a" * 64, "a..b"])
@@ -111,8 +135,8 @@ def test_valid_ids(good: str) -> None:
     assert validate_adapter_id(good) == good
 
 
-def test_oversize_leaves_nothing(tmp_path: Path) -> None:
-    store = LocalDirStore(tmp_path, max_bytes=1000)
+def test_oversize_leaves_nothing(backend, tmp_path: Path) -> None:
+    store = backend(max_bytes=1000)
     assert store.put("a", bytes(1000), {}).size == 1000
     for data in (bytes(1001), io.BytesIO(bytes(5000))):
         with pytest.raises(ApiError) as e:
@@ -123,8 +147,8 @@ def test_oversize_leaves_nothing(tmp_path: Path) -> None:
     assert store.put("a", b"ok", {}).version == 2
 
 
-def test_concurrent_thread_puts_get_distinct_versions(tmp_path: Path) -> None:
-    store = LocalDirStore(tmp_path, keep_versions=None)
+def test_concurrent_thread_puts_get_distinct_versions(backend) -> None:
+    store = backend(keep_versions=None)
     got: list[int] = []
 
     def work() -> None:
@@ -137,7 +161,23 @@ def test_concurrent_thread_puts_get_distinct_versions(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(got) == list(range(1, 41))
-    assert LocalDirStore(tmp_path).get("a").version == 40
+    assert backend().get("a").version == 40
+
+
+def test_other_replicas_writes_are_seen(backend) -> None:
+    mine, theirs = backend(), backend()
+    theirs.put("a", b"1", {})
+    assert mine.get("a").version == 1  # get() looks at the backend
+    assert mine.list()[0].id == "a"
+    theirs.put("b", b"2", {})
+    mine.refresh()
+    assert [s.id for s in mine.list()] == ["a", "b"]
+    theirs.delete("a")
+    with pytest.raises(ApiError):
+        mine.read("a")
+
+
+# --- the local directory only: temp files, flock, crashed processes, files edited on disk -----
 
 
 def test_concurrent_process_puts_get_distinct_versions(tmp_path: Path) -> None:
@@ -152,19 +192,6 @@ def test_concurrent_process_puts_get_distinct_versions(tmp_path: Path) -> None:
         assert p.returncode == 0
         got += [int(line.split()[1]) for line in out.splitlines()]
     assert sorted(got) == list(range(1, 31))
-
-
-def test_other_process_writes_are_seen(tmp_path: Path) -> None:
-    mine, theirs = LocalDirStore(tmp_path), LocalDirStore(tmp_path)
-    theirs.put("a", b"1", {})
-    assert mine.get("a").version == 1  # get() looks at the disk
-    assert mine.list()[0].id == "a"
-    theirs.put("b", b"2", {})
-    mine.refresh()
-    assert [s.id for s in mine.list()] == ["a", "b"]
-    theirs.delete("a")
-    with pytest.raises(ApiError):
-        mine.read("a")
 
 
 def test_blob_without_metadata_is_invisible(tmp_path: Path) -> None:

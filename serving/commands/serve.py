@@ -31,8 +31,10 @@ def register(sub) -> None:
                                    "(tiny backbone + demo adapters) on CPU.")
     p.add_argument("--config", type=Path, help="YAML file of ServerConfig fields (flags override)")
     p.add_argument("--backbone", help="backbone preset (tiny, t5-base, ...) or directory")
-    p.add_argument("--store", type=Path, help="adapter store directory (default $PETSERVE_STORE "
-                                              "or ~/.cache/petserve/store)")
+    p.add_argument("--store", help="adapter store: a directory (default $PETSERVE_STORE or "
+                   "~/.cache/petserve/store), or s3://BUCKET[/PREFIX] shared by replicas on many "
+                   "nodes (endpoint and credentials from the AWS environment: AWS_ENDPOINT_URL, "
+                   "AWS_ACCESS_KEY_ID, ...; each replica caches blobs in the default directory)")
     p.add_argument("--adapters", type=Path, help="directory of .safetensors adapters to put into the "
                                                  "store at start (id: the file name), e.g. "
                                                  "import-seed's DIR/adapters")
@@ -62,7 +64,7 @@ def server_config(args):
         data = {}
         if args.config is not None:
             data = ServerConfig.from_yaml(args.config).model_dump(exclude_unset=True)
-        flags = {"backbone": args.backbone, "store_dir": args.store, "adapters_dir": args.adapters,
+        flags = {"backbone": args.backbone, **store_flags(args.store), "adapters_dir": args.adapters,
                  "generator": args.generator, "clip": args.clip, "host": args.host,
                  "audio_backbone": args.audio_backbone,
                  "port": args.port, "replicas": args.replicas, "device": args.device}
@@ -76,6 +78,13 @@ def server_config(args):
         problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}"
                              for x in e.errors())
         raise CliError(f"invalid server configuration: {problems}") from None
+
+
+def store_flags(store: str | None) -> dict:
+    """--store as ServerConfig fields: an s3:// URL is store_url, anything else store_dir."""
+    if store is None:
+        return {}
+    return {"store_url": store} if store.startswith("s3://") else {"store_dir": Path(store)}
 
 
 def check_backbone(spec: str | None) -> None:
@@ -112,18 +121,23 @@ def run(args, extra) -> int:
 def prepare(config):
     """`check_backbone`, then serving.deployments.prepare_server; its errors as CliErrors."""
     from petserve.serving.deployments import prepare_server
+    from petserve.serving.errors import ApiError
     check_backbone(config.backbone)
     check_audio_backbone(config.audio_backbone)
     try:
         return prepare_server(config)
     except (FileNotFoundError, ValueError) as e:     # e.g. --backbone names nothing
         raise CliError(str(e)) from None
+    except ApiError as e:                            # e.g. the store's bucket is missing
+        raise CliError(f"--store: {e.message}") from None
+    except ImportError as e:                         # an s3:// store without boto3
+        raise CliError(f"--store {config.store_url}: {e} (pip install boto3)") from None
 
 
 def _banner(prepared, started: float, where: str) -> None:
     cfg = prepared.config
-    url = f"http://{cfg.host}:{cfg.port}"
-    print(f"petserve: serving {url} ({where}; backbone {cfg.backbone}; store {cfg.store_dir}) "
+    url, store = f"http://{cfg.host}:{cfg.port}", cfg.store_url or cfg.store_dir
+    print(f"petserve: serving {url} ({where}; backbone {cfg.backbone}; store {store}) "
           f"ready in {time.monotonic() - started:.1f} s", flush=True)
     print(f"petserve: API docs at {url}/docs", flush=True)
     for note in prepared.notes:

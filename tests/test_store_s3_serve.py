@@ -1,0 +1,72 @@
+"""`petserve serve --no-ray --store s3://BUCKET/PREFIX` as a real server process on moto's S3 server:
+the embedded default seeds its demo adapters into S3, lists them, takes an upload; and start-up
+errors about the bucket or the URL are one line, not a traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from petserve.adapters.demo import ensure_demo_assets
+from petserve.serving.cli import main
+from tests.test_cli_serve import SERVE, free_port
+
+pytest_plugins = ("tests.moto_s3",)
+TOKEN = "s3-serve-token"
+
+
+@pytest.mark.slow
+def test_serve_on_s3_seeds_lists_and_uploads(s3_env, tmp_path):
+    bucket = s3_env.new_bucket()
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "PETSERVE_TOKEN": TOKEN,         # s3_env set the AWS_* variables
+           "PETSERVE_STORE": str(tmp_path / "cache")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(SERVE + ["--store", f"s3://{bucket}/team", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url, log)
+        assert f"store s3://{bucket}/team)" in log.read_text()
+        demo = ensure_demo_assets().store_files()
+        listed = httpx.get(f"{url}/v1/adapters", timeout=30).json()["adapters"]
+        assert set(demo) <= {a["id"] for a in listed}
+        some_id, some_file = sorted(demo.items())[0]
+        r = httpx.put(f"{url}/v1/adapters/my-copy", content=some_file.read_bytes(), timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 201, r.text
+        assert r.json()["version"] == 1
+        keys = {o["Key"] for o in s3_env.client().list_objects_v2(
+            Bucket=bucket, Prefix="team/")["Contents"]}
+        assert {"team/my-copy/v1.json", f"team/{some_id}/v1.json"} <= keys
+        assert any((tmp_path / "cache" / ".s3-cache").iterdir())     # the replica's cache
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _wait_ready(proc, url: str, log, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited: {log.read_text()[-2000:]}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"server not ready: {log.read_text()[-2000:]}")
+
+
+@pytest.mark.parametrize("store,message", [
+    ("s3://no-such-bucket/team", "bucket 'no-such-bucket' does not exist"),
+    ("s3://Bad_Bucket/x", "is not s3://BUCKET[/PREFIX]"),
+])
+def test_serve_store_errors_are_one_line(s3_env, store, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PETSERVE_STORE", str(tmp_path))
+    assert main(["serve", "--no-ray", "--store", store]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("petserve: error:") and message in err and "\n" not in err
