@@ -3,6 +3,7 @@ the embedded default seeds its demo adapters into S3, lists them, takes an uploa
 errors about the bucket or the URL are one line, not a traceback."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -70,3 +71,28 @@ def test_serve_store_errors_are_one_line(s3_env, store, message, tmp_path, capsy
     assert main(["serve", "--no-ray", "--store", store]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("petserve: error:") and message in err and "\n" not in err
+
+
+def test_the_readme_s3_commands_as_printed(tmp_path):
+    """The README's moto walk-through, literally (ports moved to free ones, the store's cache
+    under tmp): moto's server, a bucket, the server on it, the list and an upload."""
+    from tests.test_redteam_server import ROOT, readme_block_after
+    block = readme_block_after("### Adapter store in S3")
+    moto, port = free_port(), free_port()
+    script = (block.replace("5000", str(moto)).replace("8080", str(port))
+              .replace(".venv/bin/", f"{ROOT}/.venv/bin/")
+              .replace("@adapters/demo_assets", f"@{ROOT}/adapters/demo_assets"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PETSERVE_STORE"] = str(tmp_path / "cache")
+    proc = subprocess.Popen(["bash", "-c", "trap 'kill $(jobs -p) 2>/dev/null' EXIT\n" + script],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, err + (tmp_path / "serve.log").read_text()[-2000:]
+    listed, uploaded = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert {"colors", "count", "caption"} <= {a["id"] for a in listed["adapters"]}
+    assert uploaded["id"] == "my-colors" and uploaded["version"] == 1, uploaded
