@@ -41,6 +41,7 @@ from petserve.serving.openai_api import (
     is_openai_path,
     openai_error_body,
 )
+from petserve.serving.playground import add_playground_routes
 from petserve.serving.schemas import (
     AUDIO_FORM_SCHEMA,
     CAPTION_FORM_SCHEMA,
@@ -305,6 +306,7 @@ def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck |
     _add_inference_routes(app, backend, config, token_check)
     _add_adapter_routes(app, backend, config, token_check)
     _add_service_routes(app, backend, metrics, config.metrics_max_adapters)
+    add_playground_routes(app)
     add_openai_routes(app, backend, config, token_check, _INFERENCE_ERRORS)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, default_limit=config.max_body_bytes,
