@@ -38,15 +38,11 @@ bench-smoke: $(STAMP)
 	$(PY) -m petserve.benchmarks.bench_sft --smoke
 	$(PY) -m petserve.benchmarks.bench_generator --smoke
 
-# On a CUDA machine: kernels (Triton, bf16), model decode step, engine and HTTP at GPU sizes.
-bench-gpu: $(STAMP)
-	$(PY) -m petserve.benchmarks.bench_kernels --out benchmarks/results/kernels_gpu.jsonl
-	$(PY) -m petserve.benchmarks.plot_kernels benchmarks/results/kernels_gpu.jsonl
-	$(PY) -m petserve.benchmarks.bench_model --out benchmarks/results/model_gpu.jsonl
-	$(PY) -m petserve.benchmarks.bench_engine --backbones tiny,t5-small,t5-base --requests-large 1024 --batch 64 --concurrency 128 --out benchmarks/results/engine_gpu.jsonl
-	$(PY) -m petserve.benchmarks.bench_serving --backbone t5-small --server ray --more-adapters 32,128 --requests 2048 --concurrency 256 --out benchmarks/results/serving_gpu.jsonl
-	$(PY) -m petserve.benchmarks.plot_serving benchmarks/results/engine_gpu.jsonl benchmarks/results/serving_gpu.jsonl
-	$(PY) -m petserve.benchmarks.bench_load --out benchmarks/results/load_gpu.jsonl
+# On a CUDA machine, in one call (no venv: the machine's python with torch, triton, transformers;
+# what is missing comes from the wheels in .whl/, see benchmarks/gpu_run.sh): GPU tests, kernels
+# (bf16, fp16), the engine at t5-base; under 8 minutes. `benchmarks/gpu_run.sh --dry-run` on CPU.
+bench-gpu:
+	OUT=benchmarks/results bash benchmarks/gpu_run.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -211,7 +211,8 @@ def cases_for(name: str, args) -> list[Case]:
     base = Workload(requests=args.requests if name == "tiny" else args.requests_large,
                     max_new_tokens=args.max_new_tokens)
     acc = replace(base, adapters=args.acceptance_adapters)
-    sweep = args.adapters if name == "tiny" else [a for a in args.adapters if a <= 128]
+    sweep = args.adapters if name == "tiny" else [a for a in args.adapters
+                                                  if a <= args.large_adapters_cap]
     more = [a for a in sweep if a > 1] if name == "tiny" else [acc.adapters]
     engine = [replace(acc, popularity="single")] + [replace(base, adapters=a) for a in sweep]
     engine += [replace(base, popularity="zipf", adapters=a) for a in more]
@@ -279,6 +280,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default="tiny,t5-small")
     p.add_argument("--adapters", default="1,8,32,128,1000", help="engine sweep (t5-small: <= 128)")
+    p.add_argument("--large-adapters-cap", type=int, default=128, help="largest adapter count of "
+                   "the sweep on backbones other than tiny (a GPU takes 1000)")
     p.add_argument("--acceptance-adapters", type=int, default=32)
     p.add_argument("--requests", type=int, default=512, help="per run, tiny backbone")
     p.add_argument("--requests-large", type=int, default=128, help="per run, t5-small")

@@ -320,14 +320,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def target_summary(rows: list[dict]) -> dict | None:
+def target_summary(rows: list[dict], dtype: str = "float16") -> dict | None:
     """Target (a) as one row: distinct-adapter decode vs the single-adapter call and the loop."""
-    by_name = {r["setup"]["name"]: r["metrics"] for r in rows}
+    by_name = {r["setup"]["name"]: r["metrics"] for r in rows if r["setup"]["dtype"] == dtype}
     dist, single = by_name.get("target_a_distinct"), by_name.get("target_a_single")
     if not dist or not single or not dist["ms"] or not single["ms"]:
         return None
     return {"name": "target_a_decode", "op": "add_lowrank", "tokens": 64, "adapters": 64,
-            "rank": 16, "d_in": WIDTH, "d_out": WIDTH}, {
+            "rank": 16, "d_in": WIDTH, "d_out": WIDTH, "dtype": dtype}, {
         "ms": dist["ms"], "ms_single_adapter": single["ms"],
         "ratio_vs_single": dist["ms"] / single["ms"], "speedup_vs_loop": dist["speedup_vs_loop"]}
 
@@ -337,6 +337,10 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="a few tiny setups (CPU-friendly, < 30 s)")
     p.add_argument("--out", default="benchmarks/results/kernels.jsonl", help="JSONL to write")
     p.add_argument("--samples", type=int, default=None, help="timing samples per path")
+    p.add_argument("--dtypes", default=None, help="comma list (float16,bfloat16,float32): run "
+                   "every setup in each, side by side (default: each setup's own, float16)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds: start no setup "
+                   "after this much time (benchmarks/gpu_run.sh keeps to its 8 minutes)")
     return p.parse_args(argv)
 
 
@@ -352,25 +356,33 @@ def main(argv=None) -> int:
         print("bench_kernels: Triton path skipped (on CPU it needs TRITON_INTERPRET=1)",
               file=sys.stderr)
     setups = smoke_grid() if args.smoke else target_setups() + full_grid()
+    if args.dtypes:
+        setups = [dataclasses.replace(s, dtype=d) for s in setups for d in args.dtypes.split(",")]
+    started = time.monotonic()
     samples = args.samples or (2 if args.smoke else 5)
     dev, name, commit = ("cuda" if cuda else "cpu"), device_name(), git_commit()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with out.open("w") as f:
-        for setup in setups:
+        for done, setup in enumerate(setups):
+            if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+                print(f"bench_kernels: time budget of {args.time_budget:.0f} s spent; "
+                      f"{len(setups) - done} of {len(setups)} setups not run", file=sys.stderr)
+                break
             metrics = measure(setup, dev, with_triton, samples, check=args.smoke)
             rows.append({"setup": dataclasses.asdict(setup), "metrics": metrics,
                          "device": name, "commit": commit})
             f.write(json.dumps(rows[-1]) + "\n")
             f.flush()
             print(_line(rows[-1]))
-        summary = target_summary(rows)
-        if summary:
-            rows.append({"setup": summary[0], "metrics": summary[1], "device": name,
-                         "commit": commit})
-            f.write(json.dumps(rows[-1]) + "\n")
-            print(_line(rows[-1]))
+        for dtype in dict.fromkeys(r["setup"]["dtype"] for r in rows):
+            summary = target_summary(rows, dtype)
+            if summary:
+                rows.append({"setup": summary[0], "metrics": summary[1], "device": name,
+                             "commit": commit})
+                f.write(json.dumps(rows[-1]) + "\n")
+                print(_line(rows[-1]))
     print(f"wrote {len(rows)} rows to {out}")
     return 0
 

@@ -3,6 +3,9 @@ table read; the engine's smoke run also checks that PEFT and the engine generate
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import matplotlib  # noqa: F401  (hard dependencies of the benchmarks)
 import peft  # noqa: F401
@@ -152,3 +155,18 @@ def test_bench_audio_smoke(tmp_path):
     step = [r for r in rows if r["setup"]["measure"] == "step"][0]["metrics"]
     assert step["3_adapters_ms"] > 0 and step["backbone_ms"] > 0
     assert out.with_suffix(".png").exists()
+
+
+def test_gpu_run_dry_run(tmp_path):
+    """benchmarks/gpu_run.sh --dry-run: the GPU machine's one call, on CPU at smoke sizes (its
+    dependency check, the GPU tests (skipped here), the kernel and engine benchmarks, the plots)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "benchmarks/gpu_run.sh"), "--dry-run"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("kernels_gpu.jsonl", "kernels_gpu.png", "engine_gpu.jsonl", "engine_gpu.png",
+                 "gpu_tests.log"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (tmp_path / "engine_gpu.jsonl").read_text().splitlines()]
+    assert {"setup", "metrics", "device", "commit"} <= set(rows[0])
