@@ -259,6 +259,37 @@ def acceptance_row(name: str, rows: list[dict], cases: list[Case], bench: Bench,
     return {"setup": setup, "metrics": metrics, "device": device_name(), "commit": commit()}
 
 
+def add_limits(rows: list[dict], cases: list[Case], bench: Bench, args) -> None:
+    """Beside every engine row: its ratio to the backbone alone (measured on the acceptance
+    workload's texts), the limit its adapters' FLOPs and bytes allow (benchmarks/limits.py,
+    docs/PERFORMANCE.md) and how much of it the engine reached."""
+    from petserve.benchmarks.limits import adapter_cost, encoder_params, limit_ratio, measure_rates
+    backbone = next(r["metrics"]["requests_per_s"] for c, r in zip(cases, rows)
+                    if c.system == "backbone")
+    rates = measure_rates(args.dtype, args.device)
+    enc_params, costs = encoder_params(bench.model), {}
+    for case, row in zip(cases, rows):
+        if case.system != "engine":
+            continue
+        requests = make_requests(case.workload)
+        for r in requests:
+            if r.adapter not in costs:
+                costs[r.adapter] = adapter_cost(bench.stores[case.workload.kinds].read(r.adapter))
+        enc_tokens = float(np.mean([len(bench.model.row_input("vqa", r.text, None).ids)
+                                    for r in requests]))
+        limit = limit_ratio(1.0 / backbone, costs, requests, enc_tokens,
+                            min(args.batch, args.concurrency), rates, enc_params)
+        ratio = row["metrics"]["requests_per_s"] / backbone
+        row["metrics"].update({"ratio_vs_backbone": ratio, "limit": limit["limit"],
+                               "of_limit": ratio / limit["limit"],
+                               "adapter_s_limit": limit["adapter_s"],
+                               "peak_flops": rates.flops_per_s, "bandwidth": rates.bytes_per_s})
+        w = case.workload
+        print(f"[{bench.name}] engine {w.popularity:<7} {w.kinds:<5} A={w.adapters:<4} "
+              f"{ratio:.3f}x backbone, limit {limit['limit']:.3f} ({ratio / limit['limit']:.2f} "
+              "of it)", flush=True)
+
+
 def run_backbone(name: str, args, sink) -> None:
     cases = cases_for(name, args)
     with tempfile.TemporaryDirectory(prefix="petserve-bench-") as tmp:
@@ -271,6 +302,7 @@ def run_backbone(name: str, args, sink) -> None:
                       f"{case.workload.kinds:<5} A={case.workload.adapters:<4} "
                       f"{runs[case][-1]['requests_per_s']:8.1f} req/s", flush=True)
         rows = [median_row(c, runs[c], args) for c in cases]
+        add_limits(rows, cases, bench, args)
         rows.append(acceptance_row(name, rows, cases, bench, args))
         for row in rows:
             sink(row)

@@ -55,6 +55,23 @@ def hf_backbone(hf_t5_dir):
     return build_backbone(hf_t5_dir)
 
 
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Until ``url``/healthz answers 200; AssertionError with the log's end if the server exits
+    or is not ready in time (then it is killed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"server not ready: {log.read_text()[-2000:]}")
+
+
 class ServerProcess:
     """`petserve serve --no-ray` in a subprocess; output goes to a log file (a pipe could fill)."""
 
@@ -69,18 +86,7 @@ class ServerProcess:
         self._wait_ready(timeout=120)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.proc.kill()
-        raise AssertionError(f"server not ready: {self.log.read_text()[-2000:]}")
+        wait_ready(self.proc, self.url, self.log, timeout)
 
     def kill(self) -> None:
         self.proc.kill()      # SIGKILL: no clean-up code runs

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import httpx
 import pytest
 
 from petserve.adapters.demo import ensure_demo_assets
 from petserve.serving.cli import main
-from tests.test_cli_serve import SERVE, free_port
+from tests.test_cli_serve import SERVE, free_port, wait_ready
 
 pytest_plugins = ("tests.moto_s3",)
 TOKEN = "s3-serve-token"
@@ -30,7 +29,7 @@ def test_serve_on_s3_seeds_lists_and_uploads(s3_env, tmp_path):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url, log)
+        wait_ready(proc, url, log, timeout=180)
         assert f"store s3://{bucket}/team)" in log.read_text()
         demo = ensure_demo_assets().store_files()
         listed = httpx.get(f"{url}/v1/adapters", timeout=30).json()["adapters"]
@@ -47,19 +46,6 @@ def test_serve_on_s3_seeds_lists_and_uploads(s3_env, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def _wait_ready(proc, url: str, log, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited: {log.read_text()[-2000:]}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"server not ready: {log.read_text()[-2000:]}")
 
 
 @pytest.mark.parametrize("store,message", [
