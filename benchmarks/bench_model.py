@@ -42,6 +42,12 @@ def _timed(fn, device, iters: int) -> float:
 
 
 def _decode_step_ms(model, bank, slots, enc_len: int, history: int, iters: int) -> float:
+    return _timed(decode_step_fn(model, bank, slots, enc_len, history), model.device, iters)
+
+
+def decode_step_fn(model, bank, slots, enc_len: int, history: int):
+    """One decoder step of ``len(slots)`` rows (row i on adapter ``slots[i]``, -1: none) after an
+    encoder pass of ``enc_len`` tokens and ``history`` decoded ones, as a callable."""
     device, B = model.device, len(slots)
     rows = [RowInput(list(range(5, 5 + enc_len)), None) for _ in range(B)]
     ctx = StepContext(bank, BatchMeta.build(slots, bank.num_slots, device))
@@ -53,10 +59,11 @@ def _decode_step_ms(model, bank, slots, enc_len: int, history: int, iters: int) 
         tok = torch.full((B, 1), 7, device=device)
         pos = torch.full((B, 1), history, device=device)
 
-        def step():
+    def step():
+        with torch.inference_mode():
             c = cache.select(torch.arange(B, device=device))   # fresh copy: the step appends
             model.decode(tok, pos, c, ctx)
-        return _timed(step, device, iters)
+    return step
 
 
 def run(args) -> list[dict]:

@@ -64,13 +64,18 @@ def gather_pays(seg: SegmentMeta, elements_per_token: int,
 
 def add_lowrank_reference(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
                           seg: SegmentMeta) -> torch.Tensor:
-    """Torch reference of :func:`add_lowrank`: one pair of GEMMs per slot present."""
+    """Torch reference of :func:`add_lowrank`: one pair of GEMMs per slot present (on the tokens
+    themselves when one slot has them all: a single-adapter batch copies nothing)."""
+    whole = len(seg.slots) == 1 and seg.counts[0] == seg.num_tokens
     for s, idx in seg.segments():
         r = w.ranks_host[s]
         if r == 0:
             continue
-        xs = x.index_select(0, idx)
+        xs = x if whole else x.index_select(0, idx)
         delta = (xs @ w.A[s, :r].T) @ w.B[s, :, :r].T
+        if whole:
+            y += delta * w.scale[s].to(delta.dtype)
+            continue
         # A slot's token indices are unique, so gather-add-copy equals index_add_ and avoids its
         # multi-threaded CPU kernel, which stalls on busy machines.
         y.index_copy_(0, idx, y.index_select(0, idx) + delta * w.scale[s].to(delta.dtype))
