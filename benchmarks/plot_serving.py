@@ -114,18 +114,19 @@ def _fmt(v, digits=3) -> str:
 
 
 def engine_table(rows: list[dict]) -> list[str]:
-    out = ["| backbone | workload | system | req/s | tokens/s | p50 ms | p99 ms |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| backbone | workload | system | req/s | x backbone / limit | tokens/s | p50 ms | "
+           "p99 ms |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, m = r["setup"], r["metrics"]
         if s["bench"] == "engine_acceptance":
             out.append(f"| {s['backbone']} | {s['adapters']} LoRAs uniform | **ratios** | "
                        f"vs one LoRA **{m['ratio_vs_single']:.2f}** (>= 0.8), vs PEFT "
-                       f"**{m['ratio_vs_peft']:.2f}** (>= 2) | | | |")
+                       f"**{m['ratio_vs_peft']:.2f}** (>= 2) | | | | |")
         elif s["system"] != "engine" or s["adapters"] in (1, 32, 1000):
             work = f"{s['adapters']} {s['kinds']}, {s['popularity']}"
+            limit = f"{m['ratio_vs_backbone']:.2f} / {m['limit']:.2f}" if "limit" in m else ""
             out.append(f"| {s['backbone']} | {work} | {s['system']} | "
-                       f"{_fmt(m['requests_per_s'])} | {_fmt(m['tokens_per_s'])} | "
+                       f"{_fmt(m['requests_per_s'])} | {limit} | {_fmt(m['tokens_per_s'])} | "
                        f"{_fmt(m.get('latency_ms_p50'))} | {_fmt(m.get('latency_ms_p99'))} |")
     return out
 
