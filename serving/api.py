@@ -160,6 +160,9 @@ def _form_to_json_parts(text: dict) -> None:
                 text[key] = json.loads(text[key])
             except (ValueError, RecursionError):     # 10,000 nested brackets: RecursionError
                 raise ApiError.unprocessable("invalid_request", f"{key}: not valid JSON") from None
+            if text[key] is None:      # a form leaves a field out; it does not send it as null
+                raise ApiError.unprocessable("invalid_request", f"{key}: a JSON array, not null "
+                                             "(leave the field out instead)")
 
 
 def _form_to_body(text: dict, files: dict[str, list[bytes]], model_cls) -> tuple:

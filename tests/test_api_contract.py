@@ -111,6 +111,9 @@ def test_the_caption_form_schema_states_its_media_rule(served):
     assert client.post("/v1/caption", data={"adapter": ""},
                        files={"image": ("a.png", png_bytes(1))}).status_code == 200
     assert client.post("/v1/caption", data={"prompt": ""}).status_code == 422
+    # a JSON field sent as null (what a client's None becomes in a form) is not left out
+    r = client.post("/v1/caption", data={"features": "null"}, files={"image": ("a.png", png_bytes(1))})
+    assert r.status_code == 422 and "null" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("component,body,ok", [
