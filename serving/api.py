@@ -306,11 +306,12 @@ def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck |
         "Many parameter-efficient adapters on one frozen VL-T5 / VL-BART backbone. "
         "Writes need 'Authorization: Bearer <token>'."),
         openapi_url=None, docs_url=None, redoc_url=None)     # _add_schema_routes serves them
-    _add_inference_routes(app, backend, config, token_check)
+    model_inputs = _model_inputs(backend, config)
+    _add_inference_routes(app, backend, config, token_check, model_inputs)
     _add_adapter_routes(app, backend, config, token_check)
     _add_service_routes(app, backend, metrics, config.metrics_max_adapters)
     add_playground_routes(app)
-    add_openai_routes(app, backend, config, token_check, _INFERENCE_ERRORS)
+    add_openai_routes(app, backend, config, token_check, _INFERENCE_ERRORS, model_inputs)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, default_limit=config.max_body_bytes,
                        upload_limit=config.max_adapter_bytes)
@@ -341,10 +342,25 @@ def _add_schema_routes(app: FastAPI, backend: Backend, config: ServerConfig) -> 
     app.add_route("/redoc", redoc, include_in_schema=False)
 
 
+def _model_inputs(backend: Backend, config: ServerConfig):
+    """An async ``() -> ModelInputs`` for admission: the backbone is asked once (it never
+    changes), the engine's limits come from the config."""
+    known: list[ModelInputs] = []
+
+    async def model_inputs() -> ModelInputs:
+        if not known:
+            info = await backend.info()
+            known.append(ModelInputs(
+                info.feature_dim, info.accepts_pixels, config.media.video_frames,
+                config.engine.max_new_tokens_cap, config.engine.max_beams,
+                config.engine.max_context_items))
+        return known[0]
+    return model_inputs
+
+
 def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
-                          token_check: TokenCheck) -> None:
+                          token_check: TokenCheck, model_inputs) -> None:
     limits = config.media.limits()
-    known_inputs: list[ModelInputs] = []     # the backbone never changes: ask once
 
     async def generate(request: Request, model_cls):
         if config.auth_reads:
@@ -352,14 +368,8 @@ def _add_inference_routes(app: FastAPI, backend: Backend, config: ServerConfig,
         body, media = await read_generation_body(request, model_cls, config, limits)
         request.state.adapter = COMPOSITE_LABEL if isinstance(body.adapter, list) else \
             CONTEXT_LABEL if body.context is not None else body.adapter
-        if not known_inputs:
-            info = await backend.info()
-            known_inputs.append(ModelInputs(
-                info.feature_dim, info.accepts_pixels, config.media.video_frames,
-                config.engine.max_new_tokens_cap, config.engine.max_beams,
-                config.engine.max_context_items))
         engine_request = await run_in_threadpool(
-            build_inference_request, body, media, known_inputs[0], limits)
+            build_inference_request, body, media, await model_inputs(), limits)
         return await backend.generate(engine_request)
 
     @app.post("/v1/vqa", response_model=VqaResponse, responses=_INFERENCE_ERRORS,

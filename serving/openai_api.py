@@ -312,8 +312,10 @@ def _json_chat(raw: bytes) -> ChatCompletionRequest:
         raise validation_api_error(e) from None
 
 
-def add_openai_routes(app: FastAPI, backend, config, token_check, error_responses: dict) -> None:
-    """Mount the OpenAI-compatible routes on ``app`` (serving.api.create_app calls this)."""
+def add_openai_routes(app: FastAPI, backend, config, token_check, error_responses: dict,
+                      model_inputs) -> None:
+    """Mount the OpenAI-compatible routes on ``app`` (serving.api.create_app calls this, with
+    its async ``model_inputs()`` for admission)."""
     limits = config.media.limits()
     responses = {status: {**doc, "model": OpenAIError} for status, doc in error_responses.items()}
 
@@ -357,11 +359,7 @@ def add_openai_routes(app: FastAPI, backend, config, token_check, error_response
         request.state.adapter = None if members is None else \
             members[0] if len(members) == 1 else COMPOSITE_LABEL
         task = await task_of(members)
-        info = await backend.info()
-        inputs = ModelInputs(info.feature_dim, info.accepts_pixels, config.media.video_frames,
-                             config.engine.max_new_tokens_cap, config.engine.max_beams,
-                             config.engine.max_context_items)
-        engine_request = await run_in_threadpool(admit, chat, task, inputs)
+        engine_request = await run_in_threadpool(admit, chat, task, await model_inputs())
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         if not chat.stream:
             return chat_completion(chat_id, chat.model, await backend.generate(engine_request))
