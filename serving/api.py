@@ -67,6 +67,7 @@ from petserve.serving.schemas import (
     build_inference_request,
     describe_validation_error,
     finite_or_floor,
+    json_body,
     media_from_json,
     validation_api_error,
 )
@@ -114,14 +115,6 @@ def _is_json(ctype: str) -> bool:
     return ctype in ("", "application/json") or ctype.endswith("+json")
 
 
-def _json_model(raw: bytes, model_cls):
-    try:
-        # strict: JSON `true` or "2" is not a number (form fields are strings, so forms stay lax)
-        return model_cls.model_validate_json(raw or b"null", strict=True)
-    except ValidationError as e:
-        raise validation_api_error(e) from None
-
-
 def _form_model(text: dict, model_cls):
     try:
         return model_cls.model_validate(text)
@@ -130,7 +123,7 @@ def _form_model(text: dict, model_cls):
 
 
 def _parse_json_body(raw: bytes, model_cls, limits) -> tuple:
-    body = _json_model(raw, model_cls)
+    body = json_body(raw, model_cls)
     return body, media_from_json(body, limits)
 
 
@@ -287,7 +280,7 @@ async def read_context_body(request: Request, config: ServerConfig) -> GenerateR
         return _form_model(text, GenerateRequest)
     if _is_json(ctype):
         raw = await request.body()
-        return await run_in_threadpool(_json_model, raw, GenerateRequest)
+        return await run_in_threadpool(json_body, raw, GenerateRequest)
     raise ApiError.unsupported_media(
         "unsupported_content_type", f"send application/json or multipart/form-data, not {ctype!r}")
 
@@ -431,7 +424,7 @@ async def read_audio_body(request: Request, config: ServerConfig) -> tuple[Audio
         body = _form_model(text, AudioClassifyRequest)
         data = files["audio"][0] if files["audio"] else None
     elif _is_json(ctype):
-        body = _json_model(await request.body(), AudioClassifyRequest)
+        body = json_body(await request.body(), AudioClassifyRequest)
         data = None if body.audio is None else await run_in_threadpool(
             decode_base64, body.audio, field="audio", max_bytes=config.max_body_bytes)
     else:

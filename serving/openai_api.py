@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from petserve.adapters.tasks import QUESTION_TASKS, TASKS
@@ -35,11 +35,13 @@ from petserve.serving.errors import ApiError
 from petserve.serving.metrics import COMPOSITE_LABEL
 from petserve.serving.schemas import (
     MAX_TEXT_CHARS,
+    Body,
     CaptionRequest,
     ModelInputs,
     Text,
     VqaRequest,
     build_inference_request,
+    json_body,
     media_from_json,
     validation_api_error,
 )
@@ -55,27 +57,23 @@ MAX_IMAGES = 2                # an image pair (nlvr) at most, over all user mess
 _OWNER = "petserve"
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text"]
     text: Text = Field(max_length=MAX_TEXT_CHARS)
 
 
-class MediaUrl(_Body):
+class MediaUrl(Body):
     url: str = Field(min_length=1, description="a data URL, 'data:image/png;base64,...' (the "
                      "server fetches no http URLs)")
     detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted, no effect")
 
 
-class ImagePart(_Body):
+class ImagePart(Body):
     type: Literal["image_url"]
     image_url: MediaUrl
 
 
-class VideoPart(_Body):
+class VideoPart(Body):
     type: Literal["video_url"]
     video_url: MediaUrl
 
@@ -83,18 +81,18 @@ class VideoPart(_Body):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart] | None = Field(
         None, max_length=MAX_PARTS, description="text, or content parts (text, image_url, video_url)")
     name: str | None = Field(None, max_length=64, description="accepted, no effect")
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = Field(False, description="send a last chunk with the usage counts")
 
 
-class ChatCompletionRequest(_Body):
+class ChatCompletionRequest(Body):
     """An OpenAI chat completion request; ``model`` names the adapter."""
 
     model: str = Field(min_length=1, max_length=65 * MAX_MEMBERS, examples=["colors"],
@@ -305,13 +303,6 @@ async def sse_chunks(chat_id: str, model: str, first, events, include_usage: boo
 # ---- routes -----------------------------------------------------------------------------------
 
 
-def _json_chat(raw: bytes) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate_json(raw or b"null", strict=True)
-    except ValidationError as e:
-        raise validation_api_error(e) from None
-
-
 def add_openai_routes(app: FastAPI, backend, config, token_check, error_responses: dict,
                       model_inputs) -> None:
     """Mount the OpenAI-compatible routes on ``app`` (serving.api.create_app calls this, with
@@ -354,7 +345,8 @@ def add_openai_routes(app: FastAPI, backend, config, token_check, error_response
         summary="OpenAI-compatible chat completion: model = adapter (VQA or caption by its task)")
     async def chat_completions(request: Request):
         check_reads(request)
-        chat = await run_in_threadpool(_json_chat, await request.body())
+        chat = await run_in_threadpool(json_body, await request.body(),
+                                       ChatCompletionRequest)
         members = _members(chat.model)
         request.state.adapter = None if members is None else \
             members[0] if len(members) == 1 else COMPOSITE_LABEL

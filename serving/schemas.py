@@ -129,14 +129,14 @@ def _with_rules(*rules: dict):
     return extra
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 _DEMO_FIELDS = ("image", "question", "answer")
 
 
-class ContextEntry(_Body):
+class ContextEntry(Body):
     """One item of a context: a demonstration (image, question and answer), or plain text."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules({"oneOf": [
@@ -152,7 +152,7 @@ class ContextEntry(_Body):
                               description="a text-only item (instead of image, question, answer)")
 
 
-class GenerationFields(_Body):
+class GenerationFields(Body):
     adapter: str | list[str] | None = Field(
         None, description=_ADAPTER_DOC + _COMPOSE_DOC,
         json_schema_extra={"anyOf": [
@@ -221,7 +221,7 @@ class CaptionRequest(GenerationFields):
                          description="optional text after the 'caption:' prefix")
 
 
-class GenerateRequest(_Body):
+class GenerateRequest(Body):
     """Turn a context into an adapter with the server's generator (Generative Adapter)."""
 
     context: list[ContextEntry] = Field(
@@ -232,7 +232,7 @@ class GenerateRequest(_Body):
 Label = Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 
-class ClassifyRequest(_Body):
+class ClassifyRequest(Body):
     """Classify an image: on a cache adapter (CapS), or CLIP zero-shot over ``labels``."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules(
@@ -263,7 +263,7 @@ class ClassifyResponse(BaseModel):
     timings_ms: dict[str, float] = Field(description="where the time went, in milliseconds")
 
 
-class AudioClassifyRequest(_Body):
+class AudioClassifyRequest(Body):
     """Classify an audio clip with an audio adapter (its head names the classes)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_with_rules(given("audio")))
@@ -355,6 +355,15 @@ def describe_validation_error(errors: list[dict]) -> str:
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
+
+
+def json_body(raw: bytes, model_cls):
+    """A JSON body validated into ``model_cls``; ApiError 400 (not JSON) / 422 otherwise."""
+    try:
+        # strict: JSON `true` or "2" is not a number (form fields are strings, so forms stay lax)
+        return model_cls.model_validate_json(raw or b"null", strict=True)
+    except ValidationError as e:
+        raise validation_api_error(e) from None
 
 
 def validation_api_error(e: ValidationError) -> ApiError:
