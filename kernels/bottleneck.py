@@ -135,7 +135,7 @@ def prefers_gathered(seg: SegmentMeta, w: BottleneckStack) -> bool:
     d, d_src = w.U.shape[1], w.D.shape[2]
     most = max(w.ranks_host[s] * (d_src + d + 1) + (0 if w.gate_host[s] == GATE_NONE else 3 * d)
                + _gate_rank(w, s) * (2 * d + 1) for s in seg.slots)
-    return gather_pays(seg, most + 2 * d, GATHER_ELEMENTS_PER_SEGMENT)
+    return gather_pays(seg, sum(seg.counts), most + 2 * d, GATHER_ELEMENTS_PER_SEGMENT)
 
 
 def bottleneck_residual_gathered(h: torch.Tensor, x: torch.Tensor, w: BottleneckStack,

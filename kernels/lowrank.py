@@ -1,6 +1,8 @@
 """Grouped low-rank delta (LoRA) over a batch of tokens that use different adapters."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from petserve.kernels.dispatch import records_grad, use_triton
@@ -27,39 +29,51 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, seg: SegmentM
 
     x: (N, d_in); y: (N, d_out), written in place. Tokens with slot -1, and slots of rank 0, are
     left untouched. Compute is proportional to each slot's own rank, not the largest in the stack.
-    CUDA tensors take the Triton kernels unless autograd records the op (training). Elsewhere:
-    :func:`add_lowrank_gathered` for decode-shaped steps (many slots, few tokens each: one bmm
-    pair per distinct rank instead of one GEMM pair per slot, whose per-call overhead dominates
-    at a few tokens), else :func:`add_lowrank_reference` (few slots, or many tokens per slot,
-    where gathering a weight copy per token would cost more than the GEMMs).
+    CUDA tensors take the Triton kernels unless autograd records the op (training), which takes
+    :func:`add_lowrank_reference`. Elsewhere, from the stack's :class:`RowLayout`:
+    :func:`add_lowrank_one` when one slot has every token (one GEMM pair, nothing copied),
+    :func:`add_lowrank_gathered` when the rows are spread over several slots (one bmm pair for
+    the whole step instead of one GEMM pair per slot, whose per-call overhead dominates at a few
+    tokens per slot), else the reference (few slots with many rows each, where a weight copy per
+    row would cost more than the GEMMs).
     """
     if not seg.slots:
         return y
     if use_triton(x, x, y, w.A, w.B, w.scale):
         from petserve.kernels.triton_lowrank import add_lowrank_triton
         return add_lowrank_triton(y, x, w, seg)
-    if prefers_gathered(seg, w) and not records_grad(x, y, w.A, w.B, w.scale):
+    if records_grad(x, y, w.A, w.B, w.scale):
+        return add_lowrank_reference(y, x, w, seg)
+    if len(seg.slots) == 1 and seg.counts[0] == seg.num_tokens:
+        return add_lowrank_one(y, x, w, seg.slots[0])
+    if prefers_gathered(seg, w):
         return add_lowrank_gathered(y, x, w, seg)
     return add_lowrank_reference(y, x, w, seg)
 
 
+def add_lowrank_one(y: torch.Tensor, x: torch.Tensor, w: LowRankStack, slot: int) -> torch.Tensor:
+    """:func:`add_lowrank` when every token uses ``slot``: ``y += (x @ a.T) @ b`` in place, a
+    and b the slot's entries of the :class:`RowLayout` (scale folded into b)."""
+    layout = row_layout(w)
+    return y.addmm_(x.mm(layout.a[slot].T), layout.b[slot])
+
+
 def prefers_gathered(seg: SegmentMeta, w: LowRankStack) -> bool:
     """Whether :func:`add_lowrank_gathered` beats the per-slot reference on the CPU
-    (:func:`gather_pays` with max rank * (d_in + d_out) elements copied per token). Decode steps
-    (one token per row, rows spread over many adapters) take it; prefills and single-adapter
-    batches take the reference."""
+    (:func:`gather_pays` with rank * (d_in + d_out) elements copied per row, the stack's widest
+    rank). Decode steps and prefills of rows spread over several adapters take it;
+    single-adapter batches take the reference."""
     if len(seg.slots) < GATHER_MIN_SEGMENTS:
         return False
-    rank = max(w.ranks_host[s] for s in seg.slots)
-    return gather_pays(seg, rank * (w.A.shape[2] + w.B.shape[1]))
+    return gather_pays(seg, seg.num_units, w.A.shape[1] * (w.A.shape[2] + w.B.shape[1]))
 
 
-def gather_pays(seg: SegmentMeta, elements_per_token: int,
+def gather_pays(seg: SegmentMeta, copies: int, elements_per_copy: int,
                 per_segment: int = GATHER_ELEMENTS_PER_SEGMENT) -> bool:
     """At least GATHER_MIN_SEGMENTS slots present, and the weights a gathered path would copy
-    (adapted tokens * ``elements_per_token``) under ``per_segment`` per slot present."""
+    (``copies`` times ``elements_per_copy``) under ``per_segment`` per slot present."""
     n = len(seg.slots)
-    return n >= GATHER_MIN_SEGMENTS and sum(seg.counts) * elements_per_token <= per_segment * n
+    return n >= GATHER_MIN_SEGMENTS and copies * elements_per_copy <= per_segment * n
 
 
 def add_lowrank_reference(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
@@ -84,52 +98,90 @@ def add_lowrank_reference(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
 
 def add_lowrank_gathered(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,
                          seg: SegmentMeta) -> torch.Tensor:
-    """:func:`add_lowrank` as one pair of batched matmuls per distinct rank r present::
+    """:func:`add_lowrank` as one pair of batched matmuls over the step's rows, whatever their
+    adapters and ranks::
 
-        idx = tokens whose slot has rank r;  s = token_slots[idx]      # (n,)
-        h = bmm(x[idx, None, :], A[s, :r].mT)                          # (n, 1, r)
-        y[idx] += bmm(h, (scale[s, None, None] * B[s, :, :r]).mT)[:, 0]  # (n, d_out)
+        a, b = RowLayout.a[u], RowLayout.b[u]        # u: each row's slot (-1: the zero entry)
+        y.view(B, T, d_out) += bmm(bmm(x.view(B, T, d_in), a.mT), b)
 
-    Each token gets its own copy of its slot's A and B (n * r * (d_in + d_out) elements), so
-    this pays off only when slots hold few tokens each (see :func:`prefers_gathered`). The copies
-    are kept on ``seg`` (:func:`gathered_weights`): the weights of the slots a step's tokens use
-    must not change while its SegmentMeta is in use, which the slot pool guarantees (a slot
-    referenced by rows in flight is never rewritten).
+    Each row gets its own copy of its slot's weights (B * w * (d_in + d_out) elements, w the
+    widest rank loaded), so this pays off only when the rows are spread over several slots (see
+    :func:`prefers_gathered`). A slot of smaller rank is zero-padded and a row without an adapter
+    reads zeros: both add exactly nothing, so there is one Python step per call, none per slot.
+    The copies are kept on ``seg`` for the steps that share it (:meth:`SegmentMeta.kept`); the
+    slot pool never rewrites a slot that rows in flight use.
     """
-    for _r, idx, a, b in gathered_weights(w, seg):
-        xs = x if idx is None else x.index_select(0, idx)
-        # Row vector times matrix, (1, d_in) @ (d_in, r): torch's CPU bmm is several times
-        # faster in this orientation than as matrix times column vector.
-        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))             # (n, 1, r)
-        if idx is None:
-            y.unsqueeze(1).baddbmm_(h, b.transpose(1, 2))             # (n, 1, d_out) in place
-        else:
-            delta = torch.bmm(h, b.transpose(1, 2)).squeeze(1)        # (n, d_out)
-            y.index_copy_(0, idx, y.index_select(0, idx) + delta)
+    a, b = gathered_weights(w, seg)
+    rows, per_row = seg.num_units, seg.num_tokens // max(1, seg.num_units)
+    # (T, d_in) @ (d_in, w) against A's own (w, d_in) layout: torch's CPU bmm is faster with
+    # the transposed view here, and with b contiguous as (w, d_out) (measured, d 64 and 512)
+    h = torch.bmm(x.view(rows, per_row, -1), a.transpose(1, 2))      # (B, T, w)
+    y.view(rows, per_row, -1).baddbmm_(h, b)                          # in place
     return y
 
 
-def gathered_weights(w: LowRankStack, seg: SegmentMeta) -> list:
-    """[(r, token indices or None, A[s, :r] (n, r, d_in), scale[s] * B[s, :, :r] (n, d_out, r))]
-    per rank group (:func:`rank_groups`), kept on ``seg`` (:meth:`SegmentMeta.kept`) unless larger
-    than GATHER_CACHE_ELEMENTS; a stack whose tensors were replaced (grown) is gathered again."""
+def gathered_weights(w: LowRankStack, seg: SegmentMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's rows' (A (B, w, d_in), scale * B^T (B, w, d_out)) from the stack's
+    :class:`RowLayout`, kept on ``seg`` unless larger than GATHER_CACHE_ELEMENTS."""
+    layout = row_layout(w)
+
     def build():
-        out = []
-        for r, idx, slots in rank_groups(w, seg):
-            a = w.A[:, :r].index_select(0, slots)                     # (n, r, d_in)
-            b = w.B[:, :, :r].index_select(0, slots)                  # (n, d_out, r)
-            out.append((r, idx, a, b * w.scale.index_select(0, slots).to(b.dtype).view(-1, 1, 1)))
-        return out, sum(a.numel() + b.numel() for _, _, a, b in out)
-    stamp = (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr(),
-             tuple(w.ranks_host[s] for s in seg.slots))
-    return seg.kept("lowrank_weights", w, stamp, build, GATHER_CACHE_ELEMENTS)
+        units = seg.unit_index(layout.none)
+        a, b = layout.a.index_select(0, units), layout.b.index_select(0, units)
+        return (a, b), a.numel() + b.numel()
+    return seg.kept("lowrank_weights", w, (id(layout), layout.version), build,
+                    GATHER_CACHE_ELEMENTS)
 
 
-def rank_groups(w: LowRankStack, seg: SegmentMeta) -> list[tuple[int, torch.Tensor | None,
-                                                                   torch.Tensor]]:
-    """[(rank r, token indices or None = every token in order, slot of each)] for the ranks > 0
-    of the slots present (:meth:`SegmentMeta.groups`)."""
-    return seg.groups(tuple(w.ranks_host[s] or None for s in seg.slots))
+_LAYOUT_VERSIONS = itertools.count()
+
+
+class RowLayout:
+    """A stack's weights laid out for :func:`add_lowrank_gathered`, kept in ``w.cache`` and
+    updated slot by slot (:meth:`LowRankStack.changed`).
+
+    a: (S + 1, width, d_in), A[s, :r_s] zero-padded to ``width`` (the widest rank when built);
+    b: (S + 1, width, d_out), ``scale[s] * B[s, :, :r_s].T`` zero-padded; entry ``none`` = S is
+    all zeros (rows without an adapter). A stack whose tensors were replaced (grown), or a slot
+    wider than ``width``, builds a new layout.
+    """
+
+    def __init__(self, w: LowRankStack):
+        S, _, d_in = w.A.shape
+        width = self.width = max(1, max(w.ranks_host, default=0))
+        self.none, self.version = S, next(_LAYOUT_VERSIONS)
+        self.stamp = (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr())
+        self.a = w.A.new_zeros(S + 1, width, d_in)
+        self.b = w.B.new_zeros(S + 1, width, w.B.shape[1])
+        kept = (torch.arange(width, device=w.A.device) < w.ranks.view(-1, 1)).unsqueeze(-1)
+        scaled = (w.B[:, :, :width] * w.scale.to(w.B.dtype).view(-1, 1, 1)).transpose(1, 2)
+        self.a[:S] = torch.where(kept, w.A[:, :width], 0)        # where, not *: past a slot's
+        self.b[:S] = torch.where(kept, scaled, 0)                 # rank may lie anything
+
+    def _write(self, w: LowRankStack, s: int) -> None:
+        r = w.ranks_host[s]
+        self.a[s].zero_()
+        self.b[s].zero_()
+        if r:
+            self.a[s, :r] = w.A[s, :r]
+            self.b[s, :r] = (w.B[s, :, :r] * w.scale[s].to(w.B.dtype)).T
+
+    def valid_for(self, w: LowRankStack) -> bool:
+        return self.stamp == (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr())
+
+    def update(self, w: LowRankStack, slot: int) -> None:
+        if not self.valid_for(w) or w.ranks_host[slot] > self.width:
+            w.cache.pop("rows", None)        # rebuilt on its next use
+            return
+        self._write(w, slot)
+        self.version = next(_LAYOUT_VERSIONS)
+
+
+def row_layout(w: LowRankStack) -> RowLayout:
+    layout = w.cache.get("rows")
+    if layout is None or not layout.valid_for(w):
+        layout = w.cache["rows"] = RowLayout(w)
+    return layout
 
 
 def add_lowrank_loop(y: torch.Tensor, x: torch.Tensor, w: LowRankStack,

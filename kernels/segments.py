@@ -22,16 +22,21 @@ class SegmentMeta:
     token_rows:  (N,) int64, the batch row of each token (for per-example gates), or None.
     token_valid: (N,) bool, False on padding tokens, or None (= all valid).
     num_rows:    number of batch rows the tokens come from.
+    row_slots:   (B,) int64, the slot of each row when the tokens are a (B, T) block flattened
+                 row-major (:meth:`from_rows`, ``tokens_per_row`` = T), else None.
     """
 
     token_slots: torch.Tensor
-    order: torch.Tensor
     slots: list[int]
     starts: list[int]
     counts: list[int]
-    token_rows: torch.Tensor | None = None
     token_valid: torch.Tensor | None = None
     num_rows: int = 0
+    row_slots: torch.Tensor | None = None
+    tokens_per_row: int = 1
+    # order and token_rows: given, or derived on first use (the CPU gathered paths need neither)
+    _order: torch.Tensor | None = field(default=None, repr=False)
+    _token_rows: torch.Tensor | None = field(default=None, repr=False)
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -48,18 +53,47 @@ class SegmentMeta:
                 starts.append(pos)
                 cnts.append(c)
             pos += c
-        return cls(token_slots, order.to(token_slots.device), slots, starts, cnts,
-                   token_rows, token_valid, num_rows)
+        return cls(token_slots, slots, starts, cnts, token_valid, num_rows,
+                   _order=order.to(token_slots.device), _token_rows=token_rows)
 
     @classmethod
     def from_rows(cls, row_slots: torch.Tensor, tokens_per_row: int,
-                  valid: torch.Tensor | None = None) -> SegmentMeta:
-        """Meta for a (B, T) block of tokens flattened row-major; row b uses ``row_slots[b]``."""
-        num_rows = row_slots.shape[0]
-        token_slots = row_slots.repeat_interleave(tokens_per_row)
-        rows = torch.arange(num_rows, device=row_slots.device).repeat_interleave(tokens_per_row)
+                  valid: torch.Tensor | None = None, host: list[int] | None = None) -> SegmentMeta:
+        """Meta for a (B, T) block of tokens flattened row-major; row b uses ``row_slots[b]``
+        (``host``: the same as a list, when the caller has it). One pass over the rows on the
+        host; no sort."""
+        row_slots = row_slots.to(torch.int64)
+        host = row_slots.tolist() if host is None else host
+        rows_of: dict[int, int] = {}
+        for s in host:
+            rows_of[s] = rows_of.get(s, 0) + 1
+        slots = sorted(s for s in rows_of if s >= 0)
+        counts = [rows_of[s] * tokens_per_row for s in slots]
+        starts, pos = [], rows_of.get(-1, 0) * tokens_per_row      # slot -1 tokens sort first
+        for c in counts:
+            starts.append(pos)
+            pos += c
+        token_slots = row_slots if tokens_per_row == 1 else \
+            row_slots.repeat_interleave(tokens_per_row)
         flat_valid = None if valid is None else valid.reshape(-1)
-        return cls.from_slots(token_slots, rows, flat_valid, num_rows)
+        return cls(token_slots, slots, starts, counts, flat_valid, len(host), row_slots,
+                   tokens_per_row)
+
+    @property
+    def order(self) -> torch.Tensor:
+        """(N,) int64, token indices sorted by slot (stable), tokens with slot -1 first."""
+        if self._order is None:
+            self._order = torch.argsort(self.token_slots.cpu(), stable=True).to(
+                self.token_slots.device)
+        return self._order
+
+    @property
+    def token_rows(self) -> torch.Tensor | None:
+        """(N,) int64, the batch row of each token (for per-example gates), or None."""
+        if self._token_rows is None and self.row_slots is not None:
+            self._token_rows = torch.arange(self.num_rows, device=self.row_slots.device) \
+                .repeat_interleave(self.tokens_per_row)
+        return self._token_rows
 
     def segments(self):
         """Yield ``(slot, token_index_tensor)`` for every slot present (host loop: reference path)."""
@@ -71,6 +105,20 @@ class SegmentMeta:
         return self.token_slots.shape[0]
 
     # ---- CPU gathered paths (kernels.lowrank / kernels.bottleneck) ---------------------------
+    @property
+    def num_units(self) -> int:
+        """Rows when the tokens are a (B, T) block (they share their row's slot), else tokens."""
+        return self.num_tokens if self.row_slots is None else self.row_slots.shape[0]
+
+    def unit_index(self, none: int) -> torch.Tensor:
+        """(num_units,) the slot of each row (or token, see :attr:`num_units`), ``none`` where
+        it has no adapter; cached per ``none``."""
+        key = ("units", none)
+        if key not in self._device_cache:
+            units = self.token_slots if self.row_slots is None else self.row_slots
+            self._device_cache[key] = torch.where(units >= 0, units, none)
+        return self._device_cache[key]
+
     def groups(self, keys: tuple) -> list[tuple[object, torch.Tensor | None, torch.Tensor]]:
         """Tokens grouped by a per-slot key: ``[(key, token indices or None, slot of each)]``.
 

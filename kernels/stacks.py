@@ -28,6 +28,15 @@ class LowRankStack:
     scale: torch.Tensor
     ranks: torch.Tensor
     ranks_host: list[int]
+    # values derived from the slots by their users (kernels.lowrank's row layout); whoever writes
+    # a slot calls changed(slot) afterwards
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def changed(self, slot: int) -> None:
+        """``slot``'s A, B, scale or rank were just written: derived values follow."""
+        layout = self.cache.get("rows")
+        if layout is not None:
+            layout.update(self, slot)
 
 
 @dataclass

@@ -120,6 +120,7 @@ class SlotBank:
         for site in c.lowrank:
             st = self._lowrank[site]
             st.ranks[slot], st.ranks_host[slot] = 0, 0
+            st.changed(slot)
         for site in c.sparse:
             self._sparse_forms[site][slot] = None
             self._sparse.pop(site, None)
@@ -158,6 +159,7 @@ class SlotBank:
         st.A, st.B = _grow(st.A, 1, r), _grow(st.B, 2, r)
         st.A[slot, :r], st.B[slot, :, :r], st.scale[slot] = f.A, f.B, f.scale
         st.ranks[slot], st.ranks_host[slot] = r, r
+        st.changed(slot)
         self._lowrank[site] = st
 
     def _set_bottleneck(self, site: str, slot: int, f: BottleneckForm) -> None:

@@ -52,7 +52,8 @@ class BatchMeta:
         key = (stream, length)
         if key not in self._segs:
             valid = self.enc_valid if stream == "enc" else None
-            self._segs[key] = SegmentMeta.from_rows(self.row_slots, length, valid)
+            self._segs[key] = SegmentMeta.from_rows(self.row_slots, length, valid,
+                                                    self.slots_host())
         return self._segs[key]
 
     def rows_of(self, slot_flags: list[bool]) -> torch.Tensor | bool:

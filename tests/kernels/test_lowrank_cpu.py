@@ -1,4 +1,4 @@
-"""The CPU fast path of add_lowrank (batched matmuls over per-token gathered weights) against the
+"""The CPU fast path of add_lowrank (batched matmuls over per-row gathered weights) against the
 per-slot reference, and the heuristic that picks between them."""
 import itertools
 
@@ -79,51 +79,78 @@ def test_in_place_and_unadapted_tokens_untouched():
 
 
 def test_every_token_adapted_adds_in_order():
-    """When one rank covers every token the path adds without index_copy; rows stay in place."""
+    """Tokens laid out by slot in any order; rows stay in place."""
     gen = generator("all-adapted")
     slots = torch.tensor([3, 0, 2, 3, 1, 0, 2])
     seg, w = SegmentMeta.from_slots(slots), stack(4, 6, gen)
     x, y = torch.randn(7, D_IN, generator=gen), torch.randn(7, D_OUT, generator=gen)
-    groups = lowrank.rank_groups(w, seg)
-    assert len(groups) == 1 and groups[0][1] is None
     torch.testing.assert_close(add_lowrank_gathered(y.clone(), x, w, seg),
                                add_lowrank_reference(y.clone(), x, w, seg), atol=1e-5, rtol=1e-5)
 
 
-def test_rank_groups_cached_per_rank_pattern():
-    """One SegmentMeta serves every site of a step; sites whose stacks differ in ranks get their
-    own grouping, sites that agree share it."""
+def test_one_segment_meta_serves_stacks_of_different_ranks():
+    """One SegmentMeta serves every site of a step; each site's stack gets its own copies."""
     seg, w, x, y = case(40, 6, "uniform", "mixed")
     other = stack(w.A.shape[0], 8, generator("other"))
     for ws in (w, other, w):
         torch.testing.assert_close(add_lowrank_gathered(y.clone(), x, ws, seg),
                                    add_lowrank_reference(y.clone(), x, ws, seg),
                                    atol=1e-5, rtol=1e-5)
-    assert lowrank.rank_groups(w, seg) is lowrank.rank_groups(w, seg)
-    assert lowrank.rank_groups(other, seg) is not lowrank.rank_groups(w, seg)
+    assert lowrank.gathered_weights(w, seg) is lowrank.gathered_weights(w, seg)
+    assert lowrank.gathered_weights(other, seg) is not lowrank.gathered_weights(w, seg)
 
 
-def test_heuristic_picks_gathered_for_decode_and_reference_for_prefill():
+def test_row_layout_follows_slot_writes():
+    """A slot rewritten in place (a new adapter, a smaller or zero rank) and announced with
+    changed(slot) is what the next step reads; a slot wider than the layout rebuilds it."""
+    seg, w, x, y = case(32, 9, "distinct", 8)
+    add_lowrank_gathered(y.clone(), x, w, seg)
+    gen = generator("rewrite")
+    for slot, rank in ((2, 8), (3, 5), (4, 0), (5, 11)):
+        w.A[slot, :rank] = torch.randn(rank, D_IN, generator=gen)
+        w.B[slot, :, :rank] = torch.randn(D_OUT, rank, generator=gen)
+        w.scale[slot] = 0.25
+        w.ranks[slot], w.ranks_host[slot] = rank, rank
+        w.changed(slot)
+        step = SegmentMeta.from_rows(seg.token_slots, 1)          # the next step
+        torch.testing.assert_close(add_lowrank_gathered(y.clone(), x, w, step),
+                                   add_lowrank_reference(y.clone(), x, w, step),
+                                   atol=1e-5, rtol=1e-5)
+    assert lowrank.row_layout(w).width == 11
+
+
+def test_heuristic_picks_gathered_for_rows_over_many_slots_and_reference_for_one_slot():
+    """The gathered path copies weights per row, so a prefill of rows spread over many adapters
+    takes it like a decode step; one slot for every row takes the reference (no copies)."""
     gen = generator("heuristic")
     w = stack(40, 8, gen, d_in=512, d_out=512)
     picks = {name: prefers_gathered(seg, w) for name, seg in heuristic_cases(gen).items()}
-    assert picks == {"decode": True, "prefill": False, "single": False}
+    assert picks == {"decode": True, "prefill": True, "single": False}
+    wide = stack(40, 128, gen, d_in=512, d_out=512)          # 128K elements per row: not worth it
+    few = SegmentMeta.from_rows(torch.tensor([0, 1] * 16), 1)
+    assert not prefers_gathered(few, wide)
 
 
 @pytest.mark.parametrize("tokens_per_row", [1, 40])
-def test_dispatch_on_cpu_matches_reference(monkeypatch, tokens_per_row):
-    """add_lowrank on CPU tensors takes the path the heuristic names and equals the reference."""
+@pytest.mark.parametrize("rows", ["spread", "one-slot", "one-slot-and-bare"])
+def test_dispatch_on_cpu_matches_reference(monkeypatch, tokens_per_row, rows):
+    """add_lowrank on CPU tensors takes the path named for the batch and equals the reference."""
     monkeypatch.setenv("PETSERVE_KERNELS", "auto")
-    taken = record_paths(monkeypatch, lowrank, ("add_lowrank_gathered", "add_lowrank_reference"))
-    gen = generator("dispatch", tokens_per_row)
+    names = ("add_lowrank_gathered", "add_lowrank_reference", "add_lowrank_one")
+    taken = record_paths(monkeypatch, lowrank, names)
+    gen = generator("dispatch", tokens_per_row, rows)
     w = stack(40, 8, gen, d_in=D_IN, d_out=D_OUT)
-    seg = SegmentMeta.from_rows(torch.randint(32, (32,), generator=gen), tokens_per_row)
+    slots = {"spread": torch.randint(32, (32,), generator=gen),
+             "one-slot": torch.full((32,), 7),
+             "one-slot-and-bare": torch.tensor([7, -1] * 16)}[rows]
+    seg = SegmentMeta.from_rows(slots, tokens_per_row)
     x = torch.randn(32 * tokens_per_row, D_IN, generator=gen)
     y = torch.randn(32 * tokens_per_row, D_OUT, generator=gen)
     expected = add_lowrank_reference(y.clone(), x, w, seg)
     taken.clear()
     torch.testing.assert_close(add_lowrank(y, x, w, seg), expected, atol=1e-5, rtol=1e-5)
-    want = "add_lowrank_gathered" if prefers_gathered(seg, w) else "add_lowrank_reference"
+    want = "add_lowrank_one" if rows == "one-slot" else \
+        "add_lowrank_gathered" if prefers_gathered(seg, w) else "add_lowrank_reference"
     assert taken == [want]
 
 
@@ -159,7 +186,6 @@ def test_strided_output(all_adapted):
     seg, w, x, _ = case(32, 9, "uniform", 8)
     if all_adapted:
         seg = SegmentMeta.from_slots(seg.token_slots.clamp(min=2))
-    assert (lowrank.rank_groups(w, seg)[0][1] is None) == all_adapted
     buf = torch.randn(32, D_OUT + 5, generator=generator("strided"))
     before = buf.clone()
     ref = add_lowrank_reference(buf[:, :D_OUT].clone(), x, w, seg)
