@@ -132,10 +132,25 @@ def prefers_gathered(seg: SegmentMeta, w: BottleneckStack) -> bool:
     up projections, bias, gate)."""
     if len(seg.slots) < GATHER_MIN_SEGMENTS:
         return False
-    d, d_src = w.U.shape[1], w.D.shape[2]
-    most = max(w.ranks_host[s] * (d_src + d + 1) + (0 if w.gate_host[s] == GATE_NONE else 3 * d)
-               + _gate_rank(w, s) * (2 * d + 1) for s in seg.slots)
-    return gather_pays(seg, sum(seg.counts), most + 2 * d, GATHER_ELEMENTS_PER_SEGMENT)
+    most = max(map(slot_configs(w)[1].__getitem__, seg.slots))
+    return gather_pays(seg, sum(seg.counts), most, GATHER_ELEMENTS_PER_SEGMENT)
+
+
+def slot_configs(w: BottleneckStack) -> tuple[list, list[int]]:
+    """Per slot: its configuration (rank, source, gate kind, gate rank), None at rank 0, and the
+    elements a per-token copy of its weights holds. Derived once per change of the stack
+    (:meth:`BottleneckStack.changed`), so a step looks them up without a Python loop."""
+    got = w.cache.get("configs")
+    if got is None:
+        d, d_src = w.U.shape[1], w.D.shape[2]
+        keys, sizes = [], []
+        for s, r in enumerate(w.ranks_host):
+            rg = _gate_rank(w, s)
+            keys.append((r, bool(w.from_input_host[s]), w.gate_host[s], rg) if r else None)
+            sizes.append(r * (d_src + d + 1) + (0 if w.gate_host[s] == GATE_NONE else 3 * d)
+                         + rg * (2 * d + 1) + 2 * d)
+        got = w.cache["configs"] = (keys, sizes)
+    return got
 
 
 def bottleneck_residual_gathered(h: torch.Tensor, x: torch.Tensor, w: BottleneckStack,
@@ -197,8 +212,7 @@ def _gate_rank(w: BottleneckStack, s: int) -> int:
 def gathered_bottleneck(w: BottleneckStack, seg: SegmentMeta) -> list:
     """[((r, from_input, gate, gate rank), token indices or None, slot of each, {name: per-token
     weights})] per configuration group (:meth:`SegmentMeta.groups`), kept on ``seg``."""
-    keys = tuple((w.ranks_host[s], bool(w.from_input_host[s]), w.gate_host[s], _gate_rank(w, s))
-                 if w.ranks_host[s] else None for s in seg.slots)
+    keys = tuple(map(slot_configs(w)[0].__getitem__, seg.slots))
 
     def build():
         out = []

@@ -73,6 +73,13 @@ class BottleneckStack:
     # per slot, True = on a pre-LN sublayer the caller passes the residual stream as x (VL-PET's
     # gates read it); the kernels only ever see the x they are given
     residual_host: list[bool] | None = None
+    # values derived from the per-slot settings (kernels.bottleneck's configurations); whoever
+    # writes a slot calls changed(slot) afterwards
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def changed(self, slot: int) -> None:
+        """``slot``'s weights or settings were just written: derived values are rebuilt."""
+        self.cache.clear()
 
 
 @dataclass

@@ -127,6 +127,7 @@ class SlotBank:
         for site in c.bottleneck:
             st = self._bneck[site]
             st.ranks[slot], st.ranks_host[slot] = 0, 0
+            st.changed(slot)
         for name in c.vectors:
             self._vectors[name][slot].copy_(self._base_vectors[name])
         if c.visual is not None:
@@ -177,6 +178,7 @@ class SlotBank:
         st.from_input_host[slot], st.gate_host[slot] = f.from_input, GATE_NAMES[f.gate]
         st.out_scale[slot], st.residual_host[slot] = f.out_scale, f.gate_reads_residual
         self._set_gate(st, slot, f, d)
+        st.changed(slot)
         self._bneck[site] = st
 
     def _set_gate(self, st: BottleneckStack, slot: int, f: BottleneckForm, d: int) -> None:

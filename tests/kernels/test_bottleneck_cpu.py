@@ -122,3 +122,19 @@ def test_dispatch_on_cpu(monkeypatch, tokens_per_row):
     w.D.requires_grad_(True)
     bottleneck_residual(h, x, w, seg).sum().backward()
     assert taken == ["bottleneck_residual_reference"] and w.D.grad.abs().sum() > 0
+
+
+def test_configurations_follow_slot_writes():
+    """A slot rewritten with another rank, source or gate and announced with changed(slot) is
+    grouped by its new configuration on the next step."""
+    seg, w, h, x = case(32, 1, 7, ALL_GATES, ranks=8)
+    bottleneck_residual_gathered(h, x, w, seg)
+    for slot, (rank, gate, from_input) in enumerate([(3, GATE_NONE, True), (0, GATE_SMALL, False),
+                                                     (5, GATE_MIDDLE_Y, False)]):
+        w.ranks[slot], w.ranks_host[slot] = rank, rank
+        w.gate_host[slot], w.from_input_host[slot] = gate, from_input
+        w.changed(slot)
+        step = SegmentMeta.from_rows(seg.row_slots, 1)
+        assert bottleneck.slot_configs(w)[0][slot] == ((rank, from_input, gate, 0) if rank else None)
+        torch.testing.assert_close(bottleneck_residual_gathered(h, x, w, step),
+                                   bottleneck_residual_reference(h, x, w, step), **TOL)
