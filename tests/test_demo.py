@@ -84,12 +84,14 @@ def generated(shipped):
 
 def test_generated_adapters_do_the_trained_tasks_from_a_context_alone(generated):
     """What the README claims of the shipped generator: every trained combination >= 0.9 from 8
-    demonstrations, another task's context no substitute, the bare backbone nothing (the held-out
-    combinations are reported by --check: below their target)."""
+    demonstrations, another task's context no substitute, the bare backbone nothing; of the
+    held-out combinations shapes / upper case reaches its target (count / French does not: --check
+    reports it)."""
     held = {f"{a}/{s}" for a, s in demo.GENERATOR_RECIPE.held_out}
     trained = set(generated.own) - held
     assert len(trained) == 10 and len(held) == 2
     assert all(generated.own[c] >= 0.9 for c in trained), generated
+    assert generated.own["shapes/upper"] >= demo.GENERATED_TARGET, generated
     assert all(v < demo.OTHER_CONTEXT_LIMIT for v in generated.other_context.values()), generated
     assert all(v == 0.0 for v in generated.bare.values()), generated
 

@@ -131,3 +131,35 @@ def test_train_generator_from_the_command_line(tmp_path, capsys):
     assert load_generator(out, build_backbone("tiny")).cfg.r == 4
     assert main(["train-generator", "--out", str(out), "--steps", "0"]) == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("style_mixed", [0.0, 0.5, 1.0])
+def test_meta_training_tasks_keep_out_held_out_combinations(style_mixed):
+    """A drawn task is one trained combination, or (style-mixed) several trained combinations of
+    one answer style; a held-out combination never reaches meta-training."""
+    import random
+
+    from petserve.adapters.training.generator_training import (
+        HELD_OUT,
+        GeneratorTrainConfig,
+        draw_task,
+        task_family,
+    )
+
+    class Pool:                       # items are (combination, index): what the draw picked
+        def items(self, combo, indices):
+            return [(combo, i) for i in indices]
+
+    trained, held = task_family()
+    tc = GeneratorTrainConfig(style_mixed=style_mixed, pool_size=50)
+    rng, mixed = random.Random(0), 0
+    for _ in range(200):
+        context, queries = draw_task(Pool(), trained, tc, rng)
+        assert len(context) == tc.demos and len(queries) == tc.queries
+        combos = {c for c, _ in context + queries}
+        assert combos <= set(trained) and not combos & set(HELD_OUT)
+        assert len({style for _, style in combos}) == 1
+        mixed += len({attribute for attribute, _ in combos}) > 1
+    assert (mixed > 0) == (style_mixed > 0)
+    if style_mixed == 1.0:            # every style has two or more trained attributes
+        assert mixed > 190

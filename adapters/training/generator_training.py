@@ -45,6 +45,9 @@ class GeneratorTrainConfig:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     pool_size: int = 300             # distinct scenes per attribute, drawn once
+    # share of tasks whose context and queries mix the trained attributes of one style: the
+    # adapter must then answer whichever question is asked, in the context's style
+    style_mixed: float = 0.0
     seed: int = 0
     held_out: tuple[tuple[str, str], ...] = HELD_OUT
     progress: bool = False
@@ -72,6 +75,20 @@ class TaskPool:
         return list(zip(rows, targets))
 
 
+def draw_task(pool: TaskPool, trained, tc: GeneratorTrainConfig, rng: random.Random):
+    """One task's (context, queries) items: one trained combination, or (with probability
+    ``tc.style_mixed``) every item from a random trained combination of one style."""
+    n = tc.demos + tc.queries
+    combo = rng.choice(trained)
+    if rng.random() >= tc.style_mixed:
+        items = pool.items(combo, rng.sample(range(tc.pool_size), n))
+    else:
+        same_style = [c for c in trained if c[1] == combo[1]]
+        picks = [rng.choice(same_style) for _ in range(n)]
+        items = [pool.items(c, [rng.randrange(tc.pool_size)])[0] for c in picks]
+    return items[:tc.demos], items[tc.demos:]
+
+
 def train_generator(model: VLModel, gcfg: GeneratorConfig, tc: GeneratorTrainConfig,
                     cache: ExampleFeatures | None = None) -> tuple[Generator, GeneratorHistory]:
     """Meta-train a fresh generator on the trained combinations of the demo task family."""
@@ -86,17 +103,16 @@ def train_generator(model: VLModel, gcfg: GeneratorConfig, tc: GeneratorTrainCon
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc.steps, warm, tc.lr)
-        combos = [rng.choice(trained) for _ in range(tc.tasks_per_step)]
-        draws = [rng.sample(range(tc.pool_size), tc.demos + tc.queries) for _ in combos]
-        contexts = [pool.items(c, d[:tc.demos]) for c, d in zip(combos, draws)]
-        loras = generate_loras(model, gen, contexts, chunk_rows=len(combos) * tc.demos, detach=False)
+        tasks = [draw_task(pool, trained, tc, rng) for _ in range(tc.tasks_per_step)]
+        contexts = [context for context, _ in tasks]
+        loras = generate_loras(model, gen, contexts, chunk_rows=len(tasks) * tc.demos, detach=False)
         loss = 0.0
-        for combo, d, lora, context in zip(combos, draws, loras, contexts):
-            queries = pool.items(combo, d[tc.demos:]) + context
+        for (context, queries), lora in zip(tasks, loras):
+            queries = queries + context
             weights = adapter_weights(model, LoRA, lcfg, lora, "vqa")
             loss = loss + adapter_loss(model, weights, [q[0] for q in queries],
                                        [q[1] for q in queries])
-        loss = loss / len(combos)
+        loss = loss / len(tasks)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tc.clip_grad)
         opt.step()
