@@ -3,10 +3,20 @@
 Dependencies point one way: ``serving -> adapters -> kernels``; this package imports torch (and
 triton, lazily) only.
 """
-from petserve.kernels.bottleneck import act, bottleneck_residual, bottleneck_residual_reference
+from petserve.kernels.bottleneck import (
+    act,
+    bottleneck_residual,
+    bottleneck_residual_reference,
+    bottleneck_slot_written,
+)
 from petserve.kernels.conformer import conformer_reference, conformer_residual
 from petserve.kernels.grouped_linear import grouped_linear, grouped_linear_reference
-from petserve.kernels.lowrank import add_lowrank, add_lowrank_loop, add_lowrank_reference
+from petserve.kernels.lowrank import (
+    add_lowrank,
+    add_lowrank_loop,
+    add_lowrank_reference,
+    lowrank_slot_written,
+)
 from petserve.kernels.segments import SegmentMeta
 from petserve.kernels.sparse import add_sparse, add_sparse_gathered, add_sparse_reference
 from petserve.kernels.stacks import (
@@ -26,7 +36,8 @@ from petserve.kernels.stacks import (
 __all__ = [
     "SegmentMeta", "LowRankStack", "BottleneckStack", "LinearStack", "SparseStack",
     "GATE_NONE", "GATE_SMALL", "GATE_MIDDLE_X", "GATE_MIDDLE_Y", "GATE_LARGE", "GATE_NAMES",
-    "add_lowrank", "add_lowrank_reference", "add_lowrank_loop",
+    "add_lowrank", "add_lowrank_reference", "add_lowrank_loop", "lowrank_slot_written",
+    "bottleneck_slot_written",
     "bottleneck_residual", "bottleneck_residual_reference", "grouped_linear",
     "grouped_linear_reference", "act",
     "add_sparse", "add_sparse_reference", "add_sparse_gathered",

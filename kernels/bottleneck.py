@@ -136,10 +136,15 @@ def prefers_gathered(seg: SegmentMeta, w: BottleneckStack) -> bool:
     return gather_pays(seg, sum(seg.counts), most, GATHER_ELEMENTS_PER_SEGMENT)
 
 
+def bottleneck_slot_written(w: BottleneckStack, slot: int) -> None:
+    """``slot``'s weights or settings were just written: values derived from ``w`` are rebuilt."""
+    w.cache.clear()
+
+
 def slot_configs(w: BottleneckStack) -> tuple[list, list[int]]:
     """Per slot: its configuration (rank, source, gate kind, gate rank), None at rank 0, and the
     elements a per-token copy of its weights holds. Derived once per change of the stack
-    (:meth:`BottleneckStack.changed`), so a step looks them up without a Python loop."""
+    (:func:`bottleneck_slot_written`), so a step looks them up without a Python loop."""
     got = w.cache.get("configs")
     if got is None:
         d, d_src = w.U.shape[1], w.D.shape[2]

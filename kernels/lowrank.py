@@ -136,9 +136,16 @@ def gathered_weights(w: LowRankStack, seg: SegmentMeta) -> tuple[torch.Tensor, t
 _LAYOUT_VERSIONS = itertools.count()
 
 
+def lowrank_slot_written(w: LowRankStack, slot: int) -> None:
+    """``slot``'s A, B, scale or rank were just written: values derived from ``w`` follow."""
+    layout = w.cache.get("rows")
+    if layout is not None:
+        layout.update(w, slot)
+
+
 class RowLayout:
     """A stack's weights laid out for :func:`add_lowrank_gathered`, kept in ``w.cache`` and
-    updated slot by slot (:meth:`LowRankStack.changed`).
+    updated slot by slot (:func:`lowrank_slot_written`).
 
     a: (S + 1, width, d_in), A[s, :r_s] zero-padded to ``width`` (the widest rank when built);
     b: (S + 1, width, d_out), ``scale[s] * B[s, :, :r_s].T`` zero-padded; entry ``none`` = S is

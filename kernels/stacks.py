@@ -29,14 +29,8 @@ class LowRankStack:
     ranks: torch.Tensor
     ranks_host: list[int]
     # values derived from the slots by their users (kernels.lowrank's row layout); whoever writes
-    # a slot calls changed(slot) afterwards
+    # a slot calls kernels.lowrank.lowrank_slot_written(stack, slot) afterwards
     cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def changed(self, slot: int) -> None:
-        """``slot``'s A, B, scale or rank were just written: derived values follow."""
-        layout = self.cache.get("rows")
-        if layout is not None:
-            layout.update(self, slot)
 
 
 @dataclass
@@ -74,12 +68,8 @@ class BottleneckStack:
     # gates read it); the kernels only ever see the x they are given
     residual_host: list[bool] | None = None
     # values derived from the per-slot settings (kernels.bottleneck's configurations); whoever
-    # writes a slot calls changed(slot) afterwards
+    # writes a slot calls kernels.bottleneck.bottleneck_slot_written(stack, slot) afterwards
     cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def changed(self, slot: int) -> None:
-        """``slot``'s weights or settings were just written: derived values are rebuilt."""
-        self.cache.clear()
 
 
 @dataclass

@@ -22,7 +22,15 @@ from petserve.adapters.runtime.weights import (
     sparse_stack_of,
     visual_stack_from,
 )
-from petserve.kernels import GATE_NAMES, BottleneckStack, ConformerStack, LinearStack, LowRankStack
+from petserve.kernels import (
+    GATE_NAMES,
+    BottleneckStack,
+    ConformerStack,
+    LinearStack,
+    LowRankStack,
+    bottleneck_slot_written,
+    lowrank_slot_written,
+)
 
 
 def _grow(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -120,14 +128,14 @@ class SlotBank:
         for site in c.lowrank:
             st = self._lowrank[site]
             st.ranks[slot], st.ranks_host[slot] = 0, 0
-            st.changed(slot)
+            lowrank_slot_written(st, slot)
         for site in c.sparse:
             self._sparse_forms[site][slot] = None
             self._sparse.pop(site, None)
         for site in c.bottleneck:
             st = self._bneck[site]
             st.ranks[slot], st.ranks_host[slot] = 0, 0
-            st.changed(slot)
+            bottleneck_slot_written(st, slot)
         for name in c.vectors:
             self._vectors[name][slot].copy_(self._base_vectors[name])
         if c.visual is not None:
@@ -160,7 +168,7 @@ class SlotBank:
         st.A, st.B = _grow(st.A, 1, r), _grow(st.B, 2, r)
         st.A[slot, :r], st.B[slot, :, :r], st.scale[slot] = f.A, f.B, f.scale
         st.ranks[slot], st.ranks_host[slot] = r, r
-        st.changed(slot)
+        lowrank_slot_written(st, slot)
         self._lowrank[site] = st
 
     def _set_bottleneck(self, site: str, slot: int, f: BottleneckForm) -> None:
@@ -178,7 +186,7 @@ class SlotBank:
         st.from_input_host[slot], st.gate_host[slot] = f.from_input, GATE_NAMES[f.gate]
         st.out_scale[slot], st.residual_host[slot] = f.out_scale, f.gate_reads_residual
         self._set_gate(st, slot, f, d)
-        st.changed(slot)
+        bottleneck_slot_written(st, slot)
         self._bneck[site] = st
 
     def _set_gate(self, st: BottleneckStack, slot: int, f: BottleneckForm, d: int) -> None:

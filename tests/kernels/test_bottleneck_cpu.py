@@ -10,6 +10,7 @@ from petserve.kernels.bottleneck import (
     bottleneck_residual,
     bottleneck_residual_gathered,
     bottleneck_residual_reference,
+    bottleneck_slot_written,
     prefers_gathered,
 )
 from petserve.kernels.segments import SegmentMeta
@@ -125,7 +126,8 @@ def test_dispatch_on_cpu(monkeypatch, tokens_per_row):
 
 
 def test_configurations_follow_slot_writes():
-    """A slot rewritten with another rank, source or gate and announced with changed(slot) is
+    """A slot rewritten with another rank, source or gate and announced with
+    bottleneck_slot_written(w, slot) is
     grouped by its new configuration on the next step."""
     seg, w, h, x = case(32, 1, 7, ALL_GATES, ranks=8)
     bottleneck_residual_gathered(h, x, w, seg)
@@ -133,7 +135,7 @@ def test_configurations_follow_slot_writes():
                                                      (5, GATE_MIDDLE_Y, False)]):
         w.ranks[slot], w.ranks_host[slot] = rank, rank
         w.gate_host[slot], w.from_input_host[slot] = gate, from_input
-        w.changed(slot)
+        bottleneck_slot_written(w, slot)
         step = SegmentMeta.from_rows(seg.row_slots, 1)
         assert bottleneck.slot_configs(w)[0][slot] == ((rank, from_input, gate, 0) if rank else None)
         torch.testing.assert_close(bottleneck_residual_gathered(h, x, w, step),

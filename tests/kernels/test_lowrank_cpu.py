@@ -10,6 +10,7 @@ from petserve.kernels.lowrank import (
     add_lowrank,
     add_lowrank_gathered,
     add_lowrank_reference,
+    lowrank_slot_written,
     prefers_gathered,
 )
 from petserve.kernels.segments import SegmentMeta
@@ -102,7 +103,7 @@ def test_one_segment_meta_serves_stacks_of_different_ranks():
 
 def test_row_layout_follows_slot_writes():
     """A slot rewritten in place (a new adapter, a smaller or zero rank) and announced with
-    changed(slot) is what the next step reads; a slot wider than the layout rebuilds it."""
+    lowrank_slot_written(w, slot) is what the next step reads; a slot wider than the layout rebuilds it."""
     seg, w, x, y = case(32, 9, "distinct", 8)
     add_lowrank_gathered(y.clone(), x, w, seg)
     gen = generator("rewrite")
@@ -111,7 +112,7 @@ def test_row_layout_follows_slot_writes():
         w.B[slot, :, :rank] = torch.randn(D_OUT, rank, generator=gen)
         w.scale[slot] = 0.25
         w.ranks[slot], w.ranks_host[slot] = rank, rank
-        w.changed(slot)
+        lowrank_slot_written(w, slot)
         step = SegmentMeta.from_rows(seg.token_slots, 1)          # the next step
         torch.testing.assert_close(add_lowrank_gathered(y.clone(), x, w, step),
                                    add_lowrank_reference(y.clone(), x, w, step),
