@@ -167,11 +167,12 @@ class RowLayout:
 
     def _write(self, w: LowRankStack, s: int) -> None:
         r = w.ranks_host[s]
-        self.a[s].zero_()
-        self.b[s].zero_()
+        if r < self.width:
+            self.a[s, r:].zero_()
+            self.b[s, r:].zero_()
         if r:
-            self.a[s, :r] = w.A[s, :r]
-            self.b[s, :r] = (w.B[s, :, :r] * w.scale[s].to(w.B.dtype)).T
+            self.a[s, :r].copy_(w.A[s, :r])
+            torch.mul(w.B[s, :, :r].mT, w.scale[s].to(w.B.dtype), out=self.b[s, :r])
 
     def valid_for(self, w: LowRankStack) -> bool:
         return self.stamp == (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr())

@@ -131,6 +131,9 @@ class SlotPool:
         self._cpu: OrderedDict[tuple[str, int], _CpuEntry] = OrderedDict()
         self._composites: OrderedDict[tuple[Members, str | None], CompiledAdapter] = OrderedDict()
         self._generated: OrderedDict[str, CompiledAdapter] = OrderedDict()   # LRU, version 0
+        # per stored id, at most the oldest version any of the maps above may hold: an acquire
+        # of a version no newer than that has nothing to forget (no scan of the maps)
+        self._oldest: dict[str, int] = {}
         self._stats = PoolCounters()
         self._lock = threading.RLock()
 
@@ -227,6 +230,10 @@ class SlotPool:
     def _forget(self, adapter_id: str, older_than: int) -> None:
         """Drop every copy of ``adapter_id`` older than version ``older_than``, and every
         composite holding one."""
+        if self._oldest.get(adapter_id, older_than) >= older_than:
+            return
+        self._oldest[adapter_id] = older_than      # what the scan below leaves
+
         def old(key) -> bool:
             if isinstance(key[0], tuple):
                 return any(m == adapter_id and v < older_than for m, v in key[0])
@@ -337,6 +344,7 @@ class SlotPool:
             self._stats.cpu_hits += 1
             return entry
         t0 = time.perf_counter()
+        self._oldest[adapter_id] = min(version, self._oldest.get(adapter_id, version))
         entry = _CpuEntry(parse_stored(self.store.read(adapter_id, version), self.model))
         self._stats.store_reads += 1
         self._stats.read_ms_sum += (time.perf_counter() - t0) * 1e3

@@ -125,6 +125,28 @@ def test_broken_files_each_get_their_own_clear_error(tiny_t5, good):
     assert len(cases) >= 15 and len(seen_codes) >= 15
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_values_are_found_in_any_tensor_of_any_float_dtype(tiny_t5, good, dtype):
+    """The finiteness check reads every float tensor's bits: a NaN or infinity at the last element
+    of a tensor in the middle of the file names that tensor; the largest finite values, -0 and
+    subnormals load."""
+    cfg, params, _ = good
+    names = sorted(params)
+    extremes = torch.finfo(dtype).max
+    edge = {k: v.to(dtype, copy=True) for k, v in params.items()}
+    flat = edge[names[1]].view(-1)
+    flat[0], flat[1], flat[-1] = extremes, -0.0, torch.finfo(dtype).tiny / 4     # subnormal
+    data = adapter_bytes("lora", cfg, edge, tiny_t5, task="vqa", dtype=dtype)
+    assert load_adapter(data, tiny_t5).params[names[1]].view(-1)[0].item() == extremes
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for victim in (names[len(names) // 2], names[-1]):
+            broken = {k: v.clone() for k, v in edge.items()}
+            broken[victim].view(-1)[-1] = bad
+            with pytest.raises(AdapterFileError, match=f"tensor '{victim}' contains NaN"):
+                load_adapter(adapter_bytes("lora", cfg, broken, tiny_t5, task="vqa", dtype=dtype),
+                             tiny_t5)
+
+
 def test_adapter_for_another_backbone_is_refused(good):
     other = build_backbone("tiny-t5", seed=1)
     with pytest.raises(AdapterFileError, match="trained for backbone"):

@@ -129,6 +129,21 @@ def test_new_version_loads_a_fresh_slot_while_the_old_one_is_in_use(tiny_t5, sto
     assert use(pool, "a") == new
 
 
+def test_an_older_version_admitted_late_is_dropped_by_the_next_newer_acquire(tiny_t5, store):
+    """A request admitted before an upload may reach the pool after the new version did: the old
+    version loads for it and the next acquire of the newer version drops it (slot and CPU copy);
+    acquires of a version already seen scan nothing."""
+    pool = pool_of(tiny_t5, store, slots=3)
+    put_adapter(store, tiny_t5, "a", "lora", {"r": 2}, seed=99)
+    use(pool, "a")                                   # v2
+    late = pool.acquire("a", 1, "vqa")               # admitted before the upload
+    assert set(pool.resident()) == {("a", 1, None), ("a", 2, None)}
+    pool.release(late)
+    use(pool, "a")
+    assert set(pool.resident()) == {("a", 2, None)}
+    assert [k for k in pool._cpu if k[0] == "a"] == [("a", 2)]
+
+
 def test_deleted_adapter_is_404_but_rows_in_flight_keep_their_slot(tiny_t5, store):
     pool = pool_of(tiny_t5, store, cpu=1)
     sa = acquire(pool, "a")
