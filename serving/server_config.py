@@ -128,9 +128,15 @@ class ServerConfig(_Strict):
     token_env: str = DEFAULT_TOKEN_ENV
     auth_reads: bool = Field(False, description="also require the token for inference and reads")
     replicas: int = Field(1, ge=1, description="backbone replicas (one per GPU when GPUs exist)")
-    ingress_replicas: int = Field(1, ge=1)
+    ingress: Literal["auto", "backbone", "separate"] = Field("auto", description=(
+        "Ray Serve: 'backbone' runs the HTTP app inside each backbone replica (one hop: Serve's "
+        "proxy -> replica); 'separate' in its own Ingress deployment, which routes each request "
+        "by its body's adapter id to a replica holding it; 'auto': backbone for one backbone "
+        "replica, separate for more (or autoscaling)"))
+    ingress_replicas: int = Field(1, ge=1, description="Ingress replicas (ingress 'separate')")
     backbone_cpus: float = Field(1.0, ge=0, description="CPUs reserved per backbone replica")
-    ingress_cpus: float = Field(0.5, ge=0, description="CPUs reserved per ingress replica")
+    ingress_cpus: float = Field(0.5, ge=0, description="CPUs reserved per ingress replica "
+                                "(ingress 'separate')")
     audio_cpus: float = Field(0.5, ge=0, description="CPUs reserved per audio backbone replica")
     autoscaling: AutoscalingSettings | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -167,3 +173,9 @@ class ServerConfig(_Strict):
             return self.device
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def ingress_in_backbone(self) -> bool:
+        """Whether the Ray Serve app runs the HTTP app inside the backbone replicas (one hop)."""
+        if self.ingress != "auto":
+            return self.ingress == "backbone"
+        return self.replicas == 1 and self.autoscaling is None

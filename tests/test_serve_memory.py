@@ -1,7 +1,8 @@
 """`petserve serve` (the embedded default, as `make serve` runs it) as a real process tree: only the
-Backbone and AudioBackbone replicas import torch (not the driver, not Ingress, not MetricsBoard,
-even after they have built a request and read its result), and the whole tree's resident memory
-stays under 2 GiB plus 512 MiB for the audio family's replica (one more torch process).
+Backbone and AudioBackbone replicas import torch (not the driver, not MetricsBoard), the HTTP app
+runs inside the one Backbone replica (no Ingress process: ``ingress`` "auto" with one replica), and
+the whole tree's resident memory stays under 2 GiB plus 512 MiB for the audio family's replica (one
+more torch process).
 
 Processes are found under the driver's pid in /proc; torch shows as libtorch in /proc/PID/maps."""
 from __future__ import annotations
@@ -22,7 +23,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 TOKEN = "memory-test-token"
 TREE_LIMIT_MIB = 2048 + 512       # the VL tree + the AudioBackbone replica
 AUDIO_LIMIT_MIB = 448
-NO_MODEL = ("ray::ServeReplica:petserve:Ingress", "ray::ServeReplica:petserve:MetricsBoard")
+NO_MODEL = ("ray::ServeReplica:petserve:MetricsBoard",)
+INGRESS = "ray::ServeReplica:petserve:Ingress"
 BACKBONE = "ray::ServeReplica:petserve:Backbone"
 AUDIO = "ray::ServeReplica:petserve:AudioBackbone"
 
@@ -102,7 +104,7 @@ def test_only_the_backbones_import_torch_and_the_tree_fits(server):
     driver, url = server
     body = {"adapter": "colors", "question": "what color is the shape?",
             "features": [[0.1] * 64], "max_new_tokens": 2}
-    r = httpx.post(f"{url}/v1/vqa", json=body, timeout=60)   # the ingress builds and reads
+    r = httpx.post(f"{url}/v1/vqa", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert httpx.get(f"{url}/v1/adapters", timeout=30).status_code == 200
     metrics = httpx.get(f"{url}/metrics", timeout=30)         # our own, without Ray's dashboard
@@ -118,6 +120,7 @@ def test_only_the_backbones_import_torch_and_the_tree_fits(server):
     assert by_cmd[AUDIO]["rss_mib"] <= AUDIO_LIMIT_MIB, table  # no transformers modeling stack
     for name in NO_MODEL:
         assert name in by_cmd and not by_cmd[name]["torch"], table
+    assert INGRESS not in by_cmd, table
     assert not procs[driver]["torch"], table
     rss = sum(d["rss_mib"] for d in procs.values())
     print(f"\n{table}\ntree: RSS {rss:.0f} MiB, PSS {sum(d['pss_mib'] for d in procs.values()):.0f}"
