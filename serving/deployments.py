@@ -21,11 +21,10 @@ Adapter affinity: the adapter id is the multiplexed model id, so Serve prefers a
 already holds the adapter (with the app in the backbone, Serve's proxy routes by the
 ``serve_multiplexed_model_id`` header, which a client may send). The replica's multiplexed
 loader only warms the adapter (`Engine.prefetch`: read and parsed into the CPU cache) and returns
-its version, a plain value:
-Serve's per-replica LRU of ids feeds routing, while the slot pool's LRU alone decides what stays
-resident. Nothing is held between requests; each request's slot reference is taken and released
-by the engine's scheduler. `@serve.batch` is deliberately not used: it would split batches by
-multiplexed id, while our engine mixes adapters in one batch.
+its version, a plain value: Serve's per-replica LRU of ids feeds routing, while the slot pool's
+LRU alone decides what stays resident. Nothing is held between requests; each request's slot
+reference is taken and released by the engine's scheduler. `@serve.batch` is deliberately not
+used: it would split batches by multiplexed id, while our engine mixes adapters in one batch.
 
 Only the Backbone replicas import torch (the model, the engine). Ingress and MetricsBoard exchange
 plain values with them (serving.engine_io, dicts), so their processes stay torch-free.
@@ -667,7 +666,7 @@ def build_app(config: ServerConfig, token: str):
             "ray_actor_options": {"num_gpus": gpus, "num_cpus": config.audio_cpus}}).bind(public, board)
     if config.ingress_in_backbone():
         http = {"token_digest": token_digest(token), "audio": audio,
-                "register": config.replicas > 1 or config.autoscaling is not None}
+                "register": config.many_replicas()}
         return serve.deployment(serve.ingress()(BackboneReplica), **options).bind(
             public, board, http)
     backbone = serve.deployment(BackboneReplica, **options).bind(public, board)

@@ -174,8 +174,12 @@ class ServerConfig(_Strict):
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def many_replicas(self) -> bool:
+        """Whether the backbone deployment may run more than one replica."""
+        return self.replicas > 1 or self.autoscaling is not None
+
     def ingress_in_backbone(self) -> bool:
         """Whether the Ray Serve app runs the HTTP app inside the backbone replicas (one hop)."""
         if self.ingress != "auto":
             return self.ingress == "backbone"
-        return self.replicas == 1 and self.autoscaling is None
+        return not self.many_replicas()
