@@ -39,6 +39,7 @@ from petserve.benchmarks.workloads import (
     make_requests,
     used_adapters,
 )
+from petserve.serving.server_config import EngineConfig
 
 PEFT_ADAPTERS = 32          # the acceptance workload's LoRAs, created with PEFT
 SYSTEMS = ("engine", "backbone", "merged", "peft_mixed", "hf_backbone", "per_adapter")
@@ -54,7 +55,8 @@ class Case:
         return {"bench": "engine", "system": self.system, "backbone": self.backbone,
                 **self.workload.setup(), "concurrency": args.concurrency,
                 "max_batch_rows": args.batch, "num_slots": args.num_slots,
-                "threads": torch.get_num_threads(), "dtype": str(args.dtype)}
+                "cpu_cache_mib": args.cpu_cache_mib, "threads": torch.get_num_threads(),
+                "dtype": str(args.dtype)}
 
 
 @dataclass
@@ -149,18 +151,18 @@ def engine_metrics(results, before: dict, after: dict) -> dict:
 
 
 def warm_up(requests, args) -> list:
-    """One short request (one new token) per distinct adapter, first seen first, at most
-    cpu_cache of them: the CPU cache and the slots start as a running server's would."""
+    """One short request (one new token) per distinct adapter, first seen first: the CPU cache
+    (what of them its byte budget holds) and the slots start as a running server's would."""
     first = {}
     for r in requests:
         first.setdefault(r.adapter, replace(r, max_new_tokens=1))
-    return list(first.values())[:args.cpu_cache] + \
+    return list(first.values()) + \
         [replace(r, max_new_tokens=1) for r in requests[:args.concurrency]]
 
 
 def run_engine(model, store, requests, args) -> tuple[dict, list]:
-    from petserve.serving.engine import Engine, EngineConfig
-    cfg = EngineConfig(num_slots=args.num_slots, cpu_cache_adapters=args.cpu_cache,
+    from petserve.serving.engine import Engine
+    cfg = EngineConfig(num_slots=args.num_slots, cpu_cache_mib=args.cpu_cache_mib,
                        max_batch_rows=args.batch, max_queue=max(256, 2 * args.concurrency))
     engine = Engine(model, store, cfg)
     engine.start()
@@ -321,7 +323,8 @@ def parse_args(argv):
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight (closed loop)")
     p.add_argument("--batch", type=int, default=32, help="engine max_batch_rows = baseline batch")
     p.add_argument("--num-slots", type=int, default=64)
-    p.add_argument("--cpu-cache", type=int, default=256)
+    p.add_argument("--cpu-cache-mib", type=float,
+                   default=EngineConfig.model_fields["cpu_cache_mib"].default)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on CPU (0: torch's default)")

@@ -53,7 +53,7 @@ def measure(model, store, ids: list[str], evict: bool) -> list[dict]:
     """One cold load per id, through a 2-slot pool that caches one parsed file on the CPU: each
     id is read from the store and written into a slot another adapter held."""
     from petserve.serving.slot_pool import SlotPool
-    pool = SlotPool(model, store, num_slots=2, cpu_cache_adapters=1)
+    pool = SlotPool(model, store, num_slots=2, cpu_cache_bytes=1, cpu_cache_adapters=1)
     cuda = model.device.type == "cuda"
     loads, evicted = [], True
     for aid in ids:

@@ -66,6 +66,20 @@ def decode_step_fn(model, bank, slots, enc_len: int, history: int):
     return step
 
 
+def prefill_fn(model, bank, slots, enc_len: int):
+    """The prefill of ``len(slots)`` rows (row i on adapter ``slots[i]``, -1: none) of
+    ``enc_len`` prompt tokens each: the encoder pass and the decoder's cross-attention cache, as
+    a callable."""
+    rows = [RowInput(list(range(5, 5 + enc_len)), None) for _ in slots]
+
+    def step():
+        with torch.inference_mode():
+            ctx = StepContext(bank, BatchMeta.build(slots, bank.num_slots, model.device))
+            enc, valid = model.encode(rows, ctx)
+            model.init_cache(enc, valid, ctx)
+    return step
+
+
 def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -47,6 +47,7 @@ from petserve.benchmarks.workloads import (
     used_adapters,
     workload_adapter_bytes,
 )
+from petserve.serving.server_config import EngineConfig
 
 TOKEN = "bench-token"
 FEATURES = [[0.25] * 16]
@@ -62,7 +63,7 @@ def free_port() -> int:
 
 def server_config(backbone: Path, store: Path, port: int, args) -> dict:
     return {"backbone": str(backbone), "store_dir": str(store), "port": port, "token": TOKEN,
-            "engine": {"num_slots": args.num_slots, "cpu_cache_adapters": args.cpu_cache,
+            "engine": {"num_slots": args.num_slots, "cpu_cache_mib": args.cpu_cache_mib,
                        "max_batch_rows": args.batch, "max_queue": 4096}}
 
 
@@ -266,7 +267,7 @@ def row(w: Workload, mode: str, load: float, runs: list[dict], args) -> dict:
              ("concurrency" if mode == "closed" else "rate"): load,
              "backbone": args.backbone, **w.setup(), "server": args.server,
              "server_threads": args.server_threads, "num_slots": args.num_slots,
-             "cpu_cache_adapters": args.cpu_cache, "max_batch_rows": args.batch}
+             "cpu_cache_mib": args.cpu_cache_mib, "max_batch_rows": args.batch}
     return {"setup": setup, "metrics": metrics, "device": device_name(), "commit": commit()}
 
 
@@ -310,7 +311,8 @@ def parse_args(argv):
     p.add_argument("--open-seconds", type=float, default=8.0, help="length of an open-loop run")
     p.add_argument("--batch", type=int, default=32, help="engine max_batch_rows")
     p.add_argument("--num-slots", type=int, default=64)
-    p.add_argument("--cpu-cache", type=int, default=256)
+    p.add_argument("--cpu-cache-mib", type=float,
+                   default=EngineConfig.model_fields["cpu_cache_mib"].default)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="in-process server, a few requests")
     p.add_argument("--out", type=Path, default=None,

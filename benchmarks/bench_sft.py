@@ -25,6 +25,7 @@ import torch
 
 from petserve.benchmarks.bench_env import commit, device_name, save_figure, write_results
 from petserve.benchmarks.workloads import Workload, make_requests, serving_backbone
+from petserve.serving.server_config import EngineConfig
 
 
 def sft_entries(model, density: float) -> dict[str, int]:
@@ -140,7 +141,8 @@ def parse_args(argv):
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--num-slots", type=int, default=64)
-    p.add_argument("--cpu-cache", type=int, default=256)
+    p.add_argument("--cpu-cache-mib", type=float,
+                   default=EngineConfig.model_fields["cpu_cache_mib"].default)
     p.add_argument("--members", default="2,4,8")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)

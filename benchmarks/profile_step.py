@@ -1,11 +1,14 @@
-"""Where one decode step's time goes: the backbone alone, 1 LoRA, 32 LoRAs, 32 mixed kinds.
+"""Where one decode step's and one prefill's time goes: the backbone alone, 1 LoRA, 32 LoRAs,
+32 mixed kinds.
 
     python -m petserve.benchmarks.profile_step [--backbone tiny] [--batch 32] [--threads 1]
+                                               [--phase decode|prefill|both]
 
-For each setup: the step's median wall time, and torch.profiler's ops by self CPU time, grouped
+For each setup: the pass's median wall time, and torch.profiler's ops by self CPU time, grouped
 (matmuls, the adapters' gathers and index copies, elementwise, allocation and views, the rest),
-as the markdown table docs/PERFORMANCE.md shows. The step is benchmarks/bench_model's (the same
-rows, a prefilled cache).
+as the markdown tables docs/PERFORMANCE.md shows. The passes are benchmarks/bench_model's: a
+decode step over a prefilled cache, and a prefill (encoder + cross-attention cache) of the same
+rows.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from petserve.adapters.backbone import build_backbone
 from petserve.adapters.kinds import get_kind
 from petserve.adapters.runtime.bank import SlotBank
-from petserve.benchmarks.bench_model import _timed, decode_step_fn
+from petserve.benchmarks.bench_model import _timed, decode_step_fn, prefill_fn
 from petserve.benchmarks.workloads import LORA, MIXED
 
 GROUPS = {   # op name fragment -> group, first match wins
@@ -59,9 +62,10 @@ def bank_for(model, setup: str, batch: int) -> tuple[SlotBank, list[int]]:
     return bank, [i % n for i in range(batch)]
 
 
-def profile_setup(model, setup: str, args) -> dict:
+def profile_setup(model, setup: str, phase: str, args) -> dict:
     bank, slots = bank_for(model, setup, args.batch)
-    step = decode_step_fn(model, bank, slots, args.enc_len, args.history)
+    step = decode_step_fn(model, bank, slots, args.enc_len, args.history) if phase == "decode" \
+        else prefill_fn(model, bank, slots, args.enc_len)
     ms = _timed(step, model.device, args.iters)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.iters):
@@ -75,9 +79,9 @@ def profile_setup(model, setup: str, args) -> dict:
     return {"setup": setup, "ms": ms, "groups": dict(groups), "ops_per_step": calls / args.iters}
 
 
-def table(backbone: str, rows: list[dict]) -> str:
+def table(backbone: str, phase: str, rows: list[dict]) -> str:
     names = ["matmul", "gather / index", "copies", "elementwise", "views / allocation", "other"]
-    out = [f"| {backbone} | step ms | aten ops | " + " | ".join(names) + " |",
+    out = [f"| {backbone} {phase} | ms | aten ops | " + " | ".join(names) + " |",
            "|---|---|---|" + "---|" * len(names)]
     for r in rows:
         out.append(f"| {r['setup']} | {r['ms']:.2f} | {r['ops_per_step']:.0f} | "
@@ -93,11 +97,14 @@ def main(argv=None) -> int:
     p.add_argument("--history", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--phase", choices=("decode", "prefill", "both"), default="both")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = build_backbone(args.backbone)
-    rows = [profile_setup(model, s, args) for s in ("bare", "1 LoRA", "32 LoRAs", "32 mixed")]
-    print(table(args.backbone, rows))
+    for phase in ("decode", "prefill") if args.phase == "both" else (args.phase,):
+        rows = [profile_setup(model, s, phase, args)
+                for s in ("bare", "1 LoRA", "32 LoRAs", "32 mixed")]
+        print(table(args.backbone, phase, rows) + "\n")
     return 0
 
 

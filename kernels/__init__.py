@@ -15,7 +15,7 @@ from petserve.kernels.lowrank import (
     add_lowrank,
     add_lowrank_loop,
     add_lowrank_reference,
-    lowrank_slot_written,
+    lowrank_slots_written,
 )
 from petserve.kernels.segments import SegmentMeta
 from petserve.kernels.sparse import add_sparse, add_sparse_gathered, add_sparse_reference
@@ -36,7 +36,7 @@ from petserve.kernels.stacks import (
 __all__ = [
     "SegmentMeta", "LowRankStack", "BottleneckStack", "LinearStack", "SparseStack",
     "GATE_NONE", "GATE_SMALL", "GATE_MIDDLE_X", "GATE_MIDDLE_Y", "GATE_LARGE", "GATE_NAMES",
-    "add_lowrank", "add_lowrank_reference", "add_lowrank_loop", "lowrank_slot_written",
+    "add_lowrank", "add_lowrank_reference", "add_lowrank_loop", "lowrank_slots_written",
     "bottleneck_slot_written",
     "bottleneck_residual", "bottleneck_residual_reference", "grouped_linear",
     "grouped_linear_reference", "act",

@@ -136,16 +136,16 @@ def gathered_weights(w: LowRankStack, seg: SegmentMeta) -> tuple[torch.Tensor, t
 _LAYOUT_VERSIONS = itertools.count()
 
 
-def lowrank_slot_written(w: LowRankStack, slot: int) -> None:
-    """``slot``'s A, B, scale or rank were just written: values derived from ``w`` follow."""
+def lowrank_slots_written(w: LowRankStack, slots: list[int]) -> None:
+    """``slots``' A, B, scale or rank were just written: values derived from ``w`` follow."""
     layout = w.cache.get("rows")
     if layout is not None:
-        layout.update(w, slot)
+        layout.update(w, slots)
 
 
 class RowLayout:
     """A stack's weights laid out for :func:`add_lowrank_gathered`, kept in ``w.cache`` and
-    updated slot by slot (:func:`lowrank_slot_written`).
+    updated for the slots written (:func:`lowrank_slots_written`).
 
     a: (S + 1, width, d_in), A[s, :r_s] zero-padded to ``width`` (the widest rank when built);
     b: (S + 1, width, d_out), ``scale[s] * B[s, :, :r_s].T`` zero-padded; entry ``none`` = S is
@@ -155,17 +155,33 @@ class RowLayout:
 
     def __init__(self, w: LowRankStack):
         S, _, d_in = w.A.shape
-        width = self.width = max(1, max(w.ranks_host, default=0))
+        self.width = max(1, max(w.ranks_host, default=0))
         self.none, self.version = S, next(_LAYOUT_VERSIONS)
         self.stamp = (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr())
-        self.a = w.A.new_zeros(S + 1, width, d_in)
-        self.b = w.B.new_zeros(S + 1, width, w.B.shape[1])
-        kept = (torch.arange(width, device=w.A.device) < w.ranks.view(-1, 1)).unsqueeze(-1)
-        scaled = (w.B[:, :, :width] * w.scale.to(w.B.dtype).view(-1, 1, 1)).transpose(1, 2)
-        self.a[:S] = torch.where(kept, w.A[:, :width], 0)        # where, not *: past a slot's
-        self.b[:S] = torch.where(kept, scaled, 0)                 # rank may lie anything
+        self.a = w.A.new_zeros(S + 1, self.width, d_in)
+        self.b = w.B.new_zeros(S + 1, self.width, w.B.shape[1])
+        self._write(w, None)
 
-    def _write(self, w: LowRankStack, s: int) -> None:
+    def _write(self, w: LowRankStack, idx: torch.Tensor | None) -> None:
+        """The entries of slots ``idx`` (an index tensor; None: every slot) from the stack."""
+        width = self.width
+        A, B, scale, ranks = w.A.narrow(1, 0, width), w.B.narrow(2, 0, width), w.scale, w.ranks
+        if idx is not None:
+            A, B, scale, ranks = (t.index_select(0, idx) for t in (A, B, scale, ranks))
+        kept = (torch.arange(width, device=A.device) < ranks.view(-1, 1)).unsqueeze(-1)
+        a = torch.where(kept, A, 0)                 # where, not *: past a slot's rank may lie
+        b = torch.where(kept, (B * scale.to(B.dtype).view(-1, 1, 1)).transpose(1, 2), 0)  # anything
+        if idx is None:
+            self.a[:self.none], self.b[:self.none] = a, b
+        else:
+            self.a.index_copy_(0, idx, a)
+            self.b.index_copy_(0, idx, b)
+
+    def valid_for(self, w: LowRankStack) -> bool:
+        return self.stamp == (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr())
+
+    def _write_one(self, w: LowRankStack, s: int) -> None:
+        """:meth:`_write` of one slot with plain views (a third of the ops of the indexed form)."""
         r = w.ranks_host[s]
         if r < self.width:
             self.a[s, r:].zero_()
@@ -174,14 +190,14 @@ class RowLayout:
             self.a[s, :r].copy_(w.A[s, :r])
             torch.mul(w.B[s, :, :r].mT, w.scale[s].to(w.B.dtype), out=self.b[s, :r])
 
-    def valid_for(self, w: LowRankStack) -> bool:
-        return self.stamp == (w.A.data_ptr(), w.B.data_ptr(), w.scale.data_ptr())
-
-    def update(self, w: LowRankStack, slot: int) -> None:
-        if not self.valid_for(w) or w.ranks_host[slot] > self.width:
+    def update(self, w: LowRankStack, slots: list[int]) -> None:
+        if not self.valid_for(w) or max(w.ranks_host[s] for s in slots) > self.width:
             w.cache.pop("rows", None)        # rebuilt on its next use
             return
-        self._write(w, slot)
+        if len(slots) == 1:
+            self._write_one(w, slots[0])
+        else:
+            self._write(w, torch.tensor(slots, dtype=torch.long, device=w.A.device))
         self.version = next(_LAYOUT_VERSIONS)
 
 

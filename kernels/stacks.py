@@ -29,7 +29,7 @@ class LowRankStack:
     ranks: torch.Tensor
     ranks_host: list[int]
     # values derived from the slots by their users (kernels.lowrank's row layout); whoever writes
-    # a slot calls kernels.lowrank.lowrank_slot_written(stack, slot) afterwards
+    # slots call kernels.lowrank.lowrank_slots_written(stack, slots) afterwards
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 

@@ -62,7 +62,8 @@ class AudioEngine:
         self.config = config = config or EngineConfig()
         self.max_audio_seconds = max_audio_seconds
         self.featurize = Featurizer(model.cfg)
-        self.pool = SlotPool(model, store, config.num_slots, config.cpu_cache_adapters)
+        self.pool = SlotPool(model, store, config.num_slots, int(config.cpu_cache_mib * 2**20),
+                             config.cpu_cache_adapters)
         self.rows, self.adapters_per_batch = Histogram(SIZE_BUCKETS), Histogram(SIZE_BUCKETS)
         self.requests: dict[str, dict[str, float]] = {}     # adapter -> count, latency_ms_sum
         self.failed: dict[str, int] = {}                     # error code -> count

@@ -71,9 +71,10 @@ class LocalBackend:
 
     @classmethod
     def from_config(cls, config: ServerConfig, replica: str = "local",
-                    serve_audio: bool = True) -> LocalBackend:
+                    serve_audio: bool = True, **links) -> LocalBackend:
         """The backend ``config`` names; ``serve_audio`` False (a Ray VL replica): the audio
-        backbone is loaded only to check audio uploads against."""
+        backbone is loaded only to check audio uploads against. ``links``: a subclass's own
+        constructor arguments (ReplicaBackend's)."""
         from petserve.adapters.backbone import build_backbone
         model = build_backbone(config.backbone or "tiny", device=config.resolved_device())
         store = open_store(config)
@@ -90,7 +91,7 @@ class LocalBackend:
         else:
             audio, audio_only_model = None, audio_model(config)
         return cls(model, store, config.engine, config.max_adapter_bytes,
-                   replica, generator, name, towers, audio, audio_only_model)
+                   replica, generator, name, towers, audio, audio_only_model, **links)
 
     def start(self) -> None:
         self.engine.start()
@@ -341,9 +342,6 @@ class BackboneReplica:
         self.config = ServerConfig.model_validate(config)
         context = serve.get_replica_context()
         self.name = f"{context.deployment}#{context.replica_id.unique_id}"
-        cls = LocalBackend if http is None else ReplicaBackend
-        self.backend = cls.from_config(self.config, replica=self.name, serve_audio=False)
-        self.backend.start()
 
         async def warm(adapter_id: str) -> int:
             # A plain function: Serve stores its LRU cache as an attribute of what it wraps,
@@ -356,10 +354,16 @@ class BackboneReplica:
         self._warm = serve.multiplexed(
             max_num_models_per_replica=self.config.engine.num_slots)(warm)
         self._board = board
+        if http is None:
+            self.backend = LocalBackend.from_config(self.config, self.name, serve_audio=False)
+        else:
+            self.backend = ReplicaBackend.from_config(
+                self.config, self.name, serve_audio=False,
+                remote=RayBackend(None, board, http["audio"]),
+                register=self._warm if http["register"] else None)
+        self.backend.start()
         self._pusher = asyncio.get_running_loop().create_task(self._push_stats_forever())
         if http is not None:
-            self.backend.remote = RayBackend(None, board, http["audio"])
-            self.backend.register = self._warm if http["register"] else None
             self._petserve_app = create_app(self.backend, self.config,
                                             TokenCheck(http["token_digest"]))
 
@@ -446,8 +450,9 @@ class ReplicaBackend(LocalBackend):
     reported to Serve's multiplexing, so the proxy routes requests that carry it in the
     ``serve_multiplexed_model_id`` header here."""
 
-    remote: RayBackend
-    register = None
+    def __init__(self, *args, remote: RayBackend, register=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.remote, self.register = remote, register
 
     async def _registered(self, request, answer):
         if self.register is not None and isinstance(request.adapter, str):

@@ -246,7 +246,7 @@ _POOL_COUNTERS = {
     "cpu_hits": "slot loads served from the CPU cache",
     "store_reads": "adapter files read and parsed from the store",
 }
-_POOL_GAUGES = ("resident", "slots", "referenced", "cpu_cached")
+_POOL_GAUGES = ("resident", "slots", "referenced", "cpu_cached", "cpu_cached_bytes")
 _HISTOGRAMS = {
     "batch_rows": "decoder rows per engine step",
     "adapters_per_step": "distinct adapters mixed in one engine step",

@@ -294,6 +294,13 @@ class Scheduler:
     def _admit(self) -> list[Job]:
         rows, tokens = self.max_rows - self.running_rows, self.max_tokens
         admitted, waiting = [], []
+        with self.pool.batched_loads():
+            self._admit_each(admitted, waiting, rows, tokens)
+        self._pending = waiting
+        self.pending_count = len(waiting)
+        return admitted
+
+    def _admit_each(self, admitted: list[Job], waiting: list[Job], rows: int, tokens: int) -> None:
         blocked, slot_wait = None, False       # first job left waiting; is some job waiting on a slot
         for job in self._pending:
             if job.future.cancelled():
@@ -311,9 +318,6 @@ class Scheduler:
                 rows, tokens = rows - job.num_beams, tokens - job.n_tokens
                 if blocked is not None:
                     blocked.bypassed += 1
-        self._pending = waiting
-        self.pending_count = len(waiting)
-        return admitted
 
     def _take_slot(self, job: Job, share_only: bool) -> str:
         """"ok" (slot referenced, or no adapter), "busy" (try later) or "failed" (future failed)."""

@@ -53,7 +53,10 @@ class EngineConfig(_Strict):
     Admission (serving/schemas.py) checks requests against the same object the engine runs with."""
 
     num_slots: int = Field(16, ge=1, le=4096, description="adapter slots on the device")
-    cpu_cache_adapters: int = Field(64, ge=0, description="compiled adapters kept in CPU memory")
+    cpu_cache_mib: float = Field(1024, gt=0, description="MiB of CPU memory for parsed and "
+                                 "compiled stored adapters (LRU; slot loads from it skip the store)")
+    cpu_cache_adapters: int = Field(64, ge=0, description="composed and generated adapters kept "
+                                    "in CPU memory")
     max_batch_rows: int = Field(32, ge=1, description="decoder rows per step (a beam is a row)")
     max_prefill_tokens: int = Field(4096, ge=1, description="encoder tokens admitted per step")
     max_queue: int = Field(256, ge=1, description="waiting requests; beyond it 503 overloaded")

@@ -1,6 +1,6 @@
 """SlotPool: which adapter sits in which device slot, with a CPU cache of compiled adapters behind it.
 
-    store (bytes) --read+parse--> CPU cache (AdapterFile + its compiled forms, LRU)
+    store (bytes) --read+parse--> CPU cache (AdapterFile + its compiled forms, LRU by bytes)
                   --SlotBank.set--> device slot (LRU over unreferenced slots)
 
 A slot is keyed by ``(adapter_id, version, task)`` where ``task`` is None unless the adapter's kind is
@@ -29,6 +29,7 @@ import bisect
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -37,7 +38,7 @@ from petserve.adapters.adapter_file import AdapterFile, AdapterFileError, cast_p
 from petserve.adapters.kinds import get_kind
 from petserve.adapters.runtime.bank import SlotBank
 from petserve.adapters.runtime.compose import CompositionError, compose
-from petserve.adapters.runtime.forms import CompiledAdapter
+from petserve.adapters.runtime.forms import CompiledAdapter, tensor_bytes
 from petserve.serving.errors import ApiError
 from petserve.serving.store import AdapterStore
 
@@ -106,6 +107,8 @@ def is_generated(adapter_id) -> bool:
 class _CpuEntry:
     file: AdapterFile | None                 # None: generated from a context, never stored
     compiled: dict[str | None, CompiledAdapter] = field(default_factory=dict)
+    key: tuple[str, int] | None = None       # its key in the CPU cache (stored adapters)
+    nbytes: int = 0                          # what the CPU cache counts for it
 
     @property
     def task_conditioned(self) -> bool:
@@ -120,10 +123,15 @@ class _Slot:
 
 
 class SlotPool:
-    def __init__(self, model, store: AdapterStore, num_slots: int, cpu_cache_adapters: int):
+    def __init__(self, model, store: AdapterStore, num_slots: int, cpu_cache_bytes: int,
+                 cpu_cache_adapters: int):
+        """``cpu_cache_bytes``: what the parsed stored adapters and their compiled forms may take
+        in CPU memory (the most recently used one always stays); ``cpu_cache_adapters``: how many
+        composites and generated adapters are kept."""
         self.model, self.store = model, store
         self.bank = SlotBank(model, num_slots)
         self.num_slots, self.cpu_capacity = num_slots, max(1, cpu_cache_adapters)
+        self.cpu_budget, self._cpu_bytes = cpu_cache_bytes, 0
         self._slots = [_Slot() for _ in range(num_slots)]
         self._empty = list(range(num_slots))                     # sorted
         self._where: dict[SlotKey, int] = {}
@@ -162,6 +170,19 @@ class SlotPool:
                 self._stats.busy += 1
                 return None
             return self._load_into_slot(adapter_id, version, task)
+
+    @contextmanager
+    def batched_loads(self):
+        """Acquires inside the block write their slots' low-rank weights together when it ends
+        (SlotBank.batched): the scheduler admits a step's jobs in one block. The rows of those
+        slots must not run before it ends."""
+        with self.bank.batched():
+            yield
+            t0 = time.perf_counter()
+        ms = (time.perf_counter() - t0) * 1e3         # the held-back writes, counted as copying
+        with self._lock:
+            self._stats.copy_ms_sum += ms
+            self._stats.load_ms_sum += ms
 
     def release(self, slot: int) -> None:
         """Drop one reference taken by ``acquire``."""
@@ -208,13 +229,14 @@ class SlotPool:
         with self._lock:
             entry = self._cpu_entry(adapter_id, version)
             if entry.task_conditioned and task not in entry.compiled:
-                entry.compiled[task] = compile_on_cpu(entry.file, self.model, task)
+                self._compile_into(entry, task)
 
     def counters(self) -> dict:
         with self._lock:
             out = asdict(self._stats)
             out.update(resident=len(self._where), slots=self.num_slots,
-                       referenced=sum(s.refs > 0 for s in self._slots), cpu_cached=len(self._cpu))
+                       referenced=sum(s.refs > 0 for s in self._slots), cpu_cached=len(self._cpu),
+                       cpu_cached_bytes=self._cpu_bytes)
             return out
 
     def resident(self) -> dict[SlotKey, int]:
@@ -245,7 +267,7 @@ class SlotPool:
                 else:
                     self._free(slot)
         for key in [k for k in self._cpu if old(k)]:
-            del self._cpu[key]
+            self._cpu_bytes -= self._cpu.pop(key).nbytes
         for key in [k for k in self._composites if old((k[0], 0))]:
             del self._composites[key]
 
@@ -289,7 +311,7 @@ class SlotPool:
             t1 = time.perf_counter()
             compiled = entry.compiled.get(tkey)
             if compiled is None:
-                compiled = entry.compiled[tkey] = compile_on_cpu(entry.file, self.model, tkey)
+                compiled = self._compile_into(entry, tkey)
         t2 = time.perf_counter()
         slot = self._claim_slot()
         self.bank.set(slot, compiled)
@@ -319,9 +341,7 @@ class SlotPool:
         parts = []
         for (m, _), e in zip(members, entries):
             mkey = task if e.task_conditioned else None
-            if mkey not in e.compiled:
-                e.compiled[mkey] = compile_on_cpu(e.file, self.model, mkey)
-            parts.append((m, e.compiled[mkey]))
+            parts.append((m, e.compiled[mkey] if mkey in e.compiled else self._compile_into(e, mkey)))
         got = self._composites[key] = compose_members(parts, self.model)
         while len(self._composites) > self.cpu_capacity:
             self._composites.popitem(last=False)
@@ -345,10 +365,25 @@ class SlotPool:
             return entry
         t0 = time.perf_counter()
         self._oldest[adapter_id] = min(version, self._oldest.get(adapter_id, version))
-        entry = _CpuEntry(parse_stored(self.store.read(adapter_id, version), self.model))
+        entry = _CpuEntry(parse_stored(self.store.read(adapter_id, version), self.model), key=key)
         self._stats.store_reads += 1
         self._stats.read_ms_sum += (time.perf_counter() - t0) * 1e3
         self._cpu[key] = entry
-        while len(self._cpu) > self.cpu_capacity:
-            self._cpu.popitem(last=False)
+        self._count(entry)
         return entry
+
+    def _compile_into(self, entry: _CpuEntry, task: str | None) -> CompiledAdapter:
+        """Compile ``entry`` for ``task`` (None: not task-conditioned) and keep it in the entry."""
+        compiled = entry.compiled[task] = compile_on_cpu(entry.file, self.model, task)
+        if self._cpu.get(entry.key) is entry:       # still cached
+            self._count(entry)
+        return compiled
+
+    def _count(self, entry: _CpuEntry) -> None:
+        """Re-count ``entry``'s bytes (it is in the CPU cache, most recently used) and drop the
+        least recently used entries while the cache is over its budget."""
+        nbytes = tensor_bytes(entry.file.params, list(entry.compiled.values()))
+        self._cpu_bytes += nbytes - entry.nbytes
+        entry.nbytes = nbytes
+        while self._cpu_bytes > self.cpu_budget and len(self._cpu) > 1:
+            self._cpu_bytes -= self._cpu.popitem(last=False)[1].nbytes

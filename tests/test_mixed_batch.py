@@ -104,3 +104,35 @@ def test_reset_slot_returns_to_backbone(tiny_t5):
     bank.reset(1)
     bank.reset(0)
     torch.testing.assert_close(_teacher_forced_logits(tiny_t5, bank, rows, [0, 1]), base)
+
+
+def test_writes_held_back_in_a_batch_equal_writes_one_by_one(tiny_t5):
+    """SlotBank.batched (the scheduler's admission) writes the low-rank parts of its sets and
+    resets together: a slot set twice, a slot set then emptied, ranks that grow the stacks and a
+    mix of kinds end as the same weights as the same calls one at a time."""
+    model = tiny_t5
+    adapters = [compiled_adapter(model, "lora", {"r": r}, seed=r) for r in (4, 8, 8, 16, 2)]
+    adapters += [compiled_adapter(model, "vlpet", {"gate": "large"}, 7),
+                 compiled_adapter(model, "lora", {"r": 8, "targets": ["dec.cross.k", "enc.ffn.wi"]}, 8)]
+    calls = [("set", 0, 0), ("set", 1, 1), ("set", 2, 2), ("set", 3, 5), ("set", 1, 3),
+             ("reset", 2, None), ("set", 4, 4), ("set", 2, 6), ("set", 5, 1), ("reset", 5, None)]
+    rows = _rows(model, 8)
+    slots = [0, 1, 2, 3, 4, 5, -1, 1]
+    one_by_one, batched = SlotBank(model, 6), SlotBank(model, 6)
+    for bank in (one_by_one, batched):
+        bank.set(5, adapters[2])                       # stacks and row layouts exist before
+        bank.set(0, adapters[1])
+        _teacher_forced_logits(model, bank, rows, slots)
+    for op, slot, a in calls:
+        one_by_one.set(slot, adapters[a]) if op == "set" else one_by_one.reset(slot)
+    with batched.batched():
+        for op, slot, a in calls:
+            batched.set(slot, adapters[a]) if op == "set" else batched.reset(slot)
+    with torch.no_grad():
+        want = _teacher_forced_logits(model, one_by_one, rows, slots)
+        torch.testing.assert_close(_teacher_forced_logits(model, batched, rows, slots), want)
+        for i, s in enumerate(slots):
+            a = {0: 0, 1: 3, 2: 6, 3: 5, 4: 4}.get(s, -1)
+            alone = _alone(model, adapters, rows[i], a,
+                           lambda bk, r, sl: _teacher_forced_logits(model, bk, r, sl))
+            torch.testing.assert_close(want[i], alone[0], atol=5e-5, rtol=1e-4)

@@ -2,7 +2,8 @@
 Backbone and AudioBackbone replicas import torch (not the driver, not MetricsBoard), the HTTP app
 runs inside the one Backbone replica (no Ingress process: ``ingress`` "auto" with one replica), and
 the whole tree's resident memory stays under 2 GiB plus 512 MiB for the audio family's replica (one
-more torch process).
+more torch process). Audio requests reach the AudioBackbone replica through the Backbone one, and
+/metrics shows both replicas' engine stats.
 
 Processes are found under the driver's pid in /proc; torch shows as libtorch in /proc/PID/maps."""
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from petserve.adapters.data.audio import AUDIO_TASKS, make_clips, wav_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux /proc")]
@@ -126,3 +129,25 @@ def test_only_the_backbones_import_torch_and_the_tree_fits(server):
     print(f"\n{table}\ntree: RSS {rss:.0f} MiB, PSS {sum(d['pss_mib'] for d in procs.values()):.0f}"
           f" MiB over {len(procs)} processes")
     assert rss <= TREE_LIMIT_MIB, table
+
+
+def test_audio_requests_go_through_the_backbone_replica_to_the_audio_one(server):
+    _, url = server
+    right = 0
+    clips = make_clips("pitch", 1, 2024)
+    for clip, y in zip(clips.clips, clips.labels):
+        r = httpx.post(f"{url}/v1/audio/classify", data={"adapter": "pitch", "top_k": "2"},
+                       files={"audio": ("clip.wav", wav_bytes(clip), "audio/wav")}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["adapter"] == "pitch" and len(body["scores"]) == 2
+        right += body["label"] == AUDIO_TASKS["pitch"][y]
+    assert right / len(clips.labels) >= 0.8
+    r = httpx.post(f"{url}/v1/audio/classify", data={"adapter": "no-such-audio"},
+                   files={"audio": ("clip.wav", wav_bytes(clips.clips[0]), "audio/wav")}, timeout=60)
+    assert r.status_code == 404, r.text
+    time.sleep(2)                                   # a stats push from the audio replica
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    assert ('petserve_engine_request_seconds_count{adapter="pitch",replica="AudioBackbone#'
+            in text), text[-3000:]
+    assert 'petserve_engine_batch_rows_count{replica="Backbone#' in text, text[-3000:]

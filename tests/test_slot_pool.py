@@ -28,8 +28,9 @@ def store(tmp_path, tiny_t5):
     return s
 
 
-def pool_of(model, store, slots=2, cpu=8):
-    return SlotPool(model, store, num_slots=slots, cpu_cache_adapters=cpu)
+def pool_of(model, store, slots=2, cpu_bytes=2**30, composites=8):
+    return SlotPool(model, store, num_slots=slots, cpu_cache_bytes=cpu_bytes,
+                    cpu_cache_adapters=composites)
 
 
 def acquire(pool, name, task="vqa", **options):
@@ -145,7 +146,7 @@ def test_an_older_version_admitted_late_is_dropped_by_the_next_newer_acquire(tin
 
 
 def test_deleted_adapter_is_404_but_rows_in_flight_keep_their_slot(tiny_t5, store):
-    pool = pool_of(tiny_t5, store, cpu=1)
+    pool = pool_of(tiny_t5, store, cpu_bytes=1)
     sa = acquire(pool, "a")
     sb = acquire(pool, "b")
     store.delete("a")
@@ -163,15 +164,36 @@ def test_deleted_adapter_is_404_but_rows_in_flight_keep_their_slot(tiny_t5, stor
 
 
 def test_cpu_cache_serves_reloads_without_store_reads(tiny_t5, store):
-    pool = pool_of(tiny_t5, store, slots=1, cpu=8)
+    pool = pool_of(tiny_t5, store, slots=1)
     for name in "abab":
         use(pool, name)
     c = pool.counters()
     assert (c["store_reads"], c["cpu_hits"], c["misses"], c["evictions"]) == (2, 2, 4, 3)
-    small = pool_of(tiny_t5, store, slots=1, cpu=1)
+    small = pool_of(tiny_t5, store, slots=1, cpu_bytes=1)     # keeps only the latest
     for name in "abab":
         use(small, name)
     assert small.counters()["store_reads"] == 4 and small.counters()["cpu_hits"] == 0
+
+
+def test_the_cpu_cache_holds_what_its_byte_budget_allows(tiny_t5, store):
+    sizes = {}
+    for name in "abcd":                         # ranks 2..5: four different sizes
+        alone = pool_of(tiny_t5, store, slots=1)
+        use(alone, name)
+        sizes[name] = alone.counters()["cpu_cached_bytes"]
+    assert len(set(sizes.values())) == 4 and min(sizes.values()) > 0
+    pool = pool_of(tiny_t5, store, slots=1, cpu_bytes=sizes["c"] + sizes["d"])
+    for name in "abcd":
+        use(pool, name)
+    c = pool.counters()
+    assert sorted(k[0] for k in pool._cpu) == ["c", "d"]       # the least recently used went
+    assert c["cpu_cached_bytes"] == sizes["c"] + sizes["d"] and c["cpu_cached"] == 2
+    use(pool, "c")                                              # a hit: nothing read, nothing dropped
+    assert pool.counters()["store_reads"] == 4 and sorted(k[0] for k in pool._cpu) == ["c", "d"]
+    put_adapter(store, tiny_t5, "c", "lora", {"r": 2}, seed=9)  # version 2 of c, rank 2
+    use(pool, "c")
+    assert sorted(pool._cpu) == [("c", 2), ("d", 1)]            # version 1 forgotten, its bytes too
+    assert pool.counters()["cpu_cached_bytes"] == sizes["a"] + sizes["d"]
 
 
 def test_load_time_is_recorded(tiny_t5, store):

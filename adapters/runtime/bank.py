@@ -4,8 +4,16 @@
 A site's stack is allocated the first time any adapter uses that site and grows (at load time, never
 on the hot path) when a larger rank arrives. Vector and visual stacks keep the backbone's own values
 at index ``num_slots``, the row that serves requests without an adapter.
+
+Inside ``with bank.batched():`` the low-rank part of every ``set`` and ``reset`` is held back and
+written when the block ends, one group of ops per site for all the slots written (a scheduler
+iteration that loads 20 adapters pays each site's few ops once, not 20 times); the other forms are
+written at once. Reads (the RuntimeWeights methods) see the block's writes after it ends.
 """
 from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
@@ -29,7 +37,7 @@ from petserve.kernels import (
     LinearStack,
     LowRankStack,
     bottleneck_slot_written,
-    lowrank_slot_written,
+    lowrank_slots_written,
 )
 
 
@@ -63,6 +71,10 @@ class SlotBank:
         self._conformer: dict[str, ConformerStack] = {}
         self._head: HeadStack | None = None
         self._used: dict[int, CompiledAdapter] = {}
+        # low-rank writes held back until the outermost batched() block ends
+        self._batching = 0
+        self._pending_lowrank: dict[int, dict[str, LowRankForm]] = {}    # slot -> site -> form
+        self._pending_clear: dict[str, set[int]] = defaultdict(set)     # site -> slots to empty
 
     # ---- RuntimeWeights ------------------------------------------------------------------
     def lowrank(self, site):
@@ -94,13 +106,28 @@ class SlotBank:
         return self._head
 
     # ---- loading -------------------------------------------------------------------------
+    @contextmanager
+    def batched(self):
+        """Hold back low-rank writes until the block ends (see the module docstring)."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self._write_lowrank()
+
     def set(self, slot: int, compiled: CompiledAdapter) -> None:
         """Write one adapter into ``slot`` (replacing whatever was there)."""
         self._check(slot)
-        self.reset(slot)
+        with self.batched():           # the slot's old low-rank rows are overwritten, not cleared
+            self.reset(slot)
+            self._write(slot, compiled)
+
+    def _write(self, slot: int, compiled: CompiledAdapter) -> None:
         c = compiled.to(self.device, self.dtype)
-        for site, f in c.lowrank.items():
-            self._set_lowrank(site, slot, f)
+        if c.lowrank:
+            self._pending_lowrank[slot] = c.lowrank
         for site, f in c.sparse.items():
             self._sparse_forms.setdefault(site, [None] * self.num_slots)[slot] = f
             self._sparse.pop(site, None)
@@ -125,10 +152,9 @@ class SlotBank:
         c = self._used.pop(slot, None)
         if c is None:
             return
+        self._pending_lowrank.pop(slot, None)
         for site in c.lowrank:
-            st = self._lowrank[site]
-            st.ranks[slot], st.ranks_host[slot] = 0, 0
-            lowrank_slot_written(st, slot)
+            self._pending_clear[site].add(slot)
         for site in c.sparse:
             self._sparse_forms[site][slot] = None
             self._sparse.pop(site, None)
@@ -147,6 +173,8 @@ class SlotBank:
             self._conformer[site].ranks_host[slot] = 0
         if c.head is not None:
             self._head.classes_host[slot] = 0
+        if not self._batching:
+            self._write_lowrank()
 
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -159,16 +187,58 @@ class SlotBank:
     def _ranks(self):
         return torch.zeros(self.num_slots, dtype=torch.int32, device=self.device), [0] * self.num_slots
 
-    def _set_lowrank(self, site: str, slot: int, f: LowRankForm) -> None:
-        r, d_in, d_out = f.A.shape[0], f.A.shape[1], f.B.shape[0]
+    def _write_lowrank(self) -> None:
+        """The held-back low-rank writes: per site, the slots emptied, then the slots written,
+        each group of equal rank in one indexed copy per tensor."""
+        by_site: dict[str, dict[int, LowRankForm]] = defaultdict(dict)
+        for slot, forms in self._pending_lowrank.items():
+            for site, f in forms.items():
+                by_site[site][slot] = f
+        for site, slots in self._pending_clear.items():
+            emptied = sorted(slots - by_site[site].keys()) if site in by_site else sorted(slots)
+            if emptied:
+                st = self._lowrank[site]
+                st.ranks.index_fill_(0, self._index(emptied), 0)
+                for s in emptied:
+                    st.ranks_host[s] = 0
+                lowrank_slots_written(st, emptied)
+        for site, forms in by_site.items():
+            self._set_lowrank(site, forms)
+        self._pending_lowrank.clear()
+        self._pending_clear.clear()
+
+    def _index(self, slots) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def _set_lowrank(self, site: str, forms: dict[int, LowRankForm]) -> None:
+        top = max(f.A.shape[0] for f in forms.values())
         st = self._lowrank.get(site)
         if st is None:
+            f = next(iter(forms.values()))
             ranks, host = self._ranks()
-            st = LowRankStack(self._zeros(r, d_in), self._zeros(d_out, r), self._zeros(), ranks, host)
-        st.A, st.B = _grow(st.A, 1, r), _grow(st.B, 2, r)
-        st.A[slot, :r], st.B[slot, :, :r], st.scale[slot] = f.A, f.B, f.scale
-        st.ranks[slot], st.ranks_host[slot] = r, r
-        lowrank_slot_written(st, slot)
+            st = LowRankStack(self._zeros(top, f.A.shape[1]), self._zeros(f.B.shape[0], top),
+                              self._zeros(), ranks, host)
+        st.A, st.B = _grow(st.A, 1, top), _grow(st.B, 2, top)
+        if len(forms) == 1:            # one slot: plain views, a third of the indexed form's ops
+            (slot, f), = forms.items()
+            r = f.A.shape[0]
+            st.A[slot, :r], st.B[slot, :, :r], st.scale[slot] = f.A, f.B, f.scale
+            st.ranks[slot], st.ranks_host[slot] = r, r
+            lowrank_slots_written(st, [slot])
+            self._lowrank[site] = st
+            return
+        by_rank: dict[int, list[int]] = defaultdict(list)
+        for slot, f in forms.items():
+            by_rank[f.A.shape[0]].append(slot)
+            st.ranks_host[slot] = f.A.shape[0]
+        for r, slots in by_rank.items():
+            idx = self._index(slots)
+            st.A.narrow(1, 0, r).index_copy_(0, idx, torch.stack([forms[s].A for s in slots]))
+            st.B.narrow(2, 0, r).index_copy_(0, idx, torch.stack([forms[s].B for s in slots]))
+            st.scale.index_copy_(0, idx, torch.tensor([forms[s].scale for s in slots],
+                                                      dtype=st.scale.dtype, device=self.device))
+            st.ranks.index_fill_(0, idx, r)
+        lowrank_slots_written(st, sorted(forms))
         self._lowrank[site] = st
 
     def _set_bottleneck(self, site: str, slot: int, f: BottleneckForm) -> None:

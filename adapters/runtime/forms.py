@@ -8,7 +8,7 @@ vectors for the encoder input and a per-slot classification head (audio family).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 
@@ -141,3 +141,26 @@ class CompiledAdapter:
                                            for n, v in vars(f).items()})
                        for k, f in self.conformer.items()},
             head=None if self.head is None else HeadForm(mv(self.head.W), mv(self.head.b)))
+
+
+def tensor_bytes(*objs) -> int:
+    """Bytes of the distinct tensor storages reachable from ``objs`` (tensors, dicts, lists,
+    dataclasses such as CompiledAdapter and its forms): what keeping them in memory costs, each
+    storage counted once however many views share it."""
+    seen: set[int] = set()
+    total = 0
+    todo = list(objs)
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            storage = o.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+        elif is_dataclass(o) and not isinstance(o, type):
+            todo.extend(getattr(o, f.name) for f in fields(o))
+    return total

@@ -10,7 +10,7 @@ from petserve.kernels.lowrank import (
     add_lowrank,
     add_lowrank_gathered,
     add_lowrank_reference,
-    lowrank_slot_written,
+    lowrank_slots_written,
     prefers_gathered,
 )
 from petserve.kernels.segments import SegmentMeta
@@ -102,17 +102,19 @@ def test_one_segment_meta_serves_stacks_of_different_ranks():
 
 
 def test_row_layout_follows_slot_writes():
-    """A slot rewritten in place (a new adapter, a smaller or zero rank) and announced with
-    lowrank_slot_written(w, slot) is what the next step reads; a slot wider than the layout rebuilds it."""
+    """Slots rewritten in place (a new adapter, a smaller or zero rank) and announced with
+    lowrank_slots_written(w, slots), one at a time or several at once, are what the next step
+    reads; a slot wider than the layout rebuilds it."""
     seg, w, x, y = case(32, 9, "distinct", 8)
     add_lowrank_gathered(y.clone(), x, w, seg)
     gen = generator("rewrite")
-    for slot, rank in ((2, 8), (3, 5), (4, 0), (5, 11)):
-        w.A[slot, :rank] = torch.randn(rank, D_IN, generator=gen)
-        w.B[slot, :, :rank] = torch.randn(D_OUT, rank, generator=gen)
-        w.scale[slot] = 0.25
-        w.ranks[slot], w.ranks_host[slot] = rank, rank
-        lowrank_slot_written(w, slot)
+    for slots, rank in (([2], 8), ([3], 5), ([4], 0), ([6, 7, 1], 3), ([0, 8], 8), ([5], 11)):
+        for slot in slots:
+            w.A[slot, :rank] = torch.randn(rank, D_IN, generator=gen)
+            w.B[slot, :, :rank] = torch.randn(D_OUT, rank, generator=gen)
+            w.scale[slot] = 0.25 + 0.05 * slot
+            w.ranks[slot], w.ranks_host[slot] = rank, rank
+        lowrank_slots_written(w, slots)
         step = SegmentMeta.from_rows(seg.token_slots, 1)          # the next step
         torch.testing.assert_close(add_lowrank_gathered(y.clone(), x, w, step),
                                    add_lowrank_reference(y.clone(), x, w, step),
