@@ -128,12 +128,13 @@ def _group_mean(g: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None
 # ---- CPU decode path -----------------------------------------------------------------------
 def prefers_gathered(seg: SegmentMeta, w: BottleneckStack) -> bool:
     """Whether :func:`bottleneck_residual_gathered` beats the per-slot reference on the CPU: the
-    LoRA path's rule (``kernels.lowrank.gather_pays``) on the weights copied per token (down and
-    up projections, bias, gate)."""
+    LoRA path's rule (``kernels.lowrank.gather_pays``) on the weights copied per row of a (B, T)
+    block, else per token (down and up projections, bias, gate)."""
     if len(seg.slots) < GATHER_MIN_SEGMENTS:
         return False
     most = max(map(slot_configs(w)[1].__getitem__, seg.slots))
-    return gather_pays(seg, sum(seg.counts), most, GATHER_ELEMENTS_PER_SEGMENT)
+    copies = sum(seg.counts) // (seg.tokens_per_row if seg.per_row is not None else 1)
+    return gather_pays(seg, copies, most, GATHER_ELEMENTS_PER_SEGMENT)
 
 
 def bottleneck_slot_written(w: BottleneckStack, slot: int) -> None:
@@ -163,48 +164,63 @@ def bottleneck_residual_gathered(h: torch.Tensor, x: torch.Tensor, w: Bottleneck
     """:func:`bottleneck_residual` as batched matmuls per group of slots that share one
     configuration (rank r, source, gate kind, gate rank)::
 
-        idx = tokens of the group;  s = token_slots[idx]                         # (n,)
-        z   = act(bmm(src[idx, None, :], D[s, :r].mT) + bd[s, None, :r])         # (n, 1, r)
-        hp  = h[idx] + bmm(z, U[s, :, :r].mT)[:, 0] + bu[s]                      # (n, d)
-        out[idx] = out_scale[s] * G * hp      # G per gate kind, with per-token weights
+        idx = rows of the group;  s = slot of each                               # (n,)
+        z   = act(bmm(src[idx], D[s, :r].mT) + bd[s, None, :r])                  # (n, T, r)
+        hp  = h[idx] + bmm(z, U[s, :, :r].mT) + bu[s, None]                      # (n, T, d)
+        out[idx] = out_scale[s] * G * hp      # G per gate kind, with per-row weights
 
-    Each token gets its own copy of its slot's weights, so this pays off only when slots hold
-    few tokens each (:func:`prefers_gathered`); the copies are kept on ``seg`` like LoRA's
-    (``kernels.lowrank.gathered_weights``). Returns a new tensor, as the reference does.
+    with the tokens as (rows, T, d) when they are a (B, T) block (a prefill: a row's tokens
+    share its slot), else each token a row of T = 1. Each row gets its own copy of its slot's
+    weights, so this pays off only when slots hold few rows each (:func:`prefers_gathered`);
+    the copies are kept on ``seg`` like LoRA's (``kernels.lowrank.gathered_weights``). Returns
+    a new tensor, as the reference does.
     """
-    out = h.clone()
-    for (_r, from_input, gate, _), idx, slots, g in gathered_bottleneck(w, seg):
-        hs, xs = _take(h, idx), _take(x, idx)
+    units = seg.per_row or seg
+    T = seg.tokens_per_row if units is not seg else 1
+    h3, x3 = h.view(-1, T, h.shape[1]), x.view(-1, T, x.shape[1])
+    valid = None if units is seg or seg.token_valid is None else seg.token_valid.view(-1, T)
+    out = h3.clone()
+    for (_r, from_input, gate, _), idx, slots, g in gathered_bottleneck(w, units):
+        hs, xs = _take(h3, idx), _take(x3, idx)
         src = xs if from_input else hs
-        z = act(torch.baddbmm(g["bd"], src.unsqueeze(1), g["D"].transpose(1, 2)))
-        hp = torch.baddbmm((hs + g["bu"]).unsqueeze(1), z, g["U"].transpose(1, 2)).squeeze(1)
-        gate_value = _gathered_gate(gate, g, xs, hp, seg, idx, slots, w.D.shape[0])
-        res = (hp if gate_value is None else gate_value * hp) * g["scale"]
+        z = act(torch.baddbmm(g["bd"], src, g["D"].transpose(1, 2)))
+        hp = torch.baddbmm(hs + g["bu"].unsqueeze(1), z, g["U"].transpose(1, 2))
+        gate_value = _gathered_gate(gate, g, xs, hp, units, idx, slots, w.D.shape[0],
+                                    None if valid is None else _take(valid, idx))
+        res = (hp if gate_value is None else gate_value * hp) * g["scale"].unsqueeze(1)
         if idx is None:
             out = res
         else:
             out.index_copy_(0, idx, res)
-    return out
+    return out.view(h.shape)
 
 
-def _gathered_gate(kind: int, g: dict, xs: torch.Tensor, hp: torch.Tensor, seg: SegmentMeta,
-                   idx: torch.Tensor | None, slots: torch.Tensor, num_slots: int):
-    d = hp.shape[1]
+def _gathered_gate(kind: int, g: dict, xs: torch.Tensor, hp: torch.Tensor, units: SegmentMeta,
+                   idx: torch.Tensor | None, slots: torch.Tensor, num_slots: int,
+                   valid: torch.Tensor | None):
+    """The gate of each (row, token) of hp (n, T, d); ``valid`` (n, T) when T > 1 (else None)."""
+    d = hp.shape[2]
     if kind == GATE_NONE:
         return None
     if kind == GATE_MIDDLE_Y:
-        return 1.0 + g["gate_vec"]
+        return 1.0 + g["gate_vec"].unsqueeze(1)
     if kind == GATE_MIDDLE_X:
-        return torch.sigmoid(((xs + hp) * g["gate_w"][:, :d]).sum(1) + g["gate_b"]).unsqueeze(1)
+        return torch.sigmoid(((xs + hp) * g["gate_w"][:, None, :d]).sum(2)
+                             + g["gate_b"].unsqueeze(1)).unsqueeze(2)
     if kind == GATE_LARGE:
-        z = act(torch.baddbmm(g["gate_bd"], xs.unsqueeze(1), g["gate_D"].transpose(1, 2)))
-        return torch.sigmoid(torch.baddbmm(g["gate_bu"], z, g["gate_U"].transpose(1, 2))).squeeze(1)
+        z = act(torch.baddbmm(g["gate_bd"], xs, g["gate_D"].transpose(1, 2)))
+        return torch.sigmoid(torch.baddbmm(g["gate_bu"], z, g["gate_U"].transpose(1, 2)))
     if kind == GATE_SMALL:
-        v = torch.sigmoid((xs * g["gate_w"][:, :d]).sum(1) + (hp * g["gate_w"][:, d:]).sum(1)
-                          + g["gate_b"])
-        if seg.token_rows is None:          # no row ids: one mean per slot, as the reference
-            return _group_mean(v, slots, None, num_slots).unsqueeze(1)
-        return _row_mean(v, seg, idx).unsqueeze(1)
+        v = torch.sigmoid((xs * g["gate_w"][:, None, :d]).sum(2)
+                          + (hp * g["gate_w"][:, None, d:]).sum(2) + g["gate_b"].unsqueeze(1))
+        if hp.shape[1] > 1:                 # a row's tokens together: the mean of its valid ones
+            weight = torch.ones_like(v) if valid is None else valid.to(v.dtype)
+            mean = (v * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+            return mean.view(-1, 1, 1)
+        v = v[:, 0]
+        if units.token_rows is None:        # no row ids: one mean per slot, as the reference
+            return _group_mean(v, slots, None, num_slots).view(-1, 1, 1)
+        return _row_mean(v, units, idx).view(-1, 1, 1)
     raise ValueError(f"unknown gate kind {kind}")
 
 

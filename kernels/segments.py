@@ -119,6 +119,16 @@ class SegmentMeta:
             self._device_cache[key] = torch.where(units >= 0, units, none)
         return self._device_cache[key]
 
+    @property
+    def per_row(self) -> SegmentMeta | None:
+        """The rows as tokens of one each (their groups are groups of rows), when the tokens are
+        a (B, T) block with T > 1, else None; cached."""
+        if self.row_slots is None or self.tokens_per_row == 1:
+            return None
+        if "per_row" not in self._device_cache:
+            self._device_cache["per_row"] = SegmentMeta.from_rows(self.row_slots, 1)
+        return self._device_cache["per_row"]
+
     def groups(self, keys: tuple) -> list[tuple[object, torch.Tensor | None, torch.Tensor]]:
         """Tokens grouped by a per-slot key: ``[(key, token indices or None, slot of each)]``.
 

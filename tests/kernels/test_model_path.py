@@ -14,6 +14,8 @@ import torch
 import triton  # noqa: F401  (a hard dependency: its absence fails here)
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import petserve.kernels.bottleneck as bottleneck  # noqa: E402
+import petserve.kernels.lowrank as lowrank  # noqa: E402
 import petserve.kernels.triton_bottleneck as triton_bottleneck  # noqa: E402
 import petserve.kernels.triton_grouped_linear as triton_grouped_linear  # noqa: E402
 import petserve.kernels.triton_lowrank as triton_lowrank  # noqa: E402
@@ -83,9 +85,10 @@ def test_triton_model_path_equals_reference(family, request, monkeypatch):
 
 def test_no_python_loop_over_adapters(tiny_t5, monkeypatch):
     """2k copies of one row on k adapters (two rows each) and on 2k adapters (one row each): the
-    Triton path runs exactly the same aten ops and kernel launches, while the reference path (a
-    loop over slots) runs more, so the comparison can fail. The tile height is pinned: it follows
-    the mean segment size, which halves here, and would change the launch tables (not a loop)."""
+    Triton path runs exactly the same aten ops and kernel launches, while the per-slot reference
+    path (a loop over slots; the CPU's gathered paths are switched off for it) runs more, so the
+    comparison can fail. The tile height is pinned: it follows the mean segment size, which
+    halves here, and would change the launch tables (not a loop)."""
     variants = [KIND_VARIANTS[i] for i in (0, 1, 2, 4, 7, 9, 12)]  # lora x2, adapter, vlpet x2,
     k = len(variants)                                               # compacter, prompt
     bank = mixed_bank(tiny_t5, variants, copies=2)
@@ -94,6 +97,9 @@ def test_no_python_loop_over_adapters(tiny_t5, monkeypatch):
 
     def ops(mode: str, slots: list[int]):
         monkeypatch.setenv("PETSERVE_KERNELS", mode)
+        if mode == "reference":
+            for module in (lowrank, bottleneck):
+                monkeypatch.setattr(module, "prefers_gathered", lambda seg, w: False)
         for module, _ in LAUNCHERS:
             monkeypatch.setattr(module, "pick_block_m", lambda seg: 64)
         launches = count_launches(monkeypatch)
