@@ -227,11 +227,13 @@ def run_metrics(samples: list[tuple], elapsed: float, w: Workload, requests, bef
             "adapters_used": used_adapters(requests)}
 
 
-def measure(url: str, w: Workload, mode: str, load: float, warm_adapters: int) -> dict:
+def measure(url: str, w: Workload, mode: str, load: float, warm_adapters: int,
+            adapter: bool = True) -> dict:
     """One run: ``mode`` "closed" (``load`` clients) or "open" (``load`` requests/s), after a
     one-token request for each of the first ``warm_adapters`` adapters the run uses (first seen
-    first), so the slots hold what a running server's would."""
-    requests = make_requests(w)
+    first), so the slots hold what a running server's would. ``adapter`` False: the same texts
+    on the backbone alone."""
+    requests = make_requests(w, adapter)
     first: dict = {}
     for r in requests:
         first.setdefault(r.adapter, replace(r, max_new_tokens=1))
@@ -258,12 +260,13 @@ def workloads(args) -> list[Workload]:
     return list(dict.fromkeys(out))
 
 
-def row(w: Workload, mode: str, load: float, runs: list[dict], args) -> dict:
+def row(w: Workload, mode: str, load: float, runs: list[dict], args,
+        system: str = "engine") -> dict:
     """The run of median throughput stands for its repeats (all its metrics from one run)."""
     runs = sorted(runs, key=lambda m: m["requests_per_s"])
     metrics = {**runs[len(runs) // 2], "requests_per_s_runs": [m["requests_per_s"] for m in runs],
                "load_avg_1m": os.getloadavg()[0]}
-    setup = {"bench": "serving", "mode": mode,
+    setup = {"bench": "serving", "system": system, "mode": mode,
              ("concurrency" if mode == "closed" else "rate"): load,
              "backbone": args.backbone, **w.setup(), "server": args.server,
              "server_threads": args.server_threads, "num_slots": args.num_slots,
@@ -277,14 +280,21 @@ def run_suite(url: str, model, args, sink) -> None:
     for w in sweep:
         upload(url, model, w, have)
     runs = {w: [] for w in sweep}
+    acc = replace(sweep[0], popularity="uniform")
+    bare = []
     for rep in range(args.repeats):
         for w in sweep:
             runs[w].append(measure(url, w, "closed", args.concurrency, args.num_slots))
             print(f"[closed rep {rep}] {w.popularity:<7} {w.kinds:<5} A={w.adapters:<4} "
                   f"{runs[w][-1]['requests_per_s']:8.1f} req/s", flush=True)
+        if args.bare:
+            bare.append(measure(url, acc, "closed", args.concurrency, 0, adapter=False))
+            print(f"[closed rep {rep}] backbone alone {bare[-1]['requests_per_s']:8.1f} req/s",
+                  flush=True)
     for w in sweep:
         sink(row(w, "closed", args.concurrency, runs[w], args))
-    acc = replace(sweep[0], popularity="uniform")
+    if bare:
+        sink(row(acc, "closed", args.concurrency, bare, args, system="backbone"))
     peak = float(np.median([m["requests_per_s"] for m in runs[acc]]))
     for frac in args.open_fractions:
         rate = round(frac * peak, 1)
@@ -314,6 +324,8 @@ def parse_args(argv):
     p.add_argument("--cpu-cache-mib", type=float,
                    default=EngineConfig.model_fields["cpu_cache_mib"].default)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--bare", action="store_true", help="also the backbone alone (no adapter), "
+                   "interleaved with the sweep's repeats")
     p.add_argument("--smoke", action="store_true", help="in-process server, a few requests")
     p.add_argument("--out", type=Path, default=None,
                    help="default benchmarks/results/serving_cpu.jsonl; --smoke: a temp file")

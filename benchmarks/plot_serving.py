@@ -42,18 +42,22 @@ def sweep_lines(rows: list[dict]) -> dict:
         if s.get("system", "engine") != "engine" or s.get("mode", "closed") != "closed" \
                 or s["bench"] not in ("engine", "serving"):
             continue
-        key = ("single (1 of N)" if s["popularity"] == "single" else s["popularity"], s["kinds"])
+        label = "single (1 of N)" if s["popularity"] == "single" else s["popularity"]
+        if s.get("server") == "ray":
+            label += ", Ray Serve"
+        key = (label, s["kinds"])
         out[s["backbone"]][key].append((s["adapters"], r["metrics"]["requests_per_s"]))
     return {b: {k: sorted(v) for k, v in lines.items()} for b, lines in out.items()}
 
 
 def baseline_points(rows: list[dict]) -> dict:
-    """backbone -> system -> (adapters, requests/s)."""
+    """backbone -> (system, server) -> (adapters, requests/s)."""
     out = defaultdict(dict)
     for r in rows:
         s = r["setup"]
         if s.get("system") in BASELINES:
-            out[s["backbone"]][s["system"]] = (s["adapters"], r["metrics"]["requests_per_s"])
+            key = (s["system"], s.get("server", ""))
+            out[s["backbone"]][key] = (s["adapters"], r["metrics"]["requests_per_s"])
     return out
 
 
@@ -66,9 +70,11 @@ def plot_throughput(rows: list[dict], png: Path) -> None:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", ms=4, ls="-" if len(xs) > 1 else "",
                     label=f"{pop}, {kinds}")
-        for system, (x, y) in sorted(points.get(b, {}).items()):
+        for (system, server), (x, y) in sorted(points.get(b, {}).items()):
             label, marker = BASELINES[system]
-            ax.plot([x], [y], marker=marker, ms=8, ls="", color="k", alpha=0.6, label=label)
+            ray = server == "ray"
+            ax.plot([x], [y], marker=marker, ms=8, ls="", color="tab:red" if ray else "k",
+                    alpha=0.6, label=label + (", Ray Serve" if ray else ""))
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("adapters in the workload")
@@ -138,10 +144,14 @@ def serving_table(rows: list[dict]) -> list[str]:
         s, m = r["setup"], r["metrics"]
         load = f"{s['concurrency']} clients" if s["mode"] == "closed" else \
             f"Poisson {s['rate']:.0f}/s"
-        out.append(f"| {load} | {s['adapters']} {s['kinds']}, {s['popularity']} | "
+        if s.get("server") == "ray":
+            load += ", Ray Serve"
+        bare = s.get("system") == "backbone"
+        workload = "backbone alone" if bare else f"{s['adapters']} {s['kinds']}, {s['popularity']}"
+        out.append(f"| {load} | {workload} | "
                    f"{_fmt(m['requests_per_s'])} | {_fmt(m['tokens_per_s'])} | "
                    f"{_fmt(m['latency_ms_p50'])} | {_fmt(m['latency_ms_p99'])} | "
-                   f"{_fmt(m['queue_ms_p50'])} | {_fmt(m['slot_hit_rate'], 2)} |")
+                   f"{_fmt(m['queue_ms_p50'])} | {'-' if bare else _fmt(m['slot_hit_rate'], 2)} |")
     return out
 
 

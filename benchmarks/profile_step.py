@@ -1,7 +1,8 @@
 """Where one decode step's and one prefill's time goes: the backbone alone, 1 LoRA, 32 LoRAs,
 32 mixed kinds.
 
-    python -m petserve.benchmarks.profile_step [--backbone tiny] [--batch 32] [--threads 1]
+    python -m petserve.benchmarks.profile_step [--backbone tiny|t5-small|DIR] [--batch 32]
+                                               [--threads 1]
                                                [--phase decode|prefill|both]
 
 For each setup: the pass's median wall time, and torch.profiler's ops by self CPU time, grouped
@@ -13,7 +14,9 @@ rows.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,7 +25,7 @@ from petserve.adapters.backbone import build_backbone
 from petserve.adapters.kinds import get_kind
 from petserve.adapters.runtime.bank import SlotBank
 from petserve.benchmarks.bench_model import _timed, decode_step_fn, prefill_fn
-from petserve.benchmarks.workloads import LORA, MIXED
+from petserve.benchmarks.workloads import BACKBONES, LORA, MIXED, hf_t5_checkpoint
 
 GROUPS = {   # op name fragment -> group, first match wins
     "addmm": "matmul", "mm": "matmul", "bmm": "matmul", "matmul": "matmul", "linear": "matmul",
@@ -100,7 +103,12 @@ def main(argv=None) -> int:
     p.add_argument("--phase", choices=("decode", "prefill", "both"), default="both")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = build_backbone(args.backbone)
+    try:
+        model = build_backbone(args.backbone)
+    except FileNotFoundError:
+        if args.backbone not in BACKBONES:
+            raise
+        model = build_backbone(hf_t5_checkpoint(args.backbone, Path(tempfile.mkdtemp())))
     for phase in ("decode", "prefill") if args.phase == "both" else (args.phase,):
         rows = [profile_setup(model, s, phase, args)
                 for s in ("bare", "1 LoRA", "32 LoRAs", "32 mixed")]
