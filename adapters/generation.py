@@ -62,6 +62,11 @@ class GreedySearch:
     def result(self) -> GenerationResult:
         return GenerationResult(self.tokens, self.logprob)
 
+    def stop(self) -> None:
+        """End after the next step (its token is the last): the row leaves the batch the way a
+        finished one does."""
+        self.max_new = min(self.max_new, len(self.tokens) + 1)
+
 
 @dataclass(order=True)
 class _Hyp:

@@ -45,7 +45,14 @@ from petserve.serving.engine_io import (
 )
 from petserve.serving.errors import ApiError
 from petserve.serving.metrics import BACKBONE_LABEL, COMPOSITE_LABEL, CONTEXT_LABEL
-from petserve.serving.scheduler import ClassifyJob, ContextItem, ContextJob, Job, Scheduler
+from petserve.serving.scheduler import (
+    ClassifyJob,
+    ContextItem,
+    ContextJob,
+    Job,
+    ListenerGone,
+    Scheduler,
+)
 from petserve.serving.server_config import EngineConfig
 from petserve.serving.slot_pool import (
     GENERATED_PREFIX,
@@ -88,6 +95,8 @@ class TextDeltas:
         if len(text) > len(self.sent) and text.startswith(self.sent):
             self.send(text[len(self.sent):])
             self.sent = text
+        else:
+            self.send("")          # nothing new; lets the receiver say it is gone (ListenerGone)
 
 
 class Engine:
@@ -139,7 +148,8 @@ class Engine:
         ApiError now for an unknown adapter (404), a task the adapter lacks (422), too many encoder
         tokens (413) or a full queue (503). A request with an inline ``context`` first has its
         adapter generated (once per distinct context while the pool keeps it). ``on_text``
-        (greedy requests): called on the scheduler thread with each decode step's new text."""
+        (greedy requests): called on the scheduler thread after each decode step with its new
+        text ("" when there is none); it raises scheduler.ListenerGone to end the job early."""
         if req.context is not None:
             return self._submit_with_context(req, on_text)
         job = self._job(req, on_text)
@@ -151,12 +161,23 @@ class Engine:
         search has no text before it ends), then the InferenceResult. Raises ApiError where
         ``generate`` would: before the first item for what ``submit`` refuses."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        gone = False
+
         def send(item) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
-        future = await asyncio.to_thread(self.submit, req, send)
+
+        def send_text(text: str) -> None:
+            if gone:                  # the reader left (a client disconnect closes this generator)
+                raise ListenerGone
+            if text:
+                send(text)
+        future = await asyncio.to_thread(self.submit, req, send_text)
         future.add_done_callback(send)
-        while not isinstance(item := await events.get(), Future):
-            yield item
+        try:
+            while not isinstance(item := await events.get(), Future):
+                yield item
+        finally:
+            gone = True               # its job ends at the step after its next one
         yield item.result()
 
     def _submit_with_context(self, req: InferenceRequest, on_text) -> Future:

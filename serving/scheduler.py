@@ -53,6 +53,11 @@ from petserve.serving.slot_pool import SlotPool
 log = logging.getLogger(__name__)
 
 
+class ListenerGone(Exception):
+    """Raised by a job's ``on_tokens`` when nobody reads its stream any more (the client went
+    away): the scheduler ends the job after its next step, as if it had finished."""
+
+
 @dataclass
 class Job:
     """One validated request inside the engine. ``encode_visual`` computes its visual tokens (keyed
@@ -72,7 +77,8 @@ class Job:
     zero_boxes: bool = False             # its adapter was trained with all-zero boxes
     choices: tuple[int, ...] = ()        # answered by the likeliest of these tokens (NLVR2)
     # streaming (greedy jobs only): called on the scheduler thread after every decode step that
-    # leaves the job running, with the tokens generated so far; it must not block
+    # leaves the job running, with the tokens generated so far; it must not block, and raises
+    # ListenerGone when the stream's reader is gone
     on_tokens: Callable[[list[int]], None] | None = None
     # set by the scheduler
     slot: int = -1
@@ -501,6 +507,9 @@ class Scheduler:
     def _stream(job: Job) -> None:
         try:
             job.on_tokens(job.searcher.tokens)
+        except ListenerGone:          # the client went away: stop decoding for it
+            job.on_tokens = None
+            job.searcher.stop()
         except Exception:  # noqa: BLE001 - a listener gone wrong must not fail the batch
             log.exception("a stream listener failed; the job goes on without it")
             job.on_tokens = None

@@ -372,3 +372,39 @@ def test_health_reports_a_broken_a_hung_and_a_stopped_engine(engine_factory, med
     eng.stop()
     with pytest.raises(RuntimeError, match="not running"):
         eng.check_health()
+
+
+def test_a_stream_closed_by_its_reader_stops_decoding(engine_factory, tiny_t5, media, monkeypatch):
+    """A streaming client that goes away (the HTTP layer closes the stream's generator) frees
+    its row within a step or two instead of decoding to max_new_tokens; end of sequence is
+    suppressed so that, left alone, the job would decode every one of its 200 tokens."""
+    steps, real = [], scheduler_module.decode_step
+
+    def no_eos(model, state):
+        steps.append(state.tokens.shape[0])
+        logprobs = real(model, state)
+        logprobs[:, model.cfg.lm.eos_id] = -float("inf")
+        return logprobs
+    monkeypatch.setattr(scheduler_module, "decode_step", no_eos)
+    # every token is new text (the tiny tokenizer decodes many ids to nothing)
+    monkeypatch.setattr(tiny_t5, "decode_text", lambda tokens: " ".join(map(str, tokens)))
+    eng = engine_factory()
+    eng.start()
+    req = InferenceRequest(task="caption", text="", images=[media["images"][0]], adapter="lora",
+                           max_new_tokens=200)
+
+    async def read_one_then_leave():
+        stream = eng.stream(req)
+        first = await anext(stream)
+        await stream.aclose()
+        return first
+    first = asyncio.run(read_one_then_leave())
+    assert isinstance(first, str) and first
+    wait_until(lambda: eng.scheduler.running_rows == 0 and not eng.scheduler.pending_count)
+    assert len(steps) < 20, len(steps)
+
+    steps.clear()                                   # the same stream read to its end: 200 steps
+    async def read_all():
+        return [item async for item in eng.stream(req)]
+    items = asyncio.run(read_all())
+    assert len(items[-1].tokens) == 200 and len(steps) >= 199
