@@ -108,14 +108,17 @@ def test_reset_slot_returns_to_backbone(tiny_t5):
 
 def test_writes_held_back_in_a_batch_equal_writes_one_by_one(tiny_t5):
     """SlotBank.batched (the scheduler's admission) writes the low-rank parts of its sets and
-    resets together: a slot set twice, a slot set then emptied, ranks that grow the stacks and a
-    mix of kinds end as the same weights as the same calls one at a time."""
+    resets together: a slot set twice, a slot set then emptied (also on a site no stack exists for
+    yet), ranks that grow the stacks and a mix of kinds end as the same weights as the same calls
+    one at a time."""
     model = tiny_t5
     adapters = [compiled_adapter(model, "lora", {"r": r}, seed=r) for r in (4, 8, 8, 16, 2)]
     adapters += [compiled_adapter(model, "vlpet", {"gate": "large"}, 7),
-                 compiled_adapter(model, "lora", {"r": 8, "targets": ["dec.cross.k", "enc.ffn.wi"]}, 8)]
+                 compiled_adapter(model, "lora", {"r": 8, "targets": ["dec.cross.k", "enc.ffn.wi"]}, 8),
+                 compiled_adapter(model, "lora", {"r": 4, "targets": ["enc.self.o"]}, 9)]
     calls = [("set", 0, 0), ("set", 1, 1), ("set", 2, 2), ("set", 3, 5), ("set", 1, 3),
-             ("reset", 2, None), ("set", 4, 4), ("set", 2, 6), ("set", 5, 1), ("reset", 5, None)]
+             ("reset", 2, None), ("set", 4, 4), ("set", 2, 6), ("set", 5, 1), ("reset", 5, None),
+             ("set", 5, 7), ("reset", 5, None)]          # a site no slot has yet, set and emptied
     rows = _rows(model, 8)
     slots = [0, 1, 2, 3, 4, 5, -1, 1]
     one_by_one, batched = SlotBank(model, 6), SlotBank(model, 6)

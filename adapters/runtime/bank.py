@@ -196,8 +196,8 @@ class SlotBank:
                 by_site[site][slot] = f
         for site, slots in self._pending_clear.items():
             emptied = sorted(slots - by_site[site].keys()) if site in by_site else sorted(slots)
-            if emptied:
-                st = self._lowrank[site]
+            st = self._lowrank.get(site)       # None: set and emptied again before any write
+            if emptied and st is not None:
                 st.ranks.index_fill_(0, self._index(emptied), 0)
                 for s in emptied:
                     st.ranks_host[s] = 0
