@@ -62,8 +62,7 @@ class AudioEngine:
         self.config = config = config or EngineConfig()
         self.max_audio_seconds = max_audio_seconds
         self.featurize = Featurizer(model.cfg)
-        self.pool = SlotPool(model, store, config.num_slots, int(config.cpu_cache_mib * 2**20),
-                             config.cpu_cache_adapters)
+        self.pool = SlotPool.from_config(model, store, config)
         self.rows, self.adapters_per_batch = Histogram(SIZE_BUCKETS), Histogram(SIZE_BUCKETS)
         self.requests: dict[str, dict[str, float]] = {}     # adapter -> count, latency_ms_sum
         self.failed: dict[str, int] = {}                     # error code -> count

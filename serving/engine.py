@@ -111,8 +111,7 @@ class Engine:
             self.clip_identity = towers_identity(towers)
         self.heads = FeatureCache(CACHE_HEADS_KEPT)
         self.config = config = config or EngineConfig()
-        self.pool = SlotPool(model, store, config.num_slots, int(config.cpu_cache_mib * 2**20),
-                             config.cpu_cache_adapters)
+        self.pool = SlotPool.from_config(model, store, config)
         self.features = FeatureCache(config.feature_cache_items)
         self.scheduler = Scheduler(model, self.pool, self.features, config.max_batch_rows,
                                    config.max_prefill_tokens, self._complete, generator, towers,

@@ -145,6 +145,12 @@ class SlotPool:
         self._stats = PoolCounters()
         self._lock = threading.RLock()
 
+    @classmethod
+    def from_config(cls, model, store: AdapterStore, config) -> SlotPool:
+        """The pool an engine's ``config`` (serving.server_config.EngineConfig) describes."""
+        return cls(model, store, config.num_slots, int(config.cpu_cache_mib * 2**20),
+                   config.cpu_cache_adapters)
+
     # ---- the scheduler's side ------------------------------------------------------------
     def acquire(self, adapter_id: str | tuple[str, ...], version: int | tuple[int, ...], task: str,
                 share_only: bool = False) -> int | None:

@@ -224,20 +224,18 @@ class SlotBank:
             r = f.A.shape[0]
             st.A[slot, :r], st.B[slot, :, :r], st.scale[slot] = f.A, f.B, f.scale
             st.ranks[slot], st.ranks_host[slot] = r, r
-            lowrank_slots_written(st, [slot])
-            self._lowrank[site] = st
-            return
-        by_rank: dict[int, list[int]] = defaultdict(list)
-        for slot, f in forms.items():
-            by_rank[f.A.shape[0]].append(slot)
-            st.ranks_host[slot] = f.A.shape[0]
-        for r, slots in by_rank.items():
-            idx = self._index(slots)
-            st.A.narrow(1, 0, r).index_copy_(0, idx, torch.stack([forms[s].A for s in slots]))
-            st.B.narrow(2, 0, r).index_copy_(0, idx, torch.stack([forms[s].B for s in slots]))
-            st.scale.index_copy_(0, idx, torch.tensor([forms[s].scale for s in slots],
-                                                      dtype=st.scale.dtype, device=self.device))
-            st.ranks.index_fill_(0, idx, r)
+        else:
+            by_rank: dict[int, list[int]] = defaultdict(list)
+            for slot, f in forms.items():
+                by_rank[f.A.shape[0]].append(slot)
+                st.ranks_host[slot] = f.A.shape[0]
+            for r, slots in by_rank.items():
+                idx = self._index(slots)
+                st.A.narrow(1, 0, r).index_copy_(0, idx, torch.stack([forms[s].A for s in slots]))
+                st.B.narrow(2, 0, r).index_copy_(0, idx, torch.stack([forms[s].B for s in slots]))
+                st.scale.index_copy_(0, idx, torch.tensor([forms[s].scale for s in slots],
+                                                          dtype=st.scale.dtype, device=self.device))
+                st.ranks.index_fill_(0, idx, r)
         lowrank_slots_written(st, sorted(forms))
         self._lowrank[site] = st
 
