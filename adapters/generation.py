@@ -121,6 +121,10 @@ class BeamSearch:
         best = self.finished[0]
         return GenerationResult(best.tokens, best.logprob)
 
+    def stop(self) -> None:
+        """End after the next step: the best hypotheses so far are then its answer."""
+        self.max_new = min(self.max_new, len(self.seqs[0]) + 1 if self.seqs else 1)
+
 
 class ChoiceSearch:
     """The likeliest of ``choices`` (token ids) after the forced ``prefix`` tokens, as the seeds
@@ -149,6 +153,9 @@ class ChoiceSearch:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.tokens, self.logprob)
+
+    def stop(self) -> None:
+        """Nothing to cut short: it ends once its forced prefix is through (a step or two)."""
 
 
 def make_searcher(num_beams: int, max_new_tokens: int, eos_id: int, choices: tuple[int, ...] = ()):

@@ -7,6 +7,8 @@ it, leaves as JSON `{"error": {"code", "message"}}`; only a server bug becomes a
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -306,6 +308,7 @@ def create_app(backend: Backend, config: ServerConfig, token_check: TokenCheck |
     add_playground_routes(app)
     add_openai_routes(app, backend, config, token_check, _INFERENCE_ERRORS, model_inputs)
     _add_error_handlers(app)
+    app.add_middleware(EndWithClient)
     app.add_middleware(BodyLimit, default_limit=config.max_body_bytes,
                        upload_limit=config.max_adapter_bytes)
     app.add_middleware(RecordMetrics, metrics=metrics)     # outermost: sees every status
@@ -599,6 +602,63 @@ class BodyLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class EndWithClient:
+    """ASGI middleware: a client that disconnects once its request is sent cancels the route still
+    working on it, so a generation ends (serving/engine.py ``Engine.generate``; Ray Serve cancels
+    a replica's request on a disconnect too). Counted as 499; nobody reads the answer."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent, gone = asyncio.Event(), asyncio.Event()
+        started = finished = False
+
+        async def route_receive():
+            if sent.is_set():           # only the disconnect is left, which watch() waits for
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            elif not message.get("more_body", False):
+                sent.set()
+            return message
+
+        async def noting_send(message) -> None:
+            nonlocal started, finished
+            started = started or message["type"] == "http.response.start"
+            finished = finished or (message["type"] == "http.response.body"
+                                    and not message.get("more_body", False))
+            await send(message)
+
+        async def watch() -> None:
+            await sent.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        route = asyncio.ensure_future(self.app(scope, route_receive, noting_send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait((route, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:     # this request itself is cancelled (Ray Serve, shutdown)
+            route.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if route.done() or finished or watcher.exception() is not None:
+            return await route
+        route.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await route
+        if not started:
+            await _error(499, "client_closed_request", "the client closed the connection before "
+                         "the answer; its work was stopped", path=scope["path"])(scope, receive, send)
 
 
 def _too_large(limit: int) -> str:

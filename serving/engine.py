@@ -50,7 +50,6 @@ from petserve.serving.scheduler import (
     ContextItem,
     ContextJob,
     Job,
-    ListenerGone,
     Scheduler,
 )
 from petserve.serving.server_config import EngineConfig
@@ -72,6 +71,9 @@ CACHE_KIND = "cache"
 def _copy_outcome(src: Future, dst: Future, digest: str, generate_ms: float) -> None:
     """A request on a generated adapter finished: its result, naming the context instead, with
     the time its adapter took to generate (0 when the pool had it) in its timings."""
+    if src.cancelled() or dst.done():       # its caller left (Engine.generate's ``gone``)
+        dst.cancel()
+        return
     if src.exception() is not None:
         dst.set_exception(src.exception())
         return
@@ -95,8 +97,6 @@ class TextDeltas:
         if len(text) > len(self.sent) and text.startswith(self.sent):
             self.send(text[len(self.sent):])
             self.sent = text
-        else:
-            self.send("")          # nothing new; lets the receiver say it is gone (ListenerGone)
 
 
 class Engine:
@@ -142,16 +142,18 @@ class Engine:
         return version
 
     # ---- requests ------------------------------------------------------------------------
-    def submit(self, req: InferenceRequest, on_text: Callable[[str], None] | None = None) -> Future:
+    def submit(self, req: InferenceRequest, on_text: Callable[[str], None] | None = None,
+               gone: threading.Event | None = None) -> Future:
         """Queue ``req``; the future resolves to an InferenceResult (or an ApiError). Raises
         ApiError now for an unknown adapter (404), a task the adapter lacks (422), too many encoder
         tokens (413) or a full queue (503). A request with an inline ``context`` first has its
         adapter generated (once per distinct context while the pool keeps it). ``on_text``
-        (greedy requests): called on the scheduler thread after each decode step with its new
-        text ("" when there is none); it raises scheduler.ListenerGone to end the job early."""
+        (greedy requests): called on the scheduler thread after each decode step that adds text,
+        with that text. ``gone``, once set, ends the job: dropped if still queued, else stopped
+        after its next decode step (scheduler.Job.gone)."""
         if req.context is not None:
-            return self._submit_with_context(req, on_text)
-        job = self._job(req, on_text)
+            return self._submit_with_context(req, on_text, gone)
+        job = self._job(req, on_text, gone)
         self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
         return job.future
 
@@ -159,27 +161,21 @@ class Engine:
         """``submit`` with the text of every decode step as it comes (greedy requests; a beam
         search has no text before it ends), then the InferenceResult. Raises ApiError where
         ``generate`` would: before the first item for what ``submit`` refuses."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        gone = False
+        loop, events, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def send(item) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        def send_text(text: str) -> None:
-            if gone:                  # the reader left (a client disconnect closes this generator)
-                raise ListenerGone
-            if text:
-                send(text)
-        future = await asyncio.to_thread(self.submit, req, send_text)
-        future.add_done_callback(send)
+            if not gone.is_set():     # once the reader left, its loop may be gone too
+                loop.call_soon_threadsafe(events.put_nowait, item)
         try:
+            future = await asyncio.to_thread(self.submit, req, send, gone)
+            future.add_done_callback(send)
             while not isinstance(item := await events.get(), Future):
                 yield item
         finally:
-            gone = True               # its job ends at the step after its next one
+            gone.set()                # read to its end, or its reader left (the generator closed)
         yield item.result()
 
-    def _submit_with_context(self, req: InferenceRequest, on_text) -> Future:
+    def _submit_with_context(self, req: InferenceRequest, on_text, gone) -> Future:
         """Generate the context's adapter (or find it in the pool, keyed by the context's hash),
         then queue the request on it; the result names the context, not an adapter."""
         items, digest = self._context_items(req.context)
@@ -190,7 +186,7 @@ class Engine:
 
         def queue_request(generate_ms: float) -> None:
             try:
-                job = self._job(on_key, on_text)
+                job = self._job(on_key, on_text, gone)
                 self.scheduler.enqueue(job, self.config.max_queue, self._retry_after_s())
             except ApiError as e:
                 done.set_exception(e)
@@ -221,8 +217,14 @@ class Engine:
         return done
 
     async def generate(self, req: InferenceRequest) -> InferenceResult:
-        """``submit`` in a worker thread (tokenizing and hashing stay off the event loop)."""
-        return await asyncio.wrap_future(await asyncio.to_thread(self.submit, req))
+        """``submit`` in a worker thread (tokenizing and hashing stay off the event loop). A
+        caller that stops waiting (cancelled: its client left, or Ray Serve cancelled the call)
+        ends the job instead of leaving it to decode for nobody."""
+        gone = threading.Event()
+        try:
+            return await asyncio.wrap_future(await asyncio.to_thread(self.submit, req, None, gone))
+        finally:
+            gone.set()
 
     def run_alone(self, req: InferenceRequest) -> InferenceResult:
         """``req`` alone, bypassing the scheduler and caches: its adapter (latest version) read
@@ -406,7 +408,8 @@ class Engine:
                                        self.generator_name, digest, name)
 
     # ---- request -> job ------------------------------------------------------------------
-    def _job(self, req: InferenceRequest, on_text: Callable[[str], None] | None = None) -> Job:
+    def _job(self, req: InferenceRequest, on_text: Callable[[str], None] | None = None,
+             gone: threading.Event | None = None) -> Job:
         """A Job: the adapter's latest stored version, the prompt tokenized, the visual content
         hashed. ``req`` is trusted (admission built it); what only the engine knows is checked."""
         version, inputs = None, DEFAULT_INPUTS
@@ -439,7 +442,8 @@ class Engine:
                 return encode_visual(model, images, frames, feats, boxes)
         job = Job(req.adapter, req.task, ids, key, visual,
                   n_tokens, max_new, req.num_beams, version=version,
-                  zero_boxes=inputs.boxes == "zero", choices=self.model.choice_ids(req.task))
+                  zero_boxes=inputs.boxes == "zero", choices=self.model.choice_ids(req.task),
+                  gone=gone)
         if on_text is not None and job.num_beams == 1 and not job.choices:
             job.on_tokens = TextDeltas(self.model.decode_text, on_text)
         return job

@@ -10,7 +10,8 @@ Each iteration:
    then append their rows to the running decode state (DecoderCache.concat / BatchMeta.concat);
 3. one decode_step for every running row;
 4. advance each job's searcher; finished jobs complete their futures at once and release their slot;
-   a streaming job that goes on hears its tokens so far (``Job.on_tokens``);
+   a streaming job that goes on hears its tokens so far (``Job.on_tokens``); a job nobody waits
+   for any more (``Job.gone``: its client left) stops, its row leaving after the next step;
 5. one chunk of waiting contexts (Generative Adapter: ``ContextJob``): up to ``max_batch_rows``
    context items of one or more contexts in one teacher-forced backbone pass, their S summed into
    each context's; a context whose items are all in becomes its LoRA. One chunk per iteration, so
@@ -53,11 +54,6 @@ from petserve.serving.slot_pool import SlotPool
 log = logging.getLogger(__name__)
 
 
-class ListenerGone(Exception):
-    """Raised by a job's ``on_tokens`` when nobody reads its stream any more (the client went
-    away): the scheduler ends the job after its next step, as if it had finished."""
-
-
 @dataclass
 class Job:
     """One validated request inside the engine. ``encode_visual`` computes its visual tokens (keyed
@@ -77,9 +73,11 @@ class Job:
     zero_boxes: bool = False             # its adapter was trained with all-zero boxes
     choices: tuple[int, ...] = ()        # answered by the likeliest of these tokens (NLVR2)
     # streaming (greedy jobs only): called on the scheduler thread after every decode step that
-    # leaves the job running, with the tokens generated so far; it must not block, and raises
-    # ListenerGone when the stream's reader is gone
+    # leaves the job running, with the tokens generated so far; it must not block
     on_tokens: Callable[[list[int]], None] | None = None
+    # set when nobody waits for the answer any more (the client left): a queued job is dropped,
+    # a decoding one ends after its next step
+    gone: threading.Event | None = None
     # set by the scheduler
     slot: int = -1
     searcher: object = None
@@ -87,6 +85,10 @@ class Job:
     bypassed: int = 0
     started: float = 0.0                 # end of its prefill: decoding starts
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def abandoned(self) -> bool:
+        return self.gone is not None and self.gone.is_set()
 
 
 @dataclass
@@ -309,6 +311,8 @@ class Scheduler:
     def _admit_each(self, admitted: list[Job], waiting: list[Job], rows: int, tokens: int) -> None:
         blocked, slot_wait = None, False       # first job left waiting; is some job waiting on a slot
         for job in self._pending:
+            if job.abandoned:
+                job.future.cancel()
             if job.future.cancelled():
                 continue
             if blocked is not None and blocked.bypassed >= self.max_rows:
@@ -407,6 +411,8 @@ class Scheduler:
         for j in jobs:
             if j.searcher.done:
                 self._finish(j)
+            elif j.abandoned:
+                j.searcher.stop()             # its row leaves the batch after the next step
             elif j.on_tokens is not None:
                 self._stream(j)
 
@@ -507,9 +513,6 @@ class Scheduler:
     def _stream(job: Job) -> None:
         try:
             job.on_tokens(job.searcher.tokens)
-        except ListenerGone:          # the client went away: stop decoding for it
-            job.on_tokens = None
-            job.searcher.stop()
         except Exception:  # noqa: BLE001 - a listener gone wrong must not fail the batch
             log.exception("a stream listener failed; the job goes on without it")
             job.on_tokens = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import petserve.serving.scheduler as scheduler_module
 from petserve.adapters.backbone import build_backbone
 from petserve.adapters.kinds import get_kind
 
@@ -52,3 +53,20 @@ def random_adapter(model, kind: str, options: dict, seed: int, noise: float = 0.
 def compiled_adapter(model, kind, options, seed, task: str = VARIANT_TASK):
     cfg, params = random_adapter(model, kind, options, seed)
     return get_kind(kind).compile(cfg, params, model, task)
+
+
+@pytest.fixture
+def endless(tiny_t5, monkeypatch):
+    """End of sequence suppressed, so a job left alone decodes all its tokens: the decode steps
+    taken (each step's row count) are recorded in the returned list."""
+    steps, real = [], scheduler_module.decode_step
+
+    def no_eos(model, state):
+        steps.append(state.tokens.shape[0])
+        logprobs = real(model, state)
+        logprobs[:, model.cfg.lm.eos_id] = -float("inf")
+        return logprobs
+    monkeypatch.setattr(scheduler_module, "decode_step", no_eos)
+    # every token is new text (the tiny tokenizer decodes many ids to nothing)
+    monkeypatch.setattr(tiny_t5, "decode_text", lambda tokens: " ".join(map(str, tokens)))
+    return steps

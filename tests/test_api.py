@@ -5,6 +5,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import time
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import petserve.serving.scheduler as scheduler_module
 from petserve.adapters.adapter_file import adapter_bytes
 from petserve.serving.api import create_app
 from petserve.serving.deployments import LocalBackend
@@ -20,6 +22,7 @@ from petserve.serving.engine import InferenceRequest
 from petserve.serving.server_config import EngineConfig, ServerConfig
 from petserve.serving.store import LocalDirStore
 from tests.conftest import random_adapter
+from tests.test_engine import wait_until
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -327,3 +330,51 @@ def test_overload_returns_503_with_retry_after(tiny_t5, tmp_path):
     assert rejected.status_code == 503 and rejected.json()["error"]["code"] == "overloaded"
     assert int(rejected.headers["retry-after"]) >= 1
     assert [r.status_code for r in served] == [200, 200]
+
+
+@pytest.mark.parametrize("path", ["/v1/vqa", "/v1/chat/completions"])
+def test_a_client_that_hangs_up_stops_its_generation(tiny_t5, tmp_path, endless, monkeypatch, path):
+    """A real HTTP client that closes its connection mid-answer: the route's work is cancelled and
+    the job leaves the batch within a step or two (each step slowed, end of sequence suppressed,
+    so left alone it would decode all 64 tokens), and the request is counted with status 499."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    slowed = scheduler_module.decode_step
+    monkeypatch.setattr(scheduler_module, "decode_step",
+                        lambda model, state: (time.sleep(0.02), slowed(model, state))[1])
+    backend, config = make_backend(tiny_t5, tmp_path, num_slots=2)
+    backend.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(backend, config), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.put(f"{url}/v1/adapters/a", content=make_adapter(tiny_t5, "lora", 0),
+                         headers=AUTH).status_code == 201
+        question, image = "what is in the image?", base64.b64encode(png_bytes(0)).decode()
+        body = json.dumps({"adapter": "a", "question": question, "image": image,
+                           "max_new_tokens": 64} if path == "/v1/vqa" else
+                          {"model": "a", "max_tokens": 64, "messages": [{"role": "user", "content": [
+                              {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                              {"type": "text", "text": question}]}]}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_until(lambda: len(endless) >= 3)
+        wait_until(lambda: backend.engine.scheduler.running_rows == 0)
+        assert len(endless) < 12, len(endless)
+        exposition = httpx.get(f"{url}/metrics").text
+        assert 'status="499"' in exposition
+        assert httpx.post(f"{url}{path}", content=body, headers={
+            "content-type": "application/json"}).status_code == 200     # and it serves on
+        assert len(endless) >= 64
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        backend.stop()

@@ -374,20 +374,9 @@ def test_health_reports_a_broken_a_hung_and_a_stopped_engine(engine_factory, med
         eng.check_health()
 
 
-def test_a_stream_closed_by_its_reader_stops_decoding(engine_factory, tiny_t5, media, monkeypatch):
+def test_a_stream_closed_by_its_reader_stops_decoding(engine_factory, media, endless):
     """A streaming client that goes away (the HTTP layer closes the stream's generator) frees
-    its row within a step or two instead of decoding to max_new_tokens; end of sequence is
-    suppressed so that, left alone, the job would decode every one of its 200 tokens."""
-    steps, real = [], scheduler_module.decode_step
-
-    def no_eos(model, state):
-        steps.append(state.tokens.shape[0])
-        logprobs = real(model, state)
-        logprobs[:, model.cfg.lm.eos_id] = -float("inf")
-        return logprobs
-    monkeypatch.setattr(scheduler_module, "decode_step", no_eos)
-    # every token is new text (the tiny tokenizer decodes many ids to nothing)
-    monkeypatch.setattr(tiny_t5, "decode_text", lambda tokens: " ".join(map(str, tokens)))
+    its row within a step or two instead of decoding to max_new_tokens."""
     eng = engine_factory()
     eng.start()
     req = InferenceRequest(task="caption", text="", images=[media["images"][0]], adapter="lora",
@@ -401,10 +390,37 @@ def test_a_stream_closed_by_its_reader_stops_decoding(engine_factory, tiny_t5, m
     first = asyncio.run(read_one_then_leave())
     assert isinstance(first, str) and first
     wait_until(lambda: eng.scheduler.running_rows == 0 and not eng.scheduler.pending_count)
-    assert len(steps) < 20, len(steps)
+    assert len(endless) < 20, len(endless)
 
-    steps.clear()                                   # the same stream read to its end: 200 steps
+    endless.clear()                                 # the same stream read to its end: 200 steps
     async def read_all():
         return [item async for item in eng.stream(req)]
     items = asyncio.run(read_all())
-    assert len(items[-1].tokens) == 200 and len(steps) >= 199
+    assert len(items[-1].tokens) == 200 and len(endless) >= 199
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_request_nobody_waits_for_stops_decoding(engine_factory, media, endless, num_beams):
+    """Engine.generate cancelled while its job decodes (its HTTP client left, or Ray Serve
+    cancelled the call) ends the job at its next step, greedy or beam search; a job cancelled
+    while still queued never runs."""
+    eng = engine_factory(max_batch_rows=2 * num_beams - 1, max_beams=num_beams)   # room for one
+    eng.start()
+    req = InferenceRequest(task="caption", text="", images=[media["images"][0]], adapter="lora",
+                           max_new_tokens=200, num_beams=num_beams)
+
+    async def leave_while_decoding():
+        running = asyncio.ensure_future(eng.generate(req))
+        queued = asyncio.ensure_future(eng.generate(req))      # no rows left for it
+        await asyncio.to_thread(wait_until, lambda: len(endless) >= 3)
+        assert eng.scheduler.pending_count == 1
+        queued.cancel()
+        running.cancel()
+        for task in (running, queued):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    asyncio.run(leave_while_decoding())
+    wait_until(lambda: eng.scheduler.running_rows == 0 and not eng.scheduler.pending_count)
+    assert len(endless) < 20, len(endless)
+    assert set(endless) == {num_beams}, "the queued job was admitted"
+    assert eng.pool.counters()["referenced"] == 0                # the slot was released
