@@ -31,7 +31,10 @@ version's blob can never delete the blob that a concurrent upload of the same by
 Reads: get() lists ``<id>/v`` at most once per ``fresh_s`` per id (the engine calls it on every
 request); manifests are immutable, so each is fetched once. read() serves blobs from this
 replica's read-through cache (``cache_dir/<sha256>``, written by adapters.atomic_file, checked
-against the sha256 on every read), fetching from S3 on a miss.
+against the sha256 on every read), fetching from S3 on a miss. The cache holds at most
+``cache_max_bytes``: writing a blob drops the least recently used ones (a hit refreshes a blob's
+mtime) until it fits; replicas sharing the directory share the budget, and a blob dropped under
+another reader is a miss there, fetched again.
 
 Outages: a connection error, a timeout or a 5xx (after botocore's few retries) makes every call
 fail fast with ApiError 503 ``store_unavailable`` (naming the store and the cause, Retry-After)
@@ -44,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -73,6 +77,8 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5.0          # after a failed call, S3 is not tried again for this long
 ORPHAN_AGE_S = 3600.0        # an unpublished blob this old belongs to a crashed upload
 MAX_CLAIMS = 100             # counter compare-and-swap attempts before giving up (contention)
+DEFAULT_CACHE_BYTES = 2 * 2**30   # the blob cache of the replicas sharing a cache directory
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")     # a cached blob (its sha256); temp files are not
 # An endpoint that refuses fails at once; one that does not connect after 2 attempts of 2 s; one
 # that connects but never answers after 2 attempts of a 5 s read (measured 12 s).
 CLIENT_CONFIG = Config(connect_timeout=2, read_timeout=5,
@@ -97,6 +103,7 @@ class S3Store:
     max_bytes, keep_versions: as LocalDirStore's.
     fresh_s:       get() trusts its last listing of an id for this long (other replicas' new
                    versions show up within it; refresh() forgets every listing).
+    cache_max_bytes: the blob cache's budget (None: unbounded).
     endpoint_url:  None: the AWS environment's (AWS_ENDPOINT_URL, ~/.aws/config), else AWS.
     """
 
@@ -110,12 +117,13 @@ class S3Store:
         keep_versions: int | None = DEFAULT_KEEP_VERSIONS,
         fresh_s: float = 1.0,
         endpoint_url: str | None = None,
+        cache_max_bytes: int | None = DEFAULT_CACHE_BYTES,
     ) -> None:
         if keep_versions is not None and keep_versions < 1:
             raise ValueError("keep_versions must be >= 1 or None")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir, self.cache_max_bytes = Path(cache_dir), cache_max_bytes
         self.max_bytes, self.keep_versions, self.fresh_s = max_bytes, keep_versions, fresh_s
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url,
                                                      config=CLIENT_CONFIG)
@@ -414,18 +422,41 @@ class S3Store:
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
     def _cached(self, sha256: str) -> bytes | None:
+        path = self.cache_dir / sha256
         try:
-            data = (self.cache_dir / sha256).read_bytes()
+            data = path.read_bytes()
+            os.utime(path)                   # recently used: the last to be dropped
         except FileNotFoundError:
             return None
         if hashlib.sha256(data).hexdigest() == sha256:
             return data
-        log.warning("dropping corrupt cached blob %s", self.cache_dir / sha256)
-        (self.cache_dir / sha256).unlink(missing_ok=True)
+        log.warning("dropping corrupt cached blob %s", path)
+        path.unlink(missing_ok=True)
         return None
 
     def _cache(self, sha256: str, data: bytes) -> None:
         write_atomically(self.cache_dir / sha256, lambda f: f.write(data))
+        if self.cache_max_bytes is not None:
+            self._trim_cache(keep=sha256)
+
+    def _trim_cache(self, keep: str) -> None:
+        """Drop the least recently used blobs (not ``keep``) until the cache fits its budget."""
+        blobs, total = [], 0
+        for entry in os.scandir(self.cache_dir):
+            if not _BLOB_NAME.fullmatch(entry.name):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:        # dropped meanwhile by a replica sharing the cache
+                continue
+            total += st.st_size
+            if entry.name != keep:
+                blobs.append((st.st_mtime_ns, st.st_size, entry.path))
+        for _, size, path in sorted(blobs):
+            if total <= self.cache_max_bytes:
+                break
+            Path(path).unlink(missing_ok=True)
+            total -= size
 
 
 def _numbers(keys: list[str], kind: str) -> list[int]:

@@ -113,6 +113,8 @@ class ServerConfig(_Strict):
                             "directory; with store_url, this replica's cache of S3 blobs under it")
     store_url: str | None = Field(None, description="s3://bucket[/prefix]: keep the adapter store "
                                   "in S3 (endpoint and credentials from the AWS environment)")
+    store_cache_mib: int = Field(2048, ge=1, description="with store_url: the budget of the S3 blob "
+                                 "cache in store_dir (least recently used blobs dropped first)")
     generator: Path | None = Field(None, description="Generative Adapter generator for the backbone "
                                    "(petserve train-generator); the embedded default ships one")
     clip: Path | None = Field(None, description="CLIP's text side for /v1/classify: a text tower "

@@ -428,5 +428,6 @@ def open_store(config) -> AdapterStore:
         from petserve.serving.server_config import split_s3_url
         bucket, prefix = split_s3_url(config.store_url)
         return S3Store(bucket, prefix, config.store_dir / S3_CACHE_DIR,
-                       max_bytes=config.max_adapter_bytes)
+                       max_bytes=config.max_adapter_bytes,
+                       cache_max_bytes=config.store_cache_mib * 2**20)
     return LocalDirStore(config.store_dir, max_bytes=config.max_adapter_bytes)

@@ -128,6 +128,30 @@ def test_corrupt_cached_blob_is_fetched_again(bucket, tmp_path):
     assert store.read("a") == b"payload" and cached.read_bytes() == b"payload"
 
 
+def test_the_blob_cache_keeps_the_most_recently_used_blobs_within_its_budget(bucket, tmp_path):
+    cache = tmp_path / "r"
+    store = replica(bucket, cache, cache_max_bytes=250)
+    blob = {i: i.encode() * 100 for i in "abcd"}
+
+    def cached() -> set[str]:
+        return {i for i in blob if (cache / sha(blob[i])).exists()}
+    for i in "ab":
+        store.put(i, blob[i], {})
+        time.sleep(0.02)                       # distinct mtimes on coarse file system clocks
+    assert store.read("a") == blob["a"]        # a hit: "a" is now the more recently used
+    time.sleep(0.02)
+    store.put("c", blob["c"], {})              # 300 bytes: the least recently used goes
+    assert cached() == {"a", "c"}
+    time.sleep(0.02)
+    assert store.read("b") == blob["b"]        # dropped from the cache, not from the store
+    assert cached() == {"b", "c"}
+    (cache / "unrelated.tmp").write_bytes(b"x" * 1000)   # a temp file in flight is not a blob
+    small = replica(bucket, cache, cache_max_bytes=10)  # under one blob: only the newest stays
+    small.put("d", blob["d"], {})
+    assert small.read("d") == blob["d"] and cached() == {"d"}
+    assert (cache / "unrelated.tmp").exists()
+
+
 def test_outage_reads_from_cache_and_uploads_fail_fast_with_503(private_moto_s3, tmp_path):
     bucket = private_moto_s3.new_bucket()
     store = replica(bucket, tmp_path / "r", fresh_s=0)
