@@ -33,9 +33,23 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return m["bucket"], m["prefix"] or ""
 
 
+def store_env() -> str:
+    """`PETSERVE_STORE`: the store a server opens unless told otherwise, a directory or an s3:// URL
+    ("" when unset)."""
+    return os.environ.get("PETSERVE_STORE", "")
+
+
 def default_store_dir() -> Path:
-    """`PETSERVE_STORE` when set, else ~/.cache/petserve/store."""
-    return Path(os.environ.get("PETSERVE_STORE") or DEFAULT_STORE).expanduser()
+    """`PETSERVE_STORE` when it is a directory, else ~/.cache/petserve/store (with an s3:// store,
+    the replica's blob cache lives under it)."""
+    env = store_env()
+    return Path(env if env and not env.startswith("s3://") else DEFAULT_STORE).expanduser()
+
+
+def default_store_url() -> str | None:
+    """`PETSERVE_STORE` when it is an s3:// URL, else None."""
+    env = store_env()
+    return env if env.startswith("s3://") else None
 
 
 class _Strict(BaseModel):
@@ -111,8 +125,10 @@ class ServerConfig(_Strict):
     backbone: str | None = Field(None, description="preset name or backbone directory")
     store_dir: Path = Field(default_factory=default_store_dir, description="the adapter store "
                             "directory; with store_url, this replica's cache of S3 blobs under it")
-    store_url: str | None = Field(None, description="s3://bucket[/prefix]: keep the adapter store "
-                                  "in S3 (endpoint and credentials from the AWS environment)")
+    store_url: str | None = Field(default_factory=default_store_url, validate_default=True,
+                                  description="s3://bucket[/prefix]: keep the adapter store in "
+                                  "S3 (endpoint and credentials from the AWS environment; "
+                                  "default: $PETSERVE_STORE when it is such a URL)")
     store_cache_mib: int = Field(2048, ge=1, description="with store_url: the budget of the S3 blob "
                                  "cache in store_dir (least recently used blobs dropped first)")
     generator: Path | None = Field(None, description="Generative Adapter generator for the backbone "

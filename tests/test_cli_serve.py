@@ -227,6 +227,25 @@ def test_flags_override_the_yaml_config(tmp_path):
     assert (config.engine.num_slots, config.engine.max_queue) == (5, 7)
 
 
+def test_petserve_store_names_a_directory_or_a_bucket(tmp_path, monkeypatch):
+    """$PETSERVE_STORE=s3://... opens the S3 store (not a local folder named `s3:`), with the blob
+    cache in the default directory; a --store directory wins over it."""
+    from petserve.serving.cli import build_parser
+    from petserve.serving.commands.serve import server_config
+    from petserve.serving.server_config import DEFAULT_STORE, ServerConfig
+    monkeypatch.setenv("PETSERVE_STORE", "s3://team-bucket/adapters")
+    for config in (ServerConfig(), server_config(build_parser().parse_args(["serve"]))):
+        assert config.store_url == "s3://team-bucket/adapters"
+        assert config.store_dir == DEFAULT_STORE.expanduser()
+    flagged = server_config(build_parser().parse_args(["serve", "--store", str(tmp_path)]))
+    assert (flagged.store_url, flagged.store_dir) == (None, tmp_path)
+    monkeypatch.setenv("PETSERVE_STORE", "s3://Bad_Bucket")
+    with pytest.raises(ValueError, match="is not s3://BUCKET"):
+        ServerConfig()
+    monkeypatch.setenv("PETSERVE_STORE", str(tmp_path / "dir"))
+    assert (ServerConfig().store_url, ServerConfig().store_dir) == (None, tmp_path / "dir")
+
+
 def test_serve_config_yaml_is_a_valid_serve_config_that_builds(tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema

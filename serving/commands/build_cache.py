@@ -41,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                    help="class prompt template with one {} (repeat for an ensemble; default 'a {}')")
     p.add_argument("--store", type=Path, help="adapter store directory (default: the one "
-                   "`petserve serve` uses, $PETSERVE_STORE or ~/.cache/petserve/store)")
+                   "`petserve serve` uses, $PETSERVE_STORE (a directory or an s3:// URL) or "
+                   "~/.cache/petserve/store)")
     p.add_argument("--backbone", type=Path, help="backbone directory (default: the embedded demo)")
     p.add_argument("--clip", type=Path, help="CLIP's text side: a text tower file or a CLIPModel "
                    "save_pretrained directory (needed with --backbone)")
@@ -138,7 +139,9 @@ def open_store(args, assets):
     from petserve.serving.server_config import ServerConfig
     from petserve.serving.store import open_store as open_adapter_store
     from petserve.serving.store import validate_adapter_id
-    config = ServerConfig() if args.store is None else ServerConfig(store_dir=args.store)
+    config = ServerConfig() if args.store is None else ServerConfig(store_dir=args.store,
+                                                                    store_url=None)
+    where = config.store_url or config.store_dir
     try:
         captioner = validate_adapter_id(args.captioner)
         store = open_adapter_store(config)
@@ -147,13 +150,13 @@ def open_store(args, assets):
             seed_store(store, assets.adapters, str(assets.backbone_dir), config.max_adapter_bytes)
     except ApiError as e:
         raise CliError(f"--captioner: {e.message}" if e.code == "invalid_adapter_id"
-                       else f"--store {config.store_dir}: {e.message}") from None
+                       else f"--store {where}: {e.message}") from None
     except OSError as e:
-        raise CliError(f"--store {config.store_dir}: {e}") from None
+        raise CliError(f"--store {where}: {e}") from None
     try:
         store.get(captioner)
     except ApiError:
-        raise CliError(f"no adapter {captioner!r} in store {config.store_dir}") from None
+        raise CliError(f"no adapter {captioner!r} in store {where}") from None
     return store, captioner
 
 

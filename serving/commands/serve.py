@@ -31,10 +31,11 @@ def register(sub) -> None:
                                    "(tiny backbone + demo adapters) on CPU.")
     p.add_argument("--config", type=Path, help="YAML file of ServerConfig fields (flags override)")
     p.add_argument("--backbone", help="backbone preset (tiny, t5-base, ...) or directory")
-    p.add_argument("--store", help="adapter store: a directory (default $PETSERVE_STORE or "
-                   "~/.cache/petserve/store), or s3://BUCKET[/PREFIX] shared by replicas on many "
-                   "nodes (endpoint and credentials from the AWS environment: AWS_ENDPOINT_URL, "
-                   "AWS_ACCESS_KEY_ID, ...; each replica caches blobs in the default directory)")
+    p.add_argument("--store", help="adapter store: a directory, or s3://BUCKET[/PREFIX] shared by "
+                   "replicas on many nodes (default $PETSERVE_STORE, either form, else "
+                   "~/.cache/petserve/store; S3 endpoint and credentials from the AWS environment: "
+                   "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; each replica caches S3 blobs in "
+                   "~/.cache/petserve/store)")
     p.add_argument("--adapters", type=Path, help="directory of .safetensors adapters to put into the "
                                                  "store at start (id: the file name), e.g. "
                                                  "import-seed's DIR/adapters")
@@ -64,11 +65,12 @@ def server_config(args):
         data = {}
         if args.config is not None:
             data = ServerConfig.from_yaml(args.config).model_dump(exclude_unset=True)
-        flags = {"backbone": args.backbone, **store_flags(args.store), "adapters_dir": args.adapters,
+        flags = {"backbone": args.backbone, "adapters_dir": args.adapters,
                  "generator": args.generator, "clip": args.clip, "host": args.host,
                  "audio_backbone": args.audio_backbone,
                  "port": args.port, "replicas": args.replicas, "device": args.device}
         data.update({k: v for k, v in flags.items() if v is not None})
+        data.update(store_flags(args.store))
         if args.num_slots is not None:
             data["engine"] = {**data.get("engine", {}), "num_slots": args.num_slots}
         return ServerConfig.model_validate(data)
@@ -81,10 +83,13 @@ def server_config(args):
 
 
 def store_flags(store: str | None) -> dict:
-    """--store as ServerConfig fields: an s3:// URL is store_url, anything else store_dir."""
+    """--store as ServerConfig fields: an s3:// URL is store_url, anything else store_dir (and no
+    S3 store, whatever $PETSERVE_STORE says)."""
     if store is None:
         return {}
-    return {"store_url": store} if store.startswith("s3://") else {"store_dir": Path(store)}
+    if store.startswith("s3://"):
+        return {"store_url": store}
+    return {"store_dir": Path(store), "store_url": None}
 
 
 def check_backbone(spec: str | None) -> None:
