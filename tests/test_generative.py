@@ -123,14 +123,17 @@ def test_train_generator_from_the_command_line(tmp_path, capsys):
     from petserve.serving.cli import main
     out = tmp_path / "g.safetensors"
     assert main(["train-generator", "--backbone", "tiny", "--out", str(out), "--steps", "2",
-                 "--r", "4", "--score-n", "2", "--quiet"]) == 0
+                 "--r", "4", "--relabel", "1.0", "--score-n", "2", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(summary["held_out"]) == ["count/french", "shapes/upper"]
     assert set(summary["own"]) == set(summary["bare"]) == {"count/french", "shapes/upper"}
     from petserve.adapters.backbone import build_backbone
-    assert load_generator(out, build_backbone("tiny")).cfg.r == 4
+    cfg = load_generator(out, build_backbone("tiny")).cfg
+    assert (cfg.r, cfg.alpha) == (4, 8.0)
     assert main(["train-generator", "--out", str(out), "--steps", "0"]) == 2
     assert "must be at least 1" in capsys.readouterr().err
+    assert main(["train-generator", "--out", str(out), "--relabel", "1.5"]) == 2
+    assert "--relabel must be between 0 and 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("style_mixed", [0.0, 0.5, 1.0])
@@ -163,3 +166,48 @@ def test_meta_training_tasks_keep_out_held_out_combinations(style_mixed):
     assert (mixed > 0) == (style_mixed > 0)
     if style_mixed == 1.0:            # every style has two or more trained attributes
         assert mixed > 190
+
+
+def test_relabelled_tasks_answer_in_words_the_context_shows():
+    """A relabelled task maps one attribute's answers to other words of the family, one word per
+    answer for the whole task, never a word that attribute answers with in English or French, and
+    asks only answers its context shows; its share falls from `relabel` to `relabel_floor`."""
+    import random
+
+    from petserve.adapters.data.synthetic import COLORS, FRENCH, NUMBER_WORDS, SHAPES
+    from petserve.adapters.training.generator_training import (
+        GeneratorTrainConfig,
+        draw_task,
+        relabel_share,
+        task_family,
+    )
+    words_of = {"colors": COLORS, "shapes": SHAPES, "count": NUMBER_WORDS}
+
+    class Pool:                       # items are (combination, index, the word it answers with)
+        def answer(self, combo, index):
+            return words_of[combo[0]][index % len(words_of[combo[0]])]
+
+        def relabelled(self, combo, indices, words):
+            return [(combo, i, words[self.answer(combo, i)]) for i in indices]
+
+    trained, _ = task_family()
+    tc = GeneratorTrainConfig(relabel=1.0, relabel_floor=1.0, pool_size=50)
+    rng, pool, attributes = random.Random(0), Pool(), set()
+    for _ in range(200):
+        context, queries = draw_task(pool, trained, tc, rng)
+        assert len(context) == tc.demos and len(queries) == tc.queries
+        (combo,) = {c for c, _, _ in context + queries}
+        assert combo in trained and combo[1] == "english"
+        attributes.add(combo[0])
+        words = {}
+        for _, i, word in context + queries:
+            assert words.setdefault(pool.answer(combo, i), word) == word
+        assert len(set(words.values())) == len(words)
+        own = set(words_of[combo[0]]) | {FRENCH[w] for w in words_of[combo[0]]}
+        assert not set(words.values()) & own
+        assert {w for _, _, w in queries} <= {w for _, _, w in context}
+    assert attributes == {"colors", "shapes", "count"}
+    schedule = GeneratorTrainConfig(steps=100, relabel=0.6)
+    assert [relabel_share(schedule, s) for s in (0, 50, 100)] == pytest.approx([0.6, 0.3, 0.0])
+    floored = GeneratorTrainConfig(steps=100, relabel=0.6, relabel_floor=0.25)
+    assert relabel_share(floored, 100) == 0.25

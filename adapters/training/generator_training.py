@@ -17,7 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from petserve.adapters.backbone.model import VLModel
-from petserve.adapters.data.synthetic import ATTRIBUTES, STYLES, make_styled_examples
+from petserve.adapters.data.synthetic import (
+    ATTRIBUTES,
+    COLORS,
+    FRENCH,
+    NUMBER_WORDS,
+    SHAPES,
+    STYLES,
+    make_styled_examples,
+)
 from petserve.adapters.generative import Generator, GeneratorConfig, generate_loras
 from petserve.adapters.kinds.lora import LoRA
 from petserve.adapters.training.batches import BatchBuilder, ExampleFeatures
@@ -26,6 +34,9 @@ from petserve.adapters.training.trainer import adapter_loss, adapter_weights
 
 # held out of meta-training, scored after it (the issue pins these two)
 HELD_OUT = (("count", "french"), ("shapes", "upper"))
+# what a relabelled task may answer with: the family's words in English and French (not the
+# code table, which a trained style already fixes)
+RELABEL_WORDS = tuple(sorted(set(COLORS + SHAPES + NUMBER_WORDS) | set(FRENCH.values())))
 
 
 def task_family(held_out=HELD_OUT) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -48,6 +59,10 @@ class GeneratorTrainConfig:
     # share of tasks whose context and queries mix the trained attributes of one style: the
     # adapter must then answer whichever question is asked, in the context's style
     style_mixed: float = 0.0
+    # share of relabelled tasks at the first update, falling linearly to relabel_floor at the last
+    # (draw_relabelled): they teach the generator to carry whatever words a context answers with
+    relabel: float = 0.0
+    relabel_floor: float = 0.0
     seed: int = 0
     held_out: tuple[tuple[str, str], ...] = HELD_OUT
     progress: bool = False
@@ -74,10 +89,27 @@ class TaskPool:
         rows, targets = self.builders[combo].batch(indices)
         return list(zip(rows, targets))
 
+    def answer(self, combo, index: int) -> str:
+        return self.examples[combo][index].target
 
-def draw_task(pool: TaskPool, trained, tc: GeneratorTrainConfig, rng: random.Random):
-    """One task's (context, queries) items: one trained combination, or (with probability
-    ``tc.style_mixed``) every item from a random trained combination of one style."""
+    def relabelled(self, combo, indices: list[int], words: dict[str, str]):
+        """``items`` with each answer replaced by ``words[answer]``."""
+        rows = self.builders[combo].rows(indices)
+        return [(row, self.model.target_ids(words[self.answer(combo, i)]))
+                for row, i in zip(rows, indices)]
+
+
+def relabel_share(tc: GeneratorTrainConfig, step: int) -> float:
+    return max(tc.relabel_floor, tc.relabel * (1 - step / tc.steps))
+
+
+def draw_task(pool: TaskPool, trained, tc: GeneratorTrainConfig, rng: random.Random,
+              step: int = 0):
+    """One task's (context, queries) items: a relabelled task (with probability
+    ``relabel_share``), one trained combination, or (with probability ``tc.style_mixed``) every
+    item from a random trained combination of one style."""
+    if tc.relabel > 0 and rng.random() < relabel_share(tc, step):
+        return draw_relabelled(pool, trained, tc, rng)
     n = tc.demos + tc.queries
     combo = rng.choice(trained)
     if rng.random() >= tc.style_mixed:
@@ -86,6 +118,25 @@ def draw_task(pool: TaskPool, trained, tc: GeneratorTrainConfig, rng: random.Ran
         same_style = [c for c in trained if c[1] == combo[1]]
         picks = [rng.choice(same_style) for _ in range(n)]
         items = [pool.items(c, [rng.randrange(tc.pool_size)])[0] for c in picks]
+    return items[:tc.demos], items[tc.demos:]
+
+
+def draw_relabelled(pool: TaskPool, trained, tc: GeneratorTrainConfig, rng: random.Random):
+    """A task of the kind "answer in the words the context shows": one attribute's questions,
+    each answer mapped (for this task only) to a random word of RELABEL_WORDS that the attribute
+    never answers with in English or French; the queries ask only answers the context shows. No
+    combination of the family is drawn, so nothing held out is seen."""
+    combo = rng.choice([c for c in trained if c[1] == "english"])
+    answers = sorted({pool.answer(combo, i) for i in range(tc.pool_size)})
+    own = set(answers) | {FRENCH[a] for a in answers}
+    words = dict(zip(answers, rng.sample([w for w in RELABEL_WORDS if w not in own],
+                                         len(answers))))
+    picks = rng.sample(range(tc.pool_size), tc.demos + tc.queries)
+    context = picks[:tc.demos]
+    shown = {pool.answer(combo, i) for i in context}
+    unseen = [i for i in range(tc.pool_size) if i not in context and pool.answer(combo, i) in shown]
+    queries = rng.sample(unseen, min(tc.queries, len(unseen)))      # fewer only in a tiny pool
+    items = pool.relabelled(combo, context + queries, words)
     return items[:tc.demos], items[tc.demos:]
 
 
@@ -103,7 +154,7 @@ def train_generator(model: VLModel, gcfg: GeneratorConfig, tc: GeneratorTrainCon
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc.steps, warm, tc.lr)
-        tasks = [draw_task(pool, trained, tc, rng) for _ in range(tc.tasks_per_step)]
+        tasks = [draw_task(pool, trained, tc, rng, step) for _ in range(tc.tasks_per_step)]
         contexts = [context for context, _ in tasks]
         loras = generate_loras(model, gen, contexts, chunk_rows=len(tasks) * tc.demos, detach=False)
         loss = 0.0

@@ -1,7 +1,8 @@
 """``petserve train-generator``: meta-train a Generative Adapter generator on the demo task family.
 
     petserve train-generator --out generator.safetensors [--backbone demo] [--steps 600] [--r 8]
-                             [--norm frobenius|svd] [--style-mixed 0.5] [--seed 0]
+                             [--alpha 2r] [--norm frobenius|svd] [--style-mixed 0.5]
+                             [--relabel 0.0] [--seed 0]
 
 Trains on every attribute x style combination but the held-out ones (adapters/training/
 generator_training.py: HELD_OUT), then scores the held-out ones on fresh queries (own context of 8
@@ -26,12 +27,17 @@ def register(sub) -> None:
                    "directory (default demo)")
     p.add_argument("--steps", type=int, default=600, help="meta-training updates (default 600)")
     p.add_argument("--r", type=int, default=8, help="rank of the generated LoRAs (default 8)")
+    p.add_argument("--alpha", type=float, help="LoRA scale numerator: the generated adapters scale "
+                   "by alpha / r (default 2 r, as the embedded default)")
     p.add_argument("--norm", choices=("frobenius", "svd"), default="frobenius",
                    help="normalisation of S (default frobenius)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--style-mixed", type=float, default=0.5, help="share of meta-training tasks "
                    "whose demonstrations and queries mix the attributes of one answer style "
                    "(default 0.5, the embedded default's recipe)")
+    p.add_argument("--relabel", type=float, default=0.0, help="share of relabelled tasks (an "
+                   "attribute answered in random words the context shows) at the first update, "
+                   "falling linearly to 0 (the embedded default's recipe: 0.6)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and task draws (default 0)")
     p.add_argument("--score-n", type=int, default=60, help="fresh queries per held-out "
                    "combination (default 60)")
@@ -53,14 +59,18 @@ def run(args, extra) -> int:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
         raise CliError("--lr must be positive")
-    if not 0 <= args.style_mixed <= 1:
-        raise CliError("--style-mixed must be between 0 and 1")
+    for flag in ("style_mixed", "relabel"):
+        if not 0 <= getattr(args, flag) <= 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be between 0 and 1")
     model = load_backbone(args.backbone, args.quiet)
     if model.vision is None:
         raise CliError("--backbone: the demo task family needs a backbone with a vision encoder")
-    gcfg = GeneratorConfig(r=args.r, norm=args.norm)
+    if args.alpha is not None and args.alpha <= 0:
+        raise CliError("--alpha must be positive")
+    gcfg = GeneratorConfig(r=args.r, alpha=2.0 * args.r if args.alpha is None else args.alpha,
+                           norm=args.norm)
     tc = GeneratorTrainConfig(steps=args.steps, lr=args.lr, style_mixed=args.style_mixed,
-                              seed=args.seed, progress=not args.quiet)
+                              relabel=args.relabel, seed=args.seed, progress=not args.quiet)
     gen, history = train_generator(model, gcfg, tc)
     gen.save(args.out, name=args.out.stem)
     _, held = task_family(tc.held_out)
