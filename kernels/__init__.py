@@ -3,6 +3,28 @@
 Dependencies point one way: ``serving -> adapters -> kernels``; this package imports torch (and
 triton, lazily) only.
 """
+import sys
+
+if __name__ == "kernels":
+    # This folder was found as the top-level `kernels`: the checkout root is on sys.path (pytest puts
+    # its rootdir there, `python -m` its working directory), and it shadows Hugging Face's `kernels`
+    # distribution, which transformers imports. The import is handed to the installed distribution;
+    # petserve's own ops import as `petserve.kernels`.
+    import importlib
+    import os
+
+    _root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _path = sys.path[:]
+    sys.path[:] = [p for p in _path if os.path.realpath(p or os.curdir) != _root]
+    del sys.modules[__name__]
+    try:
+        importlib.import_module("kernels")  # the import system returns what this leaves in sys.modules
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("no module named 'kernels' outside the petserve checkout (petserve's "
+                                  "ops import as petserve.kernels)", name="kernels") from e
+    finally:
+        sys.path[:] = _path
+
 from petserve.kernels.bottleneck import (
     act,
     bottleneck_residual,
