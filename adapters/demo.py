@@ -119,9 +119,9 @@ SFT_RECIPES = (
 
 # The Generative Adapter generator (adapters/generative.py) shipped with the embedded default:
 # meta-trained on the attribute x style family, HELD_OUT combinations scored by --check.
-GENERATOR_CONFIG = GeneratorConfig(r=16, alpha=32)
+GENERATOR_CONFIG = GeneratorConfig(r=16, alpha=32, norm="svd")
 GENERATOR_RECIPE = GeneratorTrainConfig(steps=6000, tasks_per_step=4, style_mixed=0.5, relabel=0.6,
-                                        seed=301)
+                                        seed=302)
 GENERATOR_FILE = "generator.safetensors"
 # CLIP's text side for /v1/classify and CapS (adapters/clip_towers.py), LiT-trained on the base.
 TOWERS_RECIPE = LiTConfig(steps=1000, seed=401)
