@@ -9,7 +9,8 @@ if __name__ == "kernels":
     # This folder was found as the top-level `kernels`: the checkout root is on sys.path (pytest puts
     # its rootdir there, `python -m` its working directory), and it shadows Hugging Face's `kernels`
     # distribution, which transformers imports. The import is handed to the installed distribution;
-    # petserve's own ops import as `petserve.kernels`.
+    # petserve's own ops import as `petserve.kernels`. The imports below this block then only bind
+    # names on this discarded module (petserve.kernels, loaded or found loaded, is the one in use).
     import importlib
     import os
 
