@@ -119,7 +119,7 @@ SFT_RECIPES = (
 
 # The Generative Adapter generator (adapters/generative.py) shipped with the embedded default:
 # meta-trained on the attribute x style family, HELD_OUT combinations scored by --check.
-GENERATOR_CONFIG = GeneratorConfig(r=16, alpha=32, norm="svd")
+GENERATOR_CONFIG = GeneratorConfig(r=16, alpha=32, norm="svd", pairing="both")
 GENERATOR_RECIPE = GeneratorTrainConfig(steps=6000, tasks_per_step=4, style_mixed=0.5, relabel=0.6,
                                         seed=302)
 GENERATOR_FILE = "generator.safetensors"
@@ -521,14 +521,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generated_scores(assets: DemoAssets, n: int = 60):
-    """The shipped generator on fresh queries of every combination (held-out ones first)."""
+    """The shipped generator on fresh queries of every combination (held-out ones first), the mean
+    of SCORE_DRAWS draws of a context and its queries."""
     from petserve.adapters.backbone import build_backbone
     from petserve.adapters.generative import load_generator
-    from petserve.adapters.training.generator_training import generator_scores, task_family
+    from petserve.adapters.training.generator_training import (
+        SCORE_DRAWS,
+        generator_scores,
+        task_family,
+    )
     model = build_backbone(assets.backbone_dir)
     trained, held = task_family(GENERATOR_RECIPE.held_out)
     with single_thread():
-        return generator_scores(model, load_generator(assets.generator, model), held + trained, n=n)
+        return generator_scores(model, load_generator(assets.generator, model), held + trained, n=n,
+                                draws=SCORE_DRAWS)
 
 
 def generated_shortfalls(scores) -> list[str]:

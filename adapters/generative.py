@@ -9,6 +9,12 @@ what each target linear reads over the context's tokens (docs/METHODS.md §3.8):
     S <- U V^T (svd: its orthogonal polar factor)  or  S / ||S||_F (frobenius)
     dW = (alpha / r) B S^T A1,   i.e. the LoRA  A = S^T A1,  B
 
+Applied to an input x, dW x = B sum_t v_t <k_t, A1 x>: a lookup of x among the context's keys
+that returns their values. ``pairing`` chooses what a key returns on the decoder's tokens: its own
+token's value (``same``, the paper's), the next token's (``next``: the state before an answer
+returns that answer, so a context's question -> answer mapping can be read out), or both terms
+summed (``both``). Encoder tokens always pair with themselves.
+
 S is summed chunk by chunk (a few demonstrations at a time), so a long context costs memory in
 r^2 per site, not in its length; several contexts share each backbone pass. The result is an
 ordinary ``lora`` adapter (adapters/kinds/lora.py): no training job, served like any other.
@@ -46,6 +52,9 @@ class GeneratorConfig(BaseModel):
     alpha: float = Field(16.0, gt=0, description="LoRA scale alpha / r")
     targets: tuple[str, ...] = Field(DEFAULT_TARGETS, description="LoRA target patterns")
     norm: Literal["svd", "frobenius"] = Field("frobenius", description="how S is normalised")
+    pairing: Literal["same", "next", "both"] = Field(
+        "same", description="on decoder-token sites, pair each token's K with its own V (same), "
+                            "with the next token's V (next), or both")
     eps: float = Field(1e-6, gt=0, description="RMSNorm and Frobenius epsilon")
 
     def lora_config(self) -> LoRAConfig:
@@ -103,7 +112,12 @@ class Generator:
             h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.eps) * g
             h = h * m
             k, v = h @ self.p(site, "A2").T, h @ self.p(site, "A3").T            # (B, T, r)
-            per_row = k.transpose(1, 2) @ v                                      # (B, r, r)
+            if self.cfg.pairing == "same" or site_stream(site) != "dec":
+                per_row = k.transpose(1, 2) @ v                                  # (B, r, r)
+            else:                                  # (t, t + 1); h is zero on padding tokens
+                per_row = k[:, :-1].transpose(1, 2) @ v[:, 1:]
+                if self.cfg.pairing == "both":
+                    per_row = per_row + k.transpose(1, 2) @ v
             total = per_row.new_zeros(num_contexts, self.cfg.r, self.cfg.r)
             total = total.index_add(0, context_of_row, per_row)
             out[site] = total if site not in out else out[site] + total

@@ -83,17 +83,16 @@ def generated(shipped):
 
 
 def test_generated_adapters_do_the_trained_tasks_from_a_context_alone(generated):
-    """What the README claims of the shipped generator: every trained combination >= 0.9 from 8
-    demonstrations; of the held-out combinations shapes / upper case reaches its target (count /
-    French comes within one query of it: --check reports it); another task's context gives a
-    held-out combination < 0.2 and every combination far less than its own context; the bare
-    backbone nothing."""
+    """What the README claims of the shipped generator, each figure the mean of three draws of a
+    context of 8 demonstrations and 60 queries: every trained combination >= 0.85; both held-out
+    combinations reach the target; another task's context gives a held-out combination < 0.2 and
+    every combination far less than its own context; the bare backbone nothing."""
     held = {f"{a}/{s}" for a, s in demo.GENERATOR_RECIPE.held_out}
     trained = set(generated.own) - held
     assert len(trained) == 10 and len(held) == 2
-    assert all(generated.own[c] >= 0.9 for c in trained), generated
-    assert generated.own["shapes/upper"] >= demo.GENERATED_TARGET, generated
-    assert generated.own["count/french"] >= 0.55, generated      # short of the target: README
+    assert all(generated.own[c] >= 0.85 for c in trained), generated
+    assert all(generated.own[c] >= demo.GENERATED_TARGET for c in held), generated
+    assert all(len(generated.own_per_draw[c]) == 3 for c in generated.own)
     assert all(generated.other_context[c] < demo.OTHER_CONTEXT_LIMIT for c in held), generated
     assert all(generated.own[c] - generated.other_context[c] >= 0.25 for c in generated.own)
     assert all(v == 0.0 for v in generated.bare.values()), generated

@@ -27,29 +27,36 @@ def _items(model, task_id: str, n: int, seed: int):
     return list(zip(rows, targets))
 
 
-def _random_generator(model, norm="frobenius", seed=0) -> Generator:
-    g = Generator.init(GeneratorConfig(r=4, norm=norm), model, seed)
+def _random_generator(model, norm="frobenius", seed=0, pairing="same") -> Generator:
+    g = Generator.init(GeneratorConfig(r=4, norm=norm, pairing=pairing), model, seed)
     torch.manual_seed(seed)
     for k, v in g.params.items():               # B starts at zero: give it something to carry
         g.params[k] = v + 0.1 * torch.randn_like(v)
     return g
 
 
-def test_s_is_the_literal_sum_over_context_tokens(tiny_t5):
-    gen = _random_generator(tiny_t5)
+@pytest.mark.parametrize("pairing", ["same", "next"])
+@pytest.mark.parametrize("site", ["dec.0.self.v", "enc.0.self.q"])
+def test_s_is_the_literal_sum_over_context_tokens(tiny_t5, pairing, site):
+    """same: sum over tokens t of (A2 h_t)(A3 h_t)^T. next, on decoder tokens: sum over pairs of
+    tokens (t, t + 1) of (A2 h_t)(A3 h_t+1)^T; encoder tokens pair with themselves either way."""
+    gen = _random_generator(tiny_t5, pairing=pairing)
     items = _items(tiny_t5, "colors", 3, 1)
     states, masks = context_states(tiny_t5, gen.sites, [i[0] for i in items], [i[1] for i in items])
-    site = "dec.0.self.v"
     S = gen.accumulate(None, {site: states[site]}, masks, torch.zeros(3, dtype=torch.long), 1)[site][0]
-    x, m = states[site].double().numpy(), masks["dec"].numpy()
+    x = states[site].double().numpy()
+    m = masks["dec" if site.startswith("dec") else "enc"].numpy()
     g, A2, A3 = (gen.p(site, n).double().numpy() for n in ("g", "A2", "A3"))
+    shift = 1 if pairing == "next" and site.startswith("dec") else 0
+
+    def h(b, t):
+        return x[b, t] / np.sqrt((x[b, t] ** 2).mean() + gen.cfg.eps) * g
     want = np.zeros((4, 4))
     for b in range(3):
-        for t in range(x.shape[1]):
-            if not m[b, t]:
-                continue
-            h = x[b, t] / np.sqrt((x[b, t] ** 2).mean() + gen.cfg.eps) * g
-            want += np.outer(A2 @ h, A3 @ h)
+        for t in range(x.shape[1] - shift):
+            if m[b, t] and m[b, t + shift]:
+                want += np.outer(A2 @ h(b, t), A3 @ h(b, t + shift))
+    assert np.abs(want).max() > 0
     np.testing.assert_allclose(S.double().numpy(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -65,9 +72,12 @@ def test_normalisation(tiny_t5, norm):
                                    rtol=0)
 
 
-def test_chunks_and_batched_contexts_give_the_same_loras(tiny_t5):
-    gen = _random_generator(tiny_t5)
-    a, b = _items(tiny_t5, "colors", 5, 2), _items(tiny_t5, "count", 3, 3)
+@pytest.mark.parametrize("pairing", ["same", "both"])
+def test_chunks_and_batched_contexts_give_the_same_loras(tiny_t5, pairing):
+    """Padded together or alone, in one chunk or many: the same LoRAs (under `both` a pair never
+    reaches a padding token)."""
+    gen = _random_generator(tiny_t5, pairing=pairing)
+    a, b = _items(tiny_t5, "colors", 5, 2), _items(tiny_t5, "caption", 3, 3)   # longer targets
     together = generate_loras(tiny_t5, gen, [a, b], chunk_rows=16)
     one_by_one = generate_loras(tiny_t5, gen, [a], chunk_rows=1) + generate_loras(tiny_t5, gen, [b],
                                                                                chunk_rows=2)
@@ -121,19 +131,23 @@ def test_train_generator_from_the_command_line(tmp_path, capsys):
     import json
 
     from petserve.serving.cli import main
-    out = tmp_path / "g.safetensors"
+    out, threads_before = tmp_path / "g.safetensors", torch.get_num_threads()
     assert main(["train-generator", "--backbone", "tiny", "--out", str(out), "--steps", "2",
-                 "--r", "4", "--relabel", "1.0", "--score-n", "2", "--quiet"]) == 0
+                 "--r", "4", "--relabel", "1.0", "--pairing", "next", "--threads", "1", "--score-n",
+                 "2", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(summary["held_out"]) == ["count/french", "shapes/upper"]
     assert set(summary["own"]) == set(summary["bare"]) == {"count/french", "shapes/upper"}
     from petserve.adapters.backbone import build_backbone
     cfg = load_generator(out, build_backbone("tiny")).cfg
-    assert (cfg.r, cfg.alpha) == (4, 8.0)
+    assert (cfg.r, cfg.alpha, cfg.pairing) == (4, 8.0, "next")
+    assert torch.get_num_threads() == threads_before        # --threads holds for the run only
     assert main(["train-generator", "--out", str(out), "--steps", "0"]) == 2
     assert "must be at least 1" in capsys.readouterr().err
     assert main(["train-generator", "--out", str(out), "--relabel", "1.5"]) == 2
     assert "--relabel must be between 0 and 1" in capsys.readouterr().err
+    assert main(["train-generator", "--out", str(out), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("style_mixed", [0.0, 0.5, 1.0])

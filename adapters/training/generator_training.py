@@ -177,17 +177,20 @@ def train_generator(model: VLModel, gcfg: GeneratorConfig, tc: GeneratorTrainCon
 
 # ---- scoring ------------------------------------------------------------------------------------
 SCORE_SEED = 9_100_001          # fresh draws: no training pool uses these seeds
+SCORE_DRAWS = 3                 # independent (context, queries) draws a reported figure averages
 
 
 @dataclass
 class GeneratorScores:
     """Exact answers (case-sensitive) on fresh queries of each combination "attribute/style":
     with a generated adapter from its own context of ``demos`` demonstrations, from the context of
-    another task (``OTHER[combo]``), and on the bare backbone."""
+    another task (``OTHER[combo]``), and on the bare backbone; each the mean over ``draws``
+    independent draws of contexts and queries, whose own-context figures ``own_per_draw`` lists."""
 
     own: dict[str, float]
     other_context: dict[str, float]
     bare: dict[str, float]
+    own_per_draw: dict[str, list[float]] = field(default_factory=dict)
 
 
 def other_task(combo, trained):
@@ -197,14 +200,27 @@ def other_task(combo, trained):
 
 
 def generator_scores(model: VLModel, gen: Generator, combos, n: int = 60, demos: int = 8,
-                     seed: int = SCORE_SEED, cache: ExampleFeatures | None = None) -> GeneratorScores:
+                     seed: int = SCORE_SEED, cache: ExampleFeatures | None = None,
+                     draws: int = 1) -> GeneratorScores:
+    """The scores of ``draws`` independent draws (seeds ``seed``, ``seed + 1000``, ...) of a
+    context and ``n`` queries per combination, averaged: one draw's figures swing with which
+    demonstrations it shows."""
+    cache = cache or ExampleFeatures(model)
+    tables = [_one_draw(model, gen, list(combos), n, demos, seed + 1000 * k, cache)
+              for k in range(draws)]
+    mean = {v: {c: sum(t[v][c] for t in tables) / draws for c in tables[0][v]}
+            for v in ("own", "other_context", "bare")}
+    return GeneratorScores(**mean, own_per_draw={c: [t["own"][c] for t in tables]
+                                                 for c in tables[0]["own"]})
+
+
+def _one_draw(model: VLModel, gen: Generator, combos, n: int, demos: int, seed: int,
+              cache: ExampleFeatures) -> dict[str, dict[str, float]]:
     """Generate one adapter per context (all contexts in shared backbone passes), serve them from
     one SlotBank and answer every combination's queries in mixed batches."""
     from petserve.adapters.generation import GenerationRequest, answer_mixed
     from petserve.adapters.runtime.bank import SlotBank
     trained, _ = task_family()
-    combos = list(combos)
-    cache = cache or ExampleFeatures(model)
     context_pool = TaskPool(model, sorted(set(trained) | set(combos)), demos, seed, cache)
     query_pool = TaskPool(model, combos, n, seed + 17, cache)
     sources = sorted({c for c in combos} | {other_task(c, trained) for c in combos})
@@ -220,6 +236,5 @@ def generator_scores(model: VLModel, gen: Generator, combos, n: int = 60, demos:
             requests += [(variant, c, i, GenerationRequest(r, slot, 8)) for i, r in enumerate(rows)]
     hits = {(variant, c, i): res.text.strip() == query_pool.examples[c][i].target
             for (variant, c, i), res in answer_mixed(model, bank, requests, seed).items()}
-    table = {v: {f"{c[0]}/{c[1]}": sum(hits[v, c, i] for i in range(n)) / n for c in combos}
-             for v in ("own", "other_context", "bare")}
-    return GeneratorScores(**table)
+    return {v: {f"{c[0]}/{c[1]}": sum(hits[v, c, i] for i in range(n)) / n for c in combos}
+            for v in ("own", "other_context", "bare")}
