@@ -205,9 +205,8 @@ def generator_scores(model: VLModel, gen: Generator, combos, n: int = 60, demos:
     """The scores of ``draws`` independent draws (seeds ``seed``, ``seed + 1000``, ...) of a
     context and ``n`` queries per combination, averaged: one draw's figures swing with which
     demonstrations it shows."""
-    cache = cache or ExampleFeatures(model)
-    tables = [_one_draw(model, gen, list(combos), n, demos, seed + 1000 * k, cache)
-              for k in range(draws)]
+    combos, cache = list(combos), cache or ExampleFeatures(model)
+    tables = [_one_draw(model, gen, combos, n, demos, seed + 1000 * k, cache) for k in range(draws)]
     mean = {v: {c: sum(t[v][c] for t in tables) / draws for c in tables[0][v]}
             for v in ("own", "other_context", "bare")}
     return GeneratorScores(**mean, own_per_draw={c: [t["own"][c] for t in tables]

@@ -3,11 +3,12 @@
     petserve train-generator --out generator.safetensors [--backbone demo] [--steps 600] [--r 8]
                              [--alpha 2r] [--norm frobenius|svd] [--pairing same|next|both]
                              [--style-mixed 0.5] [--relabel 0.0] [--seed 0] [--threads N]
+                             [--score-n 60] [--score-draws 3]
 
 Trains on every attribute x style combination but the held-out ones (adapters/training/
 generator_training.py: HELD_OUT), then scores the held-out ones on fresh queries (own context of 8
-demonstrations, another task's context, bare backbone) and prints one JSON line. Errors are one
-line, exit 2, nothing written.
+demonstrations, another task's context, bare backbone; the mean of --score-draws draws) and prints
+one JSON line. Errors are one line, exit 2, nothing written.
 """
 from __future__ import annotations
 
