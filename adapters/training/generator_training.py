@@ -184,7 +184,7 @@ SCORE_DRAWS = 3                 # independent (context, queries) draws a reporte
 class GeneratorScores:
     """Exact answers (case-sensitive) on fresh queries of each combination "attribute/style":
     with a generated adapter from its own context of ``demos`` demonstrations, from the context of
-    another task (``OTHER[combo]``), and on the bare backbone; each the mean over ``draws``
+    another task (``other_task``), and on the bare backbone; each the mean over ``draws``
     independent draws of contexts and queries, whose own-context figures ``own_per_draw`` lists."""
 
     own: dict[str, float]
